@@ -1,0 +1,176 @@
+"""The split engine: vision in PyTorch, language model in llama.cpp.
+
+>>> engine = Engine(model="PaddlePaddle/PaddleOCR-VL", quant="Q4_K_M")
+>>> [result] = engine.ocr(["page.png"], task="ocr")
+>>> result.text
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from .checkpoint import Checkpoint
+from .errors import ModelError, OcrbatchError
+from .gguf_convert import convert
+from .images import open_image
+from .language import GenerationRequest, LanguageModel, Sampling
+from .prompt import PromptBuilder
+from .vision import EncodedImage, VisionEncoder
+
+DEFAULT_MAX_TOKENS = 1024
+# Room for the chat template's text around the image.
+PROMPT_TEXT_ALLOWANCE = 128
+
+
+@dataclass
+class OcrResult:
+    """What the engine made of one image."""
+
+    path: str | None
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    n_image_tokens: int = 0
+    n_prompt_tokens: int = 0
+    finish_reason: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Engine:
+    """PaddleOCR-VL split in two: :class:`VisionEncoder` → :class:`LanguageModel`."""
+
+    def __init__(
+        self,
+        model: str | Path,
+        quant: str = "Q4_K_M",
+        gguf: str | Path | None = None,
+        vision_dtype: str = "float32",
+        device: str = "cpu",
+        max_tokens: int = DEFAULT_MAX_TOKENS,
+        n_seq_max: int = 1,
+        n_ctx: int | None = None,
+        threads: int | None = None,
+        cache_dir: str | Path | None = None,
+    ):
+        """Load ``model`` (checkpoint folder or Hub id) and its language model as a GGUF.
+
+        ``gguf`` uses an existing language-model GGUF (an official build, say)
+        instead of converting the checkpoint; it is re-quantized only if
+        ``quant`` differs from its type.
+        """
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        self.checkpoint = Checkpoint.open(model)
+        self.model_name = str(model)
+        self.max_tokens = max_tokens
+        self.gguf_path = convert(gguf or self.checkpoint.path, quant, cache=cache_dir)
+        self.vision = VisionEncoder(self.checkpoint, dtype=vision_dtype, device=device)
+        config = self.checkpoint.config
+        self.prompts = PromptBuilder(self.checkpoint.path, config.image_token_id, self.vision.merge_size)
+        self.stop_ids = tuple(self.checkpoint.eos_token_ids)
+        per_sequence = self.max_image_tokens + PROMPT_TEXT_ALLOWANCE + max_tokens
+        self.language = LanguageModel(
+            self.gguf_path, n_ctx=n_ctx or n_seq_max * per_sequence, n_seq_max=n_seq_max, n_threads=threads
+        )
+        self.quant = self.language.info.quant or quant
+        if self.language.n_embd != config.text_config.hidden_size:
+            raise ModelError(
+                f"{self.gguf_path}: language model width {self.language.n_embd} does not match "
+                f"the checkpoint's {config.text_config.hidden_size}"
+            )
+
+    @property
+    def max_image_tokens(self) -> int:
+        longest = self.vision.image_processor.size.longest_edge
+        unit = (self.vision.image_processor.patch_size * self.vision.merge_size) ** 2
+        return longest // unit
+
+    def prompt_text(self, task: str = "ocr", prompt: str | None = None) -> str:
+        """The user text for a task, or a free-form ``prompt`` instead."""
+        return prompt if prompt is not None else self.prompts.task_text(task)
+
+    def generate(
+        self,
+        encoded: Sequence[EncodedImage],
+        texts: Sequence[str],
+        max_tokens: int | None = None,
+        sampling: Sampling = Sampling(),
+        on_token=None,
+    ) -> list[OcrResult]:
+        """Run the language model on already-encoded images, one prompt text each."""
+        requests = []
+        for image, text in zip(encoded, texts):
+            requests.append(GenerationRequest(
+                prompt=self.prompts.build(text, image.grid_thw),
+                embeddings=image.embeddings,
+                max_tokens=self.max_tokens if max_tokens is None else max_tokens,
+                stop_ids=self.stop_ids,
+                sampling=sampling,
+                on_token=on_token,
+            ))
+        results = []
+        for request, generated in zip(requests, self.language.generate(requests)):
+            result = OcrResult(
+                path=None,
+                token_ids=generated.token_ids,
+                text=self.prompts.decode(generated.token_ids),
+                n_image_tokens=request.prompt.n_image_tokens,
+                n_prompt_tokens=generated.n_prompt_tokens,
+                finish_reason=generated.finish_reason,
+                timings={"prefill_s": generated.prefill_s, "decode_s": generated.decode_s},
+                error=generated.error,
+            )
+            results.append(result)
+        return results
+
+    def ocr(
+        self,
+        images: Sequence,
+        task: str = "ocr",
+        prompt: str | None = None,
+        max_tokens: int | None = None,
+        sampling: Sampling = Sampling(),
+    ) -> list[OcrResult]:
+        """OCR a list of images (paths, bytes or PIL images), all in one vision batch.
+
+        An image that cannot be read gets a result with ``error`` set; the
+        others are processed as usual.
+        """
+        text = self.prompt_text(task, prompt)
+        results: list[OcrResult] = []
+        loaded = []
+        for item in images:
+            path = str(item) if isinstance(item, (str, Path)) else None
+            result = OcrResult(path=path)
+            results.append(result)
+            try:
+                loaded.append((result, item if hasattr(item, "convert") else open_image(item)))
+            except OcrbatchError as exc:
+                result.error = str(exc)
+        if not loaded:
+            return results
+        started = time.perf_counter()
+        encoded = self.vision.encode([image for _, image in loaded])
+        vision_s = (time.perf_counter() - started) / len(loaded)
+        generated = self.generate(encoded, [text] * len(loaded), max_tokens=max_tokens, sampling=sampling)
+        for (result, _), output in zip(loaded, generated):
+            path = result.path
+            result.__dict__.update(output.__dict__)
+            result.path = path
+            result.timings = {"vision_s": vision_s, **output.timings}
+        return results
+
+    def close(self) -> None:
+        self.language.close()

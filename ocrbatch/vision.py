@@ -1,0 +1,112 @@
+"""The vision stage: PaddleOCR-VL's NaViT encoder and projector in PyTorch.
+
+Only the vision tower and the ``mlp_AR`` projector are built and loaded; the
+language-model weights never enter PyTorch memory. Images of different sizes
+are encoded in one forward pass (patches packed back to back, attention kept
+within each image), and each image comes back as its own embedding matrix,
+one row per language-model token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .checkpoint import PROJECTOR_PREFIX, VISION_PREFIX, Checkpoint
+from .errors import ModelError
+
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclass
+class EncodedImage:
+    """Image embeddings ready for the language model."""
+
+    embeddings: np.ndarray  # (n_tokens, n_embd) float32
+    grid_thw: tuple[int, int, int]  # patch grid before the 2x2 merge
+
+    @property
+    def n_tokens(self) -> int:
+        return self.embeddings.shape[0]
+
+
+class VisionEncoder:
+    """Preprocesses images with the checkpoint's image processor and encodes them."""
+
+    def __init__(self, checkpoint: Checkpoint | str | Path, dtype: str = "float32", device: str = "cpu"):
+        import torch
+        from transformers import AutoImageProcessor
+        from transformers.initialization import no_init_weights
+        from transformers.models.paddleocr_vl.modeling_paddleocr_vl import (
+            PaddleOCRProjector,
+            PaddleOCRVisionModel,
+        )
+
+        if dtype not in DTYPES:
+            raise ModelError(f"unknown vision dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        self.checkpoint = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint.open(checkpoint)
+        self.device = torch.device(device)
+        self.dtype = getattr(torch, dtype)
+        config = self.checkpoint.config
+        try:
+            self.image_processor = AutoImageProcessor.from_pretrained(self.checkpoint.path)
+        except Exception as exc:
+            raise ModelError(f"{self.checkpoint.path}: cannot load the image processor ({exc})") from None
+        self.merge_size = config.vision_config.spatial_merge_size
+
+        with no_init_weights():
+            visual = PaddleOCRVisionModel._from_config(config.vision_config)
+            projector = PaddleOCRProjector(config)
+        weights = {"visual": {}, "projector": {}}
+        for name, tensor in self.checkpoint.tensors((VISION_PREFIX, PROJECTOR_PREFIX)):
+            if name.startswith(VISION_PREFIX):
+                weights["visual"][name[len(VISION_PREFIX):]] = tensor
+            else:
+                weights["projector"][name[len(PROJECTOR_PREFIX):]] = tensor
+        for module, key in ((visual, "visual"), (projector, "projector")):
+            missing, unexpected = module.load_state_dict(weights[key], strict=False)
+            missing = [m for m in missing if not m.endswith(("position_ids", "inv_freq"))]
+            if missing or unexpected:
+                raise ModelError(
+                    f"{self.checkpoint.path}: {key} weights do not match the config "
+                    f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+                )
+        self.visual = visual.to(self.device, self.dtype).eval()
+        self.projector = projector.to(self.device, self.dtype).eval()
+
+    def grid_for(self, width: int, height: int) -> tuple[int, int, int]:
+        """The patch grid an image of this size gets after the processor's resize."""
+        from transformers.models.paddleocr_vl.image_processing_paddleocr_vl import smart_resize
+
+        size = self.image_processor.size
+        patch = self.image_processor.patch_size
+        h, w = smart_resize(height, width, factor=patch * self.merge_size,
+                            min_pixels=size.shortest_edge, max_pixels=size.longest_edge)
+        return 1, h // patch, w // patch
+
+    def n_tokens_for(self, width: int, height: int) -> int:
+        _, h, w = self.grid_for(width, height)
+        return h * w // (self.merge_size ** 2)
+
+    def preprocess(self, images: Sequence):
+        return self.image_processor(images=list(images), return_tensors="pt")
+
+    def encode(self, images: Sequence) -> list[EncodedImage]:
+        """Encode PIL images (any sizes) in one batched forward pass."""
+        import torch
+
+        if not images:
+            return []
+        inputs = self.preprocess(images)
+        grid_thw = inputs["image_grid_thw"].to(self.device)
+        pixel_values = inputs["pixel_values"].to(self.device, self.dtype).unsqueeze(0)
+        with torch.inference_mode():
+            hidden = self.visual(pixel_values=pixel_values, grid_thw=grid_thw).last_hidden_state
+            embeddings = self.projector(hidden, grid_thw).float().cpu().numpy()
+        sizes = (grid_thw.prod(-1) // self.merge_size ** 2).tolist()
+        grids = [tuple(int(v) for v in row) for row in grid_thw.tolist()]
+        chunks = np.split(embeddings, np.cumsum(sizes)[:-1])
+        return [EncodedImage(np.ascontiguousarray(chunk), grid) for chunk, grid in zip(chunks, grids)]
