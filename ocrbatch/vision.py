@@ -77,19 +77,13 @@ class VisionEncoder:
         self.visual = visual.to(self.device, self.dtype).eval()
         self.projector = projector.to(self.device, self.dtype).eval()
 
-    def grid_for(self, width: int, height: int) -> tuple[int, int, int]:
-        """The patch grid an image of this size gets after the processor's resize."""
-        from transformers.models.paddleocr_vl.image_processing_paddleocr_vl import smart_resize
-
-        size = self.image_processor.size
-        patch = self.image_processor.patch_size
-        h, w = smart_resize(height, width, factor=patch * self.merge_size,
-                            min_pixels=size.shortest_edge, max_pixels=size.longest_edge)
-        return 1, h // patch, w // patch
+    def n_patches_for(self, width: int, height: int) -> int:
+        """Encoder patches for an image of this size after the processor's resize."""
+        return self.image_processor.get_number_of_image_patches(height, width)
 
     def n_tokens_for(self, width: int, height: int) -> int:
-        _, h, w = self.grid_for(width, height)
-        return h * w // (self.merge_size ** 2)
+        """Language-model tokens for an image of this size."""
+        return self.n_patches_for(width, height) // (self.merge_size ** 2)
 
     def preprocess(self, images: Sequence):
         return self.image_processor(images=list(images), return_tensors="pt")

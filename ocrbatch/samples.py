@@ -1,0 +1,86 @@
+"""Small sample documents made by project code (``ocrbatch dev make-samples``).
+
+``sample_docs/`` in the repository was written by :func:`make_samples`: a
+text PDF, a three-page PDF, a table, and a scanned-looking PNG, so the README's
+main command runs on a fresh machine with no downloads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+PARAGRAPHS = [
+    "Quarterly report. Revenue grew 12% over the previous quarter, driven by "
+    "new customers in the logistics segment. Operating costs remained flat.",
+    "The board approved the budget for the next fiscal year on 14 March. "
+    "Capital expenditure is planned at 2.4 million, mostly for new scanners.",
+    "Appendix A lists the sites visited during the audit, with the dates and "
+    "the names of the inspectors responsible for each visit.",
+]
+
+TABLE = [
+    ["Item", "Qty", "Unit price", "Total"],
+    ["Paper, A4", "20", "4.50", "90.00"],
+    ["Toner", "3", "62.00", "186.00"],
+    ["Stapler", "2", "11.25", "22.50"],
+    ["Sum", "", "", "298.50"],
+]
+
+
+def _text_page(document, title: str, paragraphs: list[str]) -> None:
+    import pymupdf as fitz
+
+    page = document.new_page(width=595, height=842)  # A4 in points
+    page.insert_text((56, 80), title, fontsize=20, fontname="helv")
+    box = fitz.Rect(56, 110, 539, 780)
+    page.insert_textbox(box, "\n\n".join(paragraphs), fontsize=12, fontname="helv")
+
+
+def make_samples(out_dir: str | Path) -> list[Path]:
+    """Write the sample documents into ``out_dir`` and return their paths."""
+    import pymupdf as fitz
+    import numpy as np
+    from PIL import Image
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    with fitz.open() as document:
+        _text_page(document, "Quarterly report", PARAGRAPHS[:2])
+        document.save(out / "report.pdf", garbage=4, deflate=True)
+    written.append(out / "report.pdf")
+
+    with fitz.open() as document:
+        for number, paragraph in enumerate(PARAGRAPHS, start=1):
+            _text_page(document, f"Minutes, page {number}", [paragraph] * 2)
+        document.save(out / "minutes-3-pages.pdf", garbage=4, deflate=True)
+    written.append(out / "minutes-3-pages.pdf")
+
+    with fitz.open() as document:
+        page = document.new_page(width=595, height=420)
+        page.insert_text((56, 60), "Purchase order 1043", fontsize=16, fontname="helv")
+        widths = [200, 60, 100, 100]
+        top, row_height = 90, 28
+        for r, row in enumerate(TABLE):
+            x = 56
+            for width, cell in zip(widths, row):
+                rect = fitz.Rect(x, top + r * row_height, x + width, top + (r + 1) * row_height)
+                page.draw_rect(rect, color=(0, 0, 0), width=0.8)
+                page.insert_text((rect.x0 + 6, rect.y1 - 9), cell, fontsize=11,
+                                 fontname="hebo" if r == 0 else "helv")
+                x += width
+        document.save(out / "purchase-order-table.pdf", garbage=4, deflate=True)
+    written.append(out / "purchase-order-table.pdf")
+
+    # A "scanned" page: rendered, slightly rotated, greyish paper, sensor noise.
+    with fitz.open() as document:
+        _text_page(document, "Delivery note", PARAGRAPHS[2:])
+        pixmap = document[0].get_pixmap(dpi=72, clip=fitz.Rect(0, 0, 595, 320))
+        image = Image.frombytes("RGB", (pixmap.width, pixmap.height), pixmap.samples)
+    image = image.rotate(1.2, fillcolor=(255, 255, 255), expand=False)
+    pixels = np.asarray(image).astype(np.float32) * np.array([0.96, 0.95, 0.9])
+    pixels += np.random.default_rng(7).normal(0, 7, pixels.shape)
+    Image.fromarray(np.clip(pixels, 0, 255).astype("uint8")).save(out / "scanned-delivery-note.jpg", quality=80)
+    written.append(out / "scanned-delivery-note.jpg")
+    return written

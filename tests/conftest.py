@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny random checkpoints built by project code, test images, engines."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from helpers import document_image
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory):
+    """Converted GGUFs go to a per-session cache, never the user's."""
+    path = tmp_path_factory.mktemp("cache")
+    os.environ["OCRBATCH_CACHE_DIR"] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    from ocrbatch.devmodel import make_model
+
+    return make_model(tmp_path_factory.mktemp("tiny") / "tiny-1.0", size="tiny", seed=0, version="1.0")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_15(tmp_path_factory):
+    from ocrbatch.devmodel import make_model
+
+    return make_model(tmp_path_factory.mktemp("tiny15") / "tiny-1.5", size="tiny", seed=1, version="1.5")
+
+
+# (width, height): ordinary, below the tiny processor's min-pixels bound, very
+# wide, tall, square, and one above its max-pixels bound.
+IMAGE_SIZES = [(300, 200), (40, 30), (1400, 60), (180, 520), (333, 333), (900, 700)]
+
+
+@pytest.fixture(scope="session")
+def test_images():
+    return [document_image(w, h, seed=i) for i, (w, h) in enumerate(IMAGE_SIZES)]
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_model):
+    """transformers' own PaddleOCR-VL on the tiny checkpoint: the reference."""
+    from transformers import AutoProcessor, PaddleOCRVLForConditionalGeneration
+
+    processor = AutoProcessor.from_pretrained(tiny_model)
+    model = PaddleOCRVLForConditionalGeneration.from_pretrained(tiny_model).eval()
+    return processor, model
+
+
+@pytest.fixture(scope="session")
+def engine_f32(tiny_model):
+    from ocrbatch.engine import Engine
+
+    engine = Engine(tiny_model, quant="F32", max_tokens=48)
+    yield engine
+    engine.close()

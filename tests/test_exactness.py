@@ -1,0 +1,87 @@
+"""The split pipeline reproduces transformers' greedy output token for token at F32."""
+
+import pytest
+import torch
+
+from ocrbatch.engine import Engine
+from ocrbatch.prompt import TASK_PROMPTS
+
+from helpers import reference_generate
+
+MAX_NEW = 48
+
+
+def test_positions_match_get_rope_index(engine_f32, reference, test_images):
+    processor, model = reference
+    for image, encoded in zip(test_images, engine_f32.vision.encode(test_images)):
+        _, inputs = reference_generate(processor, model, image, "OCR:", max_new_tokens=1)
+        expected, _ = model.model.get_rope_index(
+            inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"], image_grid_thw=inputs["image_grid_thw"])
+        prompt = engine_f32.prompts.build("OCR:", encoded.grid_thw)
+        assert prompt.input_ids(model.config.image_token_id) == inputs["input_ids"][0].tolist()
+        ours = torch.cat([
+            torch.tensor(prompt.prefix_positions()).expand(3, -1),
+            torch.tensor(prompt.image_positions()[:3]),
+            torch.tensor(prompt.suffix_positions()).expand(3, -1),
+        ], dim=1)
+        assert torch.equal(ours, expected[:, 0])
+        assert prompt.first_generated_position == int(expected.max()) + 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["ocr", "table", "formula", "chart"])
+def test_greedy_tokens_identical_to_transformers(engine_f32, reference, test_images, task):
+    processor, model = reference
+    results = engine_f32.ocr(test_images, task=task, max_tokens=MAX_NEW)
+    stopped = 0
+    for image, result in zip(test_images, results):
+        expected, _ = reference_generate(processor, model, image, TASK_PROMPTS[task], MAX_NEW)
+        assert result.error is None
+        assert result.token_ids == expected, f"{image.size} {task}"
+        assert result.text == processor.decode(expected, skip_special_tokens=True)
+        stopped += result.finish_reason == "stop"
+    assert all(r.token_ids for r in results)
+
+
+@pytest.mark.slow
+def test_later_tasks_identical_on_a_15_checkpoint(tiny_model_15, test_images):
+    from transformers import AutoProcessor, PaddleOCRVLForConditionalGeneration
+
+    processor = AutoProcessor.from_pretrained(tiny_model_15)
+    model = PaddleOCRVLForConditionalGeneration.from_pretrained(tiny_model_15).eval()
+    engine = Engine(tiny_model_15, quant="F32", max_tokens=24)
+    for task in ("seal", "spotting", "ocr"):
+        results = engine.ocr(test_images[:3], task=task)
+        for image, result in zip(test_images[:3], results):
+            expected, _ = reference_generate(processor, model, image, TASK_PROMPTS[task], 24)
+            assert result.token_ids == expected, f"{image.size} {task}"
+    engine.close()
+
+
+@pytest.mark.slow
+def test_parallel_sequences_decode_like_one_at_a_time(tiny_model, test_images, engine_f32):
+    parallel = Engine(tiny_model, quant="F32", max_tokens=32, n_seq_max=4)
+    together = parallel.ocr(test_images, task="ocr")
+    one_by_one = [engine_f32.ocr([image], task="ocr", max_tokens=32)[0] for image in test_images]
+    assert [r.token_ids for r in together] == [r.token_ids for r in one_by_one]
+    parallel.close()
+
+
+@pytest.mark.slow
+def test_f16_agreement_is_reported(tiny_model, reference, test_images, record_property):
+    """F16 rounds weights, so a few tokens may flip; report how many still agree."""
+    processor, model = reference
+    engine = Engine(tiny_model, quant="F16", max_tokens=MAX_NEW)
+    agree = total = 0
+    for image, result in zip(test_images, engine.ocr(test_images, task="ocr")):
+        expected, _ = reference_generate(processor, model, image, "OCR:", MAX_NEW)
+        prefix = 0
+        while prefix < min(len(expected), len(result.token_ids)) and expected[prefix] == result.token_ids[prefix]:
+            prefix += 1
+        agree += prefix
+        total += len(expected)
+    rate = agree / total
+    record_property("f16_prefix_agreement", rate)
+    print(f"\nF16 vs transformers F32: {rate:.1%} of greedy tokens agree before the first difference")
+    assert rate > 0.5
+    engine.close()
