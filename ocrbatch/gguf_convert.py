@@ -256,19 +256,23 @@ def write_language_gguf(ckpt: Checkpoint, out: str | Path, dtype: str = "F32") -
 
 def quantize_gguf(source: str | Path, target: str | Path, quant: str) -> Path:
     """Quantize a GGUF with llama.cpp's own quantizer (no llama.cpp checkout needed)."""
-    import llama_cpp
+    from .llama_runtime import captured_stderr, llama_cpp_module
 
+    llama_cpp = llama_cpp_module()
     if quant not in QUANT_FTYPES:
         raise ModelError(f"unknown quant {quant!r}; choose one of {', '.join(QUANTS)}")
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = QUANT_FTYPES[quant]
     params.nthread = os.cpu_count() or 1
     params.allow_requantize = True
-    status = llama_cpp.llama_model_quantize(
-        str(source).encode(), str(target).encode(), ctypes.byref(params)
-    )
-    if status != 0:
-        raise ModelError(f"{source}: quantizing to {quant} failed (llama.cpp status {status})")
+    with captured_stderr() as output:
+        status = llama_cpp.llama_model_quantize(
+            str(source).encode(), str(target).encode(), ctypes.byref(params)
+        )
+        if status != 0:
+            lines = [line for line in output().splitlines() if line.strip()]
+            detail = lines[-1].strip() if lines else f"status {status}"
+            raise ModelError(f"{source}: quantizing to {quant} failed ({detail})")
     return Path(target)
 
 

@@ -12,7 +12,6 @@ and starts a new page as soon as another finishes.
 from __future__ import annotations
 
 import ctypes
-import logging
 import os
 import time
 from collections import deque
@@ -24,25 +23,12 @@ import numpy as np
 
 from .errors import ModelError, OcrbatchError
 from .gguf_convert import inspect_gguf
+from .llama_runtime import llama_cpp_module
 from .prompt import ImagePrompt
-
-log = logging.getLogger(__name__)
 
 _GGML_TYPE_F32 = 0
 _GGML_TYPE_F16 = 1
 _FLASH_ATTN_DISABLED = 0
-
-
-def _llama():
-    """Import llama_cpp with its own log chatter routed to Python logging."""
-    import llama_cpp
-
-    if not getattr(_llama, "initialised", False):
-        level = logging.DEBUG if os.environ.get("OCRBATCH_LLAMA_LOG") else logging.ERROR
-        logging.getLogger("llama-cpp-python").setLevel(level)
-        llama_cpp.llama_backend_init()
-        _llama.initialised = True
-    return llama_cpp
 
 
 @dataclass(frozen=True)
@@ -130,7 +116,7 @@ class LanguageModel:
         ``exact`` keeps the KV cache in F32 and plain attention so an F32 GGUF
         reproduces transformers' F32 arithmetic; by default it follows the file type.
         """
-        llama_cpp = _llama()
+        llama_cpp = llama_cpp_module()
         self.info = inspect_gguf(gguf_path)
         self.path = Path(gguf_path)
         self.n_seq_max = n_seq_max
