@@ -64,7 +64,7 @@ class GenerationResult:
 
 @dataclass
 class _Sequence:
-    index: int
+    index: object  # the caller's key for the request
     request: GenerationRequest
     seq_id: int
     position: int
@@ -247,65 +247,23 @@ class LanguageModel:
 
     # -- generation ------------------------------------------------------------------
 
+    def scheduler(self) -> "Scheduler":
+        """A scheduler that admits requests between decode steps (continuous batching)."""
+        return Scheduler(self)
+
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         """Complete every request, up to ``n_seq_max`` of them decoding at once.
 
         A request that cannot run (wrong embedding shape, too long for the
         context) gets a result with ``error`` set; the others are unaffected.
         """
+        scheduler = self.scheduler()
+        for index, request in enumerate(requests):
+            scheduler.submit(index, request)
         results: list[GenerationResult | None] = [None] * len(requests)
-        pending = deque(range(len(requests)))
-        free_seq_ids = list(range(self.n_seq_max - 1, -1, -1))
-        active: list[_Sequence] = []
-        self._llama_cpp.llama_memory_clear(self._memory, True)
-
-        def finish(seq: _Sequence, reason: str) -> None:
-            self._llama_cpp.llama_memory_seq_rm(self._memory, seq.seq_id, -1, -1)
-            free_seq_ids.append(seq.seq_id)
-            active.remove(seq)
-            results[seq.index] = GenerationResult(
-                token_ids=seq.tokens, finish_reason=reason, n_prompt_tokens=seq.request.prompt.n_prompt_tokens,
-                prefill_s=seq.prefill_s, decode_s=time.perf_counter() - seq.decode_started)
-
-        def accept(seq: _Sequence, token: int) -> None:
-            if token in seq.request.stop_ids:
-                finish(seq, "stop")
-                return
-            seq.tokens.append(token)
-            if seq.request.on_token is not None:
-                seq.request.on_token(token)
-            if len(seq.tokens) >= seq.request.max_tokens:
-                finish(seq, "length")
-
-        while pending or active:
-            while pending and free_seq_ids:
-                request = requests[pending[0]]
-                problem = self._check(request)
-                if problem is not None:
-                    index = pending.popleft()
-                    results[index] = GenerationResult([], "error", request.prompt.n_prompt_tokens, 0.0, 0.0, problem)
-                    continue
-                in_use = sum(self._budget(seq.request) for seq in active)
-                if active and in_use + self._budget(request) > self.n_ctx:
-                    break  # wait until a running sequence frees its cells
-                index = pending.popleft()
-                seed = request.sampling.seed
-                seq = _Sequence(index, request, free_seq_ids.pop(), 0, np.random.default_rng(seed))
-                active.append(seq)
-                if request.max_tokens <= 0:
-                    finish(seq, "length")
-                    continue
-                accept(seq, self._choose(self._prefill(seq), request.sampling, seq.rng))
-            if not active:
-                continue
-            stepping = list(active)
-            tokens = np.array([seq.tokens[-1] for seq in stepping], dtype=np.int32)
-            positions = np.array([seq.position for seq in stepping], dtype=np.int32)
-            self._decode(_Batch(self._llama_cpp, len(stepping), np.array([s.seq_id for s in stepping]),
-                                positions, tokens=tokens, outputs=np.ones(len(stepping), dtype=np.int8)))
-            for i, seq in enumerate(stepping):
-                seq.position += 1
-                accept(seq, self._choose(self._logits(i), seq.request.sampling, seq.rng))
+        while scheduler.busy:
+            for index, result in scheduler.step():
+                results[index] = result
         return results
 
     def score(self, request: GenerationRequest, forced: list[int]) -> list[int]:
@@ -323,3 +281,84 @@ class LanguageModel:
             choices.append(int(np.argmax(self._logits(0))))
         self._llama_cpp.llama_memory_clear(self._memory, True)
         return choices
+
+
+class Scheduler:
+    """Runs many requests through one :class:`LanguageModel`, admitting new ones as others finish.
+
+    ``submit`` queues a request under a key; each ``step`` prefills what fits
+    into free sequence slots and KV cells, advances every active sequence by
+    one token in a single ``llama_decode``, and returns ``(key, result)`` for
+    the requests that finished.
+    """
+
+    def __init__(self, model: LanguageModel):
+        self.model = model
+        self.pending: deque[tuple[object, GenerationRequest]] = deque()
+        self.active: list[_Sequence] = []
+        self.free_seq_ids = list(range(model.n_seq_max - 1, -1, -1))
+        self._finished: list[tuple[object, GenerationResult]] = []
+        model._llama_cpp.llama_memory_clear(model._memory, True)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.pending or self.active or self._finished)
+
+    def submit(self, key, request: GenerationRequest) -> None:
+        self.pending.append((key, request))
+
+    def _finish(self, seq: _Sequence, reason: str) -> None:
+        model = self.model
+        model._llama_cpp.llama_memory_seq_rm(model._memory, seq.seq_id, -1, -1)
+        self.free_seq_ids.append(seq.seq_id)
+        self.active.remove(seq)
+        self._finished.append((seq.index, GenerationResult(
+            token_ids=seq.tokens, finish_reason=reason, n_prompt_tokens=seq.request.prompt.n_prompt_tokens,
+            prefill_s=seq.prefill_s, decode_s=time.perf_counter() - seq.decode_started)))
+
+    def _accept(self, seq: _Sequence, token: int) -> None:
+        if token in seq.request.stop_ids:
+            self._finish(seq, "stop")
+            return
+        seq.tokens.append(token)
+        if seq.request.on_token is not None:
+            seq.request.on_token(token)
+        if len(seq.tokens) >= seq.request.max_tokens:
+            self._finish(seq, "length")
+
+    def _admit(self) -> None:
+        model = self.model
+        while self.pending and self.free_seq_ids:
+            key, request = self.pending[0]
+            problem = model._check(request)
+            if problem is not None:
+                self.pending.popleft()
+                self._finished.append((key, GenerationResult(
+                    [], "error", request.prompt.n_prompt_tokens, 0.0, 0.0, problem)))
+                continue
+            in_use = sum(model._budget(seq.request) for seq in self.active)
+            if self.active and in_use + model._budget(request) > model.n_ctx:
+                break  # wait until a running sequence frees its cells
+            self.pending.popleft()
+            seq = _Sequence(key, request, self.free_seq_ids.pop(), 0, np.random.default_rng(request.sampling.seed))
+            self.active.append(seq)
+            if request.max_tokens <= 0:
+                self._finish(seq, "length")
+                continue
+            self._accept(seq, model._choose(model._prefill(seq), request.sampling, seq.rng))
+
+    def step(self) -> list[tuple[object, GenerationResult]]:
+        """Admit, advance all active sequences by one token, return what finished."""
+        model = self.model
+        self._admit()
+        if self.active:
+            stepping = list(self.active)
+            tokens = np.array([seq.tokens[-1] for seq in stepping], dtype=np.int32)
+            positions = np.array([seq.position for seq in stepping], dtype=np.int32)
+            model._decode(_Batch(model._llama_cpp, len(stepping), np.array([s.seq_id for s in stepping]),
+                                 positions, tokens=tokens, outputs=np.ones(len(stepping), dtype=np.int8)))
+            for i, seq in enumerate(stepping):
+                seq.position += 1
+                self._accept(seq, model._choose(model._logits(i), seq.request.sampling, seq.rng))
+        finished, self._finished = self._finished, []
+        return finished
