@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
 import click
 
@@ -139,3 +140,141 @@ def make_samples(directory):
 
     for path in make(directory):
         click.echo(path)
+
+
+def _load_config(ctx, param, value):
+    """``--config FILE``: TOML whose keys are option names; command-line flags still win."""
+    if not value:
+        return value
+    import tomllib
+
+    try:
+        with open(value, "rb") as handle:
+            config = tomllib.load(handle)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise click.BadParameter(f"{value}: {exc}") from None
+    known = {p.name for p in ctx.command.params}
+    defaults = {}
+    for key, setting in config.items():
+        name = key.replace("-", "_")
+        if name not in known or name in ("config", "paths"):
+            raise click.BadParameter(f"{value}: unknown setting {key!r}")
+        defaults[name] = setting
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    return value
+
+
+def _setup_logging(quiet: bool, log_file: str | None) -> None:
+    import logging
+
+    root = logging.getLogger("ocrbatch")
+    root.setLevel(logging.INFO)
+    root.handlers.clear()
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(logging.WARNING if quiet else logging.INFO)
+    console.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    root.addHandler(console)
+    if log_file:
+        handler = logging.FileHandler(log_file)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+        root.addHandler(handler)
+    root.propagate = False
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--config", type=click.Path(dir_okay=False), is_eager=True, expose_value=False,
+              callback=_load_config, help="TOML file of option defaults (e.g. configs/cpu.toml); flags override it.")
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Output file: .parquet or .jsonl.")
+@click.option("--format", "output_format", type=click.Choice(["parquet", "jsonl"]),
+              help="Output format [default: from the --out suffix].")
+@click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path),
+              help="SQLite checkpoint [default: OUT.ocrbatch.db beside the output].")
+@click.option("--include", multiple=True, help="Only files matching this glob (repeatable).")
+@click.option("--exclude", multiple=True, help="Skip files matching this glob (repeatable).")
+@click.option("--dry-run", is_flag=True, help="List what would be processed, with page counts, and stop.")
+@click.option("--retry-failed", is_flag=True, help="Process only the pages that failed before.")
+@click.option("--max-retries", type=click.IntRange(0), default=2, show_default=True,
+              help="Retries of a page whose worker process crashed.")
+@click.option("--max-page-error-rate", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="A document with a larger share of failed pages is marked failed.")
+@model_options
+@click.option("--task", "-t", type=click.Choice(TASKS), default="ocr", show_default=True, help="Recognition task.")
+@click.option("--max-tokens", type=click.IntRange(1), default=1024, show_default=True,
+              help="Most tokens generated per page.")
+@click.option("--workers", "-w", type=click.IntRange(1), default=1, show_default=True,
+              help="llama.cpp worker processes.")
+@click.option("--seqs-per-worker", type=click.IntRange(1), default=4, show_default=True,
+              help="Pages each worker decodes at once.")
+@click.option("--dpi", type=click.FloatRange(min=10), default=150, show_default=True, help="PDF render resolution.")
+@click.option("--max-pixels", type=click.IntRange(1), help="Cap on a page's rendered pixels "
+              "[default: the model processor's max_pixels, which is also the upper bound].")
+@click.option("--batch-size", type=click.IntRange(1), default=4, show_default=True,
+              help="Pages per vision forward pass.")
+@click.option("--max-batch-patches", type=click.IntRange(1), default=24576, show_default=True,
+              help="Cap on the vision patches in one forward pass.")
+@click.option("--markdown-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Also write one Markdown file per document here.")
+@click.option("--quiet", is_flag=True, help="Only warnings, errors and the final summary on stderr.")
+@click.option("--log-file", type=click.Path(dir_okay=False), help="Also log to this file.")
+def run(paths, out, output_format, checkpoint, include, exclude, dry_run, retry_failed, max_retries,
+        max_page_error_rate, model, quant, gguf, vision_dtype, device, threads, cache_dir, task, max_tokens,
+        workers, seqs_per_worker, dpi, max_pixels, batch_size, max_batch_patches, markdown_dir, quiet, log_file):
+    """OCR every PDF and image under PATHS into one row per page in OUT.
+
+    Resumable: finished pages are recorded in a SQLite checkpoint, so running
+    the same command again only does what is left. Exit codes: 0 all pages ok,
+    1 some pages failed, 3 fatal error, 4 another run holds this output.
+    """
+    from .pipeline import EXIT_FATAL, EXIT_LOCKED, JobLocked, JobOptions, dry_run as plan_only, run_job
+
+    _setup_logging(quiet, log_file)
+    options = JobOptions(
+        paths=list(paths), out=out, output_format=output_format, checkpoint=checkpoint, include=list(include),
+        exclude=list(exclude), retry_failed=retry_failed, max_retries=max_retries,
+        max_page_error_rate=max_page_error_rate, model=model, quant=quant, gguf=gguf, task=task,
+        max_tokens=max_tokens, workers=workers, seqs_per_worker=seqs_per_worker, dpi=dpi, max_pixels=max_pixels,
+        batch_size=batch_size, max_batch_patches=max_batch_patches, vision_dtype=vision_dtype, device=device,
+        threads=threads, cache_dir=cache_dir, markdown_dir=markdown_dir, progress=not quiet)
+    if dry_run:
+        total = 0
+        for document, pages, error in plan_only(options):
+            if error:
+                click.echo(f"unreadable\t{document.path}\t{error}")
+            else:
+                total += pages
+                click.echo(f"{pages}\t{document.path}")
+        click.echo(f"{total} pages to process", err=True)
+        return
+    try:
+        summary = run_job(options)
+    except JobLocked as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(EXIT_LOCKED)
+    except OcrbatchError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(EXIT_FATAL)
+    click.echo(summary.line(out), err=True)
+    sys.exit(summary.exit_code)
+
+
+@main.command()
+@click.argument("target", type=click.Path(path_type=Path))
+def status(target):
+    """Counts per status and the failed pages of a job (TARGET: its output or checkpoint)."""
+    from .store import Store, checkpoint_path_for
+
+    store = Store(checkpoint_path_for(target), readonly=True)
+    try:
+        counts = store.counts()
+        for kind in ("pages", "documents"):
+            line = ", ".join(f"{n} {state}" for state, n in sorted(counts[kind].items())) or "none"
+            click.echo(f"{kind}: {line}")
+        failed = store.failed_pages()
+        if failed:
+            click.echo("failed pages:")
+            for path, page, error in failed:
+                click.echo(f"  {path}\tpage {page}\t{error}")
+    finally:
+        store.close()

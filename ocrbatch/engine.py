@@ -14,7 +14,7 @@ from typing import Sequence
 
 from .checkpoint import Checkpoint
 from .errors import ModelError, OcrbatchError
-from .gguf_convert import convert
+from .gguf_convert import convert, inspect_gguf
 from .images import open_image
 from .language import GenerationRequest, LanguageModel, Sampling
 from .prompt import PromptBuilder
@@ -61,12 +61,14 @@ class Engine:
         n_ctx: int | None = None,
         threads: int | None = None,
         cache_dir: str | Path | None = None,
+        with_language: bool = True,
     ):
         """Load ``model`` (checkpoint folder or Hub id) and its language model as a GGUF.
 
         ``gguf`` uses an existing language-model GGUF (an official build, say)
         instead of converting the checkpoint; it is re-quantized only if
-        ``quant`` differs from its type.
+        ``quant`` differs from its type. ``with_language=False`` skips loading
+        the language model here, for callers that decode in a :class:`WorkerPool`.
         """
         if threads:
             import torch
@@ -80,16 +82,34 @@ class Engine:
         config = self.checkpoint.config
         self.prompts = PromptBuilder(self.checkpoint.path, config.image_token_id, self.vision.merge_size)
         self.stop_ids = tuple(self.checkpoint.eos_token_ids)
-        per_sequence = self.max_image_tokens + PROMPT_TEXT_ALLOWANCE + max_tokens
-        self.language = LanguageModel(
-            self.gguf_path, n_ctx=n_ctx or n_seq_max * per_sequence, n_seq_max=n_seq_max, n_threads=threads
-        )
-        self.quant = self.language.info.quant or quant
-        if self.language.n_embd != config.text_config.hidden_size:
+        info = inspect_gguf(self.gguf_path)
+        self.quant = info.quant or quant
+        if info.n_embd != config.text_config.hidden_size:
             raise ModelError(
-                f"{self.gguf_path}: language model width {self.language.n_embd} does not match "
+                f"{self.gguf_path}: language model width {info.n_embd} does not match "
                 f"the checkpoint's {config.text_config.hidden_size}"
             )
+        self.language = None
+        if with_language:
+            self.language = LanguageModel(self.gguf_path, n_ctx=n_ctx or self.context_size(n_seq_max),
+                                          n_seq_max=n_seq_max, n_threads=threads)
+
+    def context_size(self, n_seq_max: int, max_tokens: int | None = None) -> int:
+        """KV cells for ``n_seq_max`` sequences of the largest image plus ``max_tokens``."""
+        per_sequence = self.max_image_tokens + PROMPT_TEXT_ALLOWANCE + (max_tokens or self.max_tokens)
+        return n_seq_max * per_sequence
+
+    def request(self, image: EncodedImage, text: str, max_tokens: int | None = None,
+                sampling: Sampling = Sampling(), on_token=None) -> GenerationRequest:
+        """The language-model request for one encoded image and prompt text."""
+        return GenerationRequest(
+            prompt=self.prompts.build(text, image.grid_thw),
+            embeddings=image.embeddings,
+            max_tokens=self.max_tokens if max_tokens is None else max_tokens,
+            stop_ids=self.stop_ids,
+            sampling=sampling,
+            on_token=on_token,
+        )
 
     @property
     def max_image_tokens(self) -> int:
@@ -110,16 +130,7 @@ class Engine:
         on_token=None,
     ) -> list[OcrResult]:
         """Run the language model on already-encoded images, one prompt text each."""
-        requests = []
-        for image, text in zip(encoded, texts):
-            requests.append(GenerationRequest(
-                prompt=self.prompts.build(text, image.grid_thw),
-                embeddings=image.embeddings,
-                max_tokens=self.max_tokens if max_tokens is None else max_tokens,
-                stop_ids=self.stop_ids,
-                sampling=sampling,
-                on_token=on_token,
-            ))
+        requests = [self.request(image, text, max_tokens, sampling, on_token) for image, text in zip(encoded, texts)]
         results = []
         for request, generated in zip(requests, self.language.generate(requests)):
             result = OcrResult(
@@ -173,4 +184,5 @@ class Engine:
         return results
 
     def close(self) -> None:
-        self.language.close()
+        if self.language is not None:
+            self.language.close()

@@ -1,0 +1,139 @@
+"""Output writers: one row per page, to Parquet (pyarrow) or JSONL.
+
+A run writes to a hidden partial file beside the target, in row groups as
+work completes, and renames it over the target when the run ends. A killed
+run leaves the previous output untouched; its partial file is removed by the
+next run, which rebuilds the full output from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime
+from pathlib import Path
+from typing import Protocol
+
+import pyarrow as pa
+
+SCHEMA = pa.schema([
+    ("path", pa.string()),
+    ("doc_id", pa.string()),
+    ("page", pa.int32()),
+    ("page_count", pa.int32()),
+    ("task", pa.string()),
+    ("text", pa.string()),
+    ("status", pa.string()),
+    ("error", pa.string()),
+    ("n_image_tokens", pa.int32()),
+    ("n_output_tokens", pa.int32()),
+    ("finish_reason", pa.string()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("model", pa.string()),
+    ("quant", pa.string()),
+    ("render_s", pa.float64()),
+    ("vision_s", pa.float64()),
+    ("prefill_s", pa.float64()),
+    ("decode_s", pa.float64()),
+    ("created_at", pa.timestamp("us", tz="UTC")),
+])
+COLUMNS = SCHEMA.names
+FORMATS = ("parquet", "jsonl")
+
+
+class OutputWriter(Protocol):
+    path: Path
+
+    def write(self, rows: list[dict]) -> None: ...
+
+    def commit(self) -> None:
+        """Finish the file and move it over the target."""
+
+    def abort(self) -> None:
+        """Drop the partial file."""
+
+
+def format_for(path: str | Path, explicit: str | None = None) -> str:
+    if explicit:
+        return explicit
+    suffix = Path(path).suffix.lower()
+    if suffix == ".parquet":
+        return "parquet"
+    if suffix in (".jsonl", ".ndjson"):
+        return "jsonl"
+    from .errors import OcrbatchError
+
+    raise OcrbatchError(f"{path}: cannot tell the output format from the suffix; use .parquet, .jsonl or --format")
+
+
+def _normalise(row: dict) -> dict:
+    return {column: row.get(column) for column in COLUMNS}
+
+
+class _PartialFile:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in self.path.parent.glob(f".{self.path.name}.*.partial"):
+            stale.unlink(missing_ok=True)  # left by a killed run; the caller holds the job lock
+        self.partial = self.path.with_name(f".{self.path.name}.{os.getpid()}.partial")
+
+    def _replace(self) -> None:
+        os.replace(self.partial, self.path)
+
+    def abort(self) -> None:
+        self.partial.unlink(missing_ok=True)
+
+
+class ParquetOutput(_PartialFile):
+    """Parquet, one row group per :meth:`write`."""
+
+    def __init__(self, path: str | Path):
+        import pyarrow.parquet as pq
+
+        super().__init__(path)
+        self._writer = pq.ParquetWriter(self.partial, SCHEMA, compression="zstd")
+
+    def write(self, rows: list[dict]) -> None:
+        if rows:
+            rows = [_normalise(r) for r in rows]
+            for row in rows:
+                if isinstance(row["created_at"], str):
+                    row["created_at"] = datetime.fromisoformat(row["created_at"])
+            table = pa.Table.from_pylist(rows, schema=SCHEMA)
+            self._writer.write_table(table)
+
+    def commit(self) -> None:
+        self._writer.close()
+        self._replace()
+
+    def abort(self) -> None:
+        self._writer.close()
+        super().abort()
+
+
+class JsonlOutput(_PartialFile):
+    """JSON Lines, one object per page."""
+
+    def __init__(self, path: str | Path):
+        super().__init__(path)
+        self._file = open(self.partial, "w", encoding="utf-8")
+
+    def write(self, rows: list[dict]) -> None:
+        for row in rows:
+            row = _normalise(row)
+            self._file.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self._file.flush()
+
+    def commit(self) -> None:
+        self._file.close()
+        self._replace()
+
+    def abort(self) -> None:
+        self._file.close()
+        super().abort()
+
+
+def open_output(path: str | Path, output_format: str | None = None) -> OutputWriter:
+    return {"parquet": ParquetOutput, "jsonl": JsonlOutput}[format_for(path, output_format)](path)

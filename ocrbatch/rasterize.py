@@ -1,0 +1,153 @@
+"""Rasterization: PDF pages (PyMuPDF) and image files to RGB page images.
+
+Pages are produced one at a time, so a large PDF never has all its pages in
+memory. Every render is capped at ``max_pixels``: the zoom is lowered before
+rendering, so a poster or an engineering drawing never becomes a giant
+pixmap first.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+from PIL import Image
+
+from .discover import Document
+from .errors import InputError
+from .images import DEFAULT_MAX_IMAGE_PIXELS, open_image
+
+
+@dataclass
+class PageImage:
+    """One rendered page, or why it could not be rendered."""
+
+    document: Document
+    page: int  # 1-based
+    page_count: int
+    image: Image.Image | None = None
+    error: str | None = None
+    render_s: float = 0.0
+    # Kept after the image is dropped, once the page is encoded.
+    image_size: tuple[int, int] | None = None
+    n_image_tokens: int = 0
+
+
+def pdf_zoom(width_pt: float, height_pt: float, dpi: float, max_pixels: int) -> float:
+    """Zoom factor for a page: ``dpi``, lowered so the render stays within ``max_pixels``."""
+    zoom = dpi / 72.0
+    area = max(width_pt * height_pt, 1e-6)
+    if area * zoom * zoom > max_pixels:
+        zoom = math.sqrt(max_pixels / area)
+    return zoom
+
+
+def _open_pdf(document: Document):
+    import pymupdf
+
+    try:
+        pdf = pymupdf.open(document.path, filetype="pdf")
+    except Exception as exc:
+        raise InputError(f"{document.path}: not a readable PDF ({exc})") from None
+    if pdf.needs_pass:
+        pdf.close()
+        raise InputError(f"{document.path}: encrypted PDF (needs a password)")
+    if pdf.page_count == 0:
+        pdf.close()
+        raise InputError(f"{document.path}: PDF has no pages")
+    return pdf
+
+
+def count_pages(document: Document) -> int:
+    """Number of pages, or :class:`InputError` if the document cannot be opened."""
+    if document.kind == "pdf":
+        pdf = _open_pdf(document)
+        try:
+            return pdf.page_count
+        finally:
+            pdf.close()
+    with _checked_image(document) as image:
+        return getattr(image, "n_frames", 1)
+
+
+class _checked_image:
+    """Open an image file just far enough to know its size and frames."""
+
+    def __init__(self, document: Document):
+        self.document = document
+
+    def __enter__(self) -> Image.Image:
+        path = self.document.path
+        try:
+            self.image = Image.open(path)
+        except FileNotFoundError:
+            raise InputError(f"{path}: no such file") from None
+        except PermissionError:
+            raise InputError(f"{path}: permission denied") from None
+        except Exception:
+            # open_image gives the precise one-line reason (empty, corrupt, ...)
+            open_image(path)
+            raise InputError(f"{path}: not a recognised image format") from None
+        return self.image
+
+    def __exit__(self, *exc):
+        self.image.close()
+
+
+def _fit(image: Image.Image, max_pixels: int) -> Image.Image:
+    width, height = image.size
+    if width * height <= max_pixels:
+        return image
+    scale = math.sqrt(max_pixels / (width * height))
+    return image.resize((max(1, int(width * scale)), max(1, int(height * scale))), Image.Resampling.BICUBIC)
+
+
+def iter_pages(document: Document, pages: Iterable[int], dpi: float = 150, max_pixels: int = 1536 * 1536,
+               max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Iterator[PageImage]:
+    """Render the given 1-based ``pages`` of ``document``, one at a time.
+
+    Raises :class:`InputError` if the document cannot be opened at all; a page
+    that fails on its own comes back with ``error`` set.
+    """
+    wanted = sorted(set(pages))
+    if document.kind == "pdf":
+        import pymupdf
+
+        pdf = _open_pdf(document)
+        try:
+            count = pdf.page_count
+            for number in wanted:
+                if not 1 <= number <= count:
+                    yield PageImage(document, number, count, error=f"{document.path} page {number}: no such page")
+                    continue
+                started = time.perf_counter()
+                try:
+                    page = pdf[number - 1]
+                    zoom = pdf_zoom(page.rect.width, page.rect.height, dpi, max_pixels)
+                    pixmap = page.get_pixmap(matrix=pymupdf.Matrix(zoom, zoom), alpha=False, colorspace="rgb")
+                    image = Image.frombytes("RGB", (pixmap.width, pixmap.height), pixmap.samples)
+                    del pixmap
+                    yield PageImage(document, number, count, image=image,
+                                    render_s=time.perf_counter() - started)
+                except Exception as exc:
+                    yield PageImage(document, number, count,
+                                    error=f"{document.path} page {number}: cannot render ({exc})")
+        finally:
+            pdf.close()
+        return
+
+    count = count_pages(document)
+    for number in wanted:
+        if not 1 <= number <= count:
+            yield PageImage(document, number, count, error=f"{document.path} page {number}: no such page")
+            continue
+        started = time.perf_counter()
+        try:
+            image = _fit(open_image(document.path, max_pixels=max_image_pixels, frame=number - 1), max_pixels)
+            yield PageImage(document, number, count, image=image, render_s=time.perf_counter() - started)
+        except InputError as exc:
+            if count == 1:
+                raise
+            yield PageImage(document, number, count, error=f"{document.path} page {number}: {exc}")
