@@ -219,7 +219,7 @@ class _Job:
         self.buffer: list[dict] = []
         self.last_flush = time.monotonic()
         self.remaining: dict[str, int] = {}
-        self.paths: dict[str, Path] = {}
+        self.markdown_written: set[str] = set()
         self.progress = tqdm(total=total, unit="page", disable=None if options.progress else True,
                              dynamic_ncols=True, desc="ocrbatch")
 
@@ -249,6 +249,7 @@ class _Job:
             self.store.finish_document(document.doc_id, self.options.max_page_error_rate)
             if self.options.markdown_dir:
                 write_markdown(self.store, document.doc_id, self.options.markdown_dir)
+                self.markdown_written.add(document.doc_id)
 
     def page_failed(self, page: PageImage, error: str) -> None:
         row = _failure_row(page.page, page.page_count, self.options.task, error, self.model_name, self.quant)
@@ -335,6 +336,10 @@ def _run_locked(options: JobOptions, store: Store, started: float) -> JobSummary
                 job.remaining[item.document.doc_id] = len(item.pages)
             _process(job, engine, pool, text, work, max_pixels)
         job.flush()
+        if options.markdown_dir:  # documents finished in earlier runs, too
+            for doc_id in store.finished_document_ids():
+                if doc_id not in job.markdown_written:
+                    write_markdown(store, doc_id, options.markdown_dir)
         job.summary.worker_crashes = pool.crashes if pool else 0
         writer.commit()
     except BaseException:

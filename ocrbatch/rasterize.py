@@ -41,6 +41,9 @@ def pdf_zoom(width_pt: float, height_pt: float, dpi: float, max_pixels: int) -> 
     area = max(width_pt * height_pt, 1e-6)
     if area * zoom * zoom > max_pixels:
         zoom = math.sqrt(max_pixels / area)
+        # Pixmap sides are rounded up; shrink until the rounded render fits too.
+        while math.ceil(width_pt * zoom) * math.ceil(height_pt * zoom) > max_pixels:
+            zoom *= 0.999
     return zoom
 
 

@@ -193,6 +193,10 @@ class Store:
                  "WHERE pages.status = 'failed' AND documents.status != 'superseded'")
         return [row[0] for row in self.db.execute(query)]
 
+    def finished_document_ids(self) -> list[str]:
+        return [row[0] for row in self.db.execute(
+            "SELECT doc_id FROM documents WHERE status IN ('ok', 'failed') AND page_count > 0")]
+
     def document_path(self, doc_id: str) -> Path | None:
         row = self.db.execute("SELECT path FROM documents WHERE doc_id = ?", (doc_id,)).fetchone()
         return Path(row["path"]) if row else None
