@@ -278,3 +278,68 @@ def status(target):
                 click.echo(f"  {path}\tpage {page}\t{error}")
     finally:
         store.close()
+
+
+@main.command()
+@model_options
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback by default).")
+@click.option("--port", type=int, default=7778, show_default=True)
+@click.option("--workers", "-w", type=click.IntRange(1), default=1, show_default=True,
+              help="llama.cpp worker processes.")
+@click.option("--seqs-per-worker", type=click.IntRange(1), default=4, show_default=True,
+              help="Requests each worker decodes at once.")
+@click.option("--max-tokens", type=click.IntRange(1), default=1024, show_default=True,
+              help="Default max_tokens for requests that give none.")
+@click.option("--max-tokens-limit", type=click.IntRange(1), default=4096, show_default=True,
+              help="Largest max_tokens a request may ask for.")
+@click.option("--max-queue", type=click.IntRange(1), default=32, show_default=True,
+              help="Requests admitted at once; more get 503 with Retry-After.")
+@click.option("--api-key", envvar="OCRBATCH_API_KEY", help="Require 'Authorization: Bearer KEY' [env: OCRBATCH_API_KEY].")
+@click.option("--max-body-mb", type=click.FloatRange(min=0.001), default=32, show_default=True,
+              help="Largest request body.")
+@click.option("--max-image-pixels", type=click.IntRange(1), default=40_000_000, show_default=True,
+              help="Largest decoded image (decompression-bomb guard).")
+@click.option("--allow-remote-images", is_flag=True, help="Let requests name http(s) image URLs for the server to fetch.")
+@click.option("--allow-local-files", is_flag=True, help="Let requests name files on the server's disk.")
+def serve(model, quant, gguf, vision_dtype, device, threads, cache_dir, host, port, workers, seqs_per_worker,
+          max_tokens, max_tokens_limit, max_queue, api_key, max_body_mb, max_image_pixels, allow_remote_images,
+          allow_local_files):
+    """Serve OCR over an OpenAI-compatible API (POST /v1/chat/completions, GET /v1/models, GET /health)."""
+    import uvicorn
+
+    from .engine import Engine
+    from .pool import WorkerPool
+    from .server import ServerSettings, create_app
+
+    engine = Engine(model, quant=quant, gguf=gguf, vision_dtype=vision_dtype, device=device,
+                    max_tokens=max_tokens_limit, threads=threads, cache_dir=cache_dir, with_language=False)
+    cores = os.cpu_count() or 1
+    pool = WorkerPool(engine.gguf_path, workers=workers, n_seq_max=seqs_per_worker,
+                      n_ctx=engine.context_size(seqs_per_worker), threads=threads or max(1, cores // workers))
+    settings = ServerSettings(model_name=str(model), api_key=api_key, max_queue=max_queue,
+                              max_body_bytes=int(max_body_mb * 1024 * 1024), max_image_pixels=max_image_pixels,
+                              max_tokens_limit=max_tokens_limit, default_max_tokens=max_tokens,
+                              allow_remote_images=allow_remote_images, allow_local_files=allow_local_files)
+    try:
+        uvicorn.run(create_app(engine, pool, settings), host=host, port=port, log_level="info")
+    finally:
+        pool.close()
+
+
+@main.command()
+@click.option("--image", "image_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Image to OCR.")
+@click.option("--task", "-t", type=click.Choice(TASKS), default="ocr", show_default=True, help="Recognition task.")
+@click.option("--text", "prompt", help="Free-form prompt instead of a task.")
+@click.option("--url", default="http://127.0.0.1:7778", show_default=True, help="Server address.")
+@click.option("--api-key", envvar="OCRBATCH_API_KEY", help="Bearer key [env: OCRBATCH_API_KEY].")
+@click.option("--max-tokens", type=click.IntRange(1), help="Most tokens to generate.")
+@click.option("--stream", is_flag=True, help="Print the text as it is generated.")
+def client(image_path, task, prompt, url, api_key, max_tokens, stream):
+    """Send one image to an ocrbatch server and print the result."""
+    from .client import ocr_request
+
+    for piece in ocr_request(url, image_path, task=task, prompt=prompt, api_key=api_key,
+                             max_tokens=max_tokens, stream=stream):
+        click.echo(piece, nl=False)
+    click.echo()

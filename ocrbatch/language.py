@@ -307,6 +307,20 @@ class Scheduler:
     def submit(self, key, request: GenerationRequest) -> None:
         self.pending.append((key, request))
 
+    def cancel(self, key) -> bool:
+        """Drop a request, queued or running; it finishes with reason ``cancelled``."""
+        for index, (pending_key, request) in enumerate(self.pending):
+            if pending_key == key:
+                del self.pending[index]
+                self._finished.append((key, GenerationResult([], "cancelled", request.prompt.n_prompt_tokens,
+                                                              0.0, 0.0)))
+                return True
+        for seq in self.active:
+            if seq.index == key:
+                self._finish(seq, "cancelled")
+                return True
+        return False
+
     def _finish(self, seq: _Sequence, reason: str) -> None:
         model = self.model
         model._llama_cpp.llama_memory_seq_rm(model._memory, seq.seq_id, -1, -1)

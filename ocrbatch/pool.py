@@ -63,6 +63,9 @@ def _worker_main(conn, settings: WorkerSettings) -> None:
                 message = conn.recv()
                 if message is None:
                     return
+                if message[0] == "cancel":
+                    scheduler.cancel(message[1])
+                    continue
                 key, request, stream = message
                 if stream:
                     request.on_token = lambda token, key=key: conn.send(("token", key, token))
@@ -131,6 +134,23 @@ class WorkerPool:
             self._queue.append((next(self._keys), _Job(request, future)))
         self._wake.send(b"")
         return future
+
+    def cancel(self, future: Future) -> None:
+        """Stop working on the request behind ``future`` (it resolves with reason ``cancelled``)."""
+        with self._lock:
+            for index, (key, job) in enumerate(self._queue):
+                if job.future is future:
+                    del self._queue[index]
+                    future.cancel()
+                    return
+            for worker in self._workers:
+                for key, job in worker.jobs.items():
+                    if job.future is future:
+                        try:
+                            worker.conn.send(("cancel", key))
+                        except (BrokenPipeError, OSError):
+                            pass
+                        return
 
     @property
     def pending(self) -> int:
