@@ -125,11 +125,13 @@ def dev():
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, byte-identical weights.")
 @click.option("--version", "model_version", type=click.Choice(["1.0", "1.5"]), default="1.0", show_default=True,
               help="Which chat template to write (1.5 adds the seal and spotting tasks).")
-def make_model(directory, size, seed, model_version):
+@click.option("--layout", type=click.Choice(["transformers", "official"]), default="transformers", show_default=True,
+              help="Weight names and files as transformers saves them, or as PaddlePaddle publishes them.")
+def make_model(directory, size, seed, model_version, layout):
     """Write a random-weight PaddleOCR-VL checkpoint to DIRECTORY."""
     from .devmodel import make_model as make
 
-    click.echo(make(directory, size=size, seed=seed, version=model_version))
+    click.echo(make(directory, size=size, seed=seed, version=model_version, layout=layout))
 
 
 @dev.command("make-samples")
@@ -216,11 +218,13 @@ def _setup_logging(quiet: bool, log_file: str | None) -> None:
               help="Cap on the vision patches in one forward pass.")
 @click.option("--markdown-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Also write one Markdown file per document here.")
+@click.option("--ignore-eos", is_flag=True, help="Always generate --max-tokens tokens (for benchmarks).")
 @click.option("--quiet", is_flag=True, help="Only warnings, errors and the final summary on stderr.")
 @click.option("--log-file", type=click.Path(dir_okay=False), help="Also log to this file.")
 def run(paths, out, output_format, checkpoint, include, exclude, dry_run, retry_failed, max_retries,
         max_page_error_rate, model, quant, gguf, vision_dtype, device, threads, cache_dir, task, max_tokens,
-        workers, seqs_per_worker, dpi, max_pixels, batch_size, max_batch_patches, markdown_dir, quiet, log_file):
+        workers, seqs_per_worker, dpi, max_pixels, batch_size, max_batch_patches, markdown_dir, ignore_eos, quiet,
+        log_file):
     """OCR every PDF and image under PATHS into one row per page in OUT.
 
     Resumable: finished pages are recorded in a SQLite checkpoint, so running
@@ -236,7 +240,8 @@ def run(paths, out, output_format, checkpoint, include, exclude, dry_run, retry_
         max_page_error_rate=max_page_error_rate, model=model, quant=quant, gguf=gguf, task=task,
         max_tokens=max_tokens, workers=workers, seqs_per_worker=seqs_per_worker, dpi=dpi, max_pixels=max_pixels,
         batch_size=batch_size, max_batch_patches=max_batch_patches, vision_dtype=vision_dtype, device=device,
-        threads=threads, cache_dir=cache_dir, markdown_dir=markdown_dir, progress=not quiet)
+        threads=threads, cache_dir=cache_dir, markdown_dir=markdown_dir, ignore_eos=ignore_eos,
+        progress=not quiet)
     if dry_run:
         total = 0
         for document, pages, error in plan_only(options):

@@ -195,12 +195,47 @@ def _write_tokenizer(out: Path, model_proto: bytes, chat_template: str) -> None:
     (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False))
 
 
-def make_model(out_dir: str | Path, size: str = "tiny", seed: int = 0, version: str = "1.0") -> Path:
+LAYOUTS = ("transformers", "official")
+_OFFICIAL_PREFIXES = (("model.projector.", "mlp_AR."), ("model.visual.", "visual."), ("model.language_model.", "model."))
+
+
+def _rewrite_as_official(out: Path, image_processor) -> None:
+    """Rename weights and add the files the way PaddlePaddle publishes PaddleOCR-VL."""
+    from safetensors.torch import load_file, save_file
+
+    weights_file = out / "model.safetensors"
+    weights = load_file(weights_file)
+    renamed = {}
+    for name, tensor in weights.items():
+        for new, old in _OFFICIAL_PREFIXES:
+            if name.startswith(new):
+                name = old + name[len(new):]
+                break
+        renamed[name] = tensor
+    save_file(renamed, weights_file, metadata={"format": "pt"})
+    config = json.loads((out / "config.json").read_text())
+    config["vision_config"]["architectures"] = ["PaddleOCRVisionModel"]
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    size = image_processor.size
+    preprocessor = {
+        "image_processor_type": "PaddleOCRVLImageProcessor", "processor_class": "PaddleOCRVLProcessor",
+        "min_pixels": size.shortest_edge, "max_pixels": size.longest_edge, "patch_size": 14, "merge_size": 2,
+        "temporal_patch_size": 1, "do_convert_rgb": True, "do_normalize": True, "do_rescale": True,
+        "do_resize": True, "rescale_factor": 1 / 255, "resample": 3,
+        "image_mean": list(image_processor.image_mean), "image_std": list(image_processor.image_std),
+    }
+    (out / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2))
+
+
+def make_model(out_dir: str | Path, size: str = "tiny", seed: int = 0, version: str = "1.0",
+               layout: str = "transformers") -> Path:
     """Write a random-weight PaddleOCR-VL checkpoint folder and return its path.
 
     The same ``size``, ``seed`` and ``version`` give byte-identical weights.
     ``AutoProcessor.from_pretrained`` and
     ``PaddleOCRVLForConditionalGeneration.from_pretrained`` load the result.
+    ``layout="official"`` writes weight names and files as PaddlePaddle's
+    release does (``visual.*``, ``mlp_AR.*``, ``model.*``, ``preprocessor_config.json``).
     """
     import sentencepiece as spm
     import torch
@@ -217,6 +252,8 @@ def make_model(out_dir: str | Path, size: str = "tiny", seed: int = 0, version: 
 
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; choose one of {', '.join(SIZES)}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     if version not in GENERATION_PROMPTS:
         raise ValueError(f"unknown version {version!r}; choose one of {', '.join(GENERATION_PROMPTS)}")
     dims = SIZES[size]
@@ -282,4 +319,6 @@ def make_model(out_dir: str | Path, size: str = "tiny", seed: int = 0, version: 
     image_processor = PaddleOCRVLImageProcessorPil(min_pixels=dims.min_pixels, max_pixels=dims.max_pixels)
     processor = PaddleOCRVLProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template)
     processor.save_pretrained(out)
+    if layout == "official":
+        _rewrite_as_official(out, image_processor)
     return out

@@ -79,10 +79,15 @@ class _PartialFile:
             stale.unlink(missing_ok=True)  # left by a killed run; the caller holds the job lock
         self.partial = self.path.with_name(f".{self.path.name}.{os.getpid()}.partial")
 
-    def _replace(self) -> None:
+    def _close(self) -> None:
+        raise NotImplementedError
+
+    def commit(self) -> None:
+        self._close()
         os.replace(self.partial, self.path)
 
     def abort(self) -> None:
+        self._close()
         self.partial.unlink(missing_ok=True)
 
 
@@ -104,13 +109,8 @@ class ParquetOutput(_PartialFile):
             table = pa.Table.from_pylist(rows, schema=SCHEMA)
             self._writer.write_table(table)
 
-    def commit(self) -> None:
+    def _close(self) -> None:
         self._writer.close()
-        self._replace()
-
-    def abort(self) -> None:
-        self._writer.close()
-        super().abort()
 
 
 class JsonlOutput(_PartialFile):
@@ -126,13 +126,8 @@ class JsonlOutput(_PartialFile):
             self._file.write(json.dumps(row, ensure_ascii=False) + "\n")
         self._file.flush()
 
-    def commit(self) -> None:
+    def _close(self) -> None:
         self._file.close()
-        self._replace()
-
-    def abort(self) -> None:
-        self._file.close()
-        super().abort()
 
 
 def open_output(path: str | Path, output_format: str | None = None) -> OutputWriter:

@@ -69,6 +69,7 @@ class JobOptions:
     cache_dir: str | None = None
     markdown_dir: Path | None = None
     progress: bool = True
+    ignore_eos: bool = False  # decode exactly max_tokens per page: for benchmarks
     flush_rows: int = 32
     flush_seconds: float = 10.0
 
@@ -269,9 +270,12 @@ def write_markdown(store: Store, doc_id: str, folder: Path) -> Path:
     return target
 
 
-def run_job(options: JobOptions) -> JobSummary:
+def run_job(options: JobOptions, engine=None, pool=None) -> JobSummary:
     """Run the batch job described by ``options`` and return its summary.
 
+    ``engine`` (an :class:`Engine` without language model) and ``pool`` (a
+    :class:`WorkerPool`) may be given already loaded, to reuse them across
+    jobs; otherwise they are made from ``options`` and closed at the end.
     Raises :class:`JobLocked` if another run holds the output, and
     :class:`OcrbatchError` for fatal problems (model, settings).
     """
@@ -279,12 +283,12 @@ def run_job(options: JobOptions) -> JobSummary:
     with JobLock(options.checkpoint_path):
         store = Store(options.checkpoint_path)
         try:
-            return _run_locked(options, store, started)
+            return _run_locked(options, store, started, engine, pool)
         finally:
             store.close()
 
 
-def _run_locked(options: JobOptions, store: Store, started: float) -> JobSummary:
+def _run_locked(options: JobOptions, store: Store, started: float, engine, pool) -> JobSummary:
     from .engine import Engine
     from .pool import WorkerPool
 
@@ -302,7 +306,7 @@ def _run_locked(options: JobOptions, store: Store, started: float) -> JobSummary
     job = _Job(options, store, writer, model_name, quant, total)
     job.summary.pages_skipped = skipped
     job.summary.documents = len(work) + len(unreadable)
-    pool = None
+    own_pool = pool is None
     try:
         batch = []
         for row in store.rows(exclude=redo):  # earlier results first, rebuilt from the checkpoint
@@ -321,17 +325,19 @@ def _run_locked(options: JobOptions, store: Store, started: float) -> JobSummary
             log.warning("%s", error)
 
         if work:
-            engine = Engine(options.model, quant=quant, gguf=options.gguf, vision_dtype=options.vision_dtype,
-                            device=options.device, max_tokens=options.max_tokens, threads=options.threads,
-                            cache_dir=options.cache_dir, with_language=False)
+            if engine is None:
+                engine = Engine(options.model, quant=quant, gguf=options.gguf, vision_dtype=options.vision_dtype,
+                                device=options.device, max_tokens=options.max_tokens, threads=options.threads,
+                                cache_dir=options.cache_dir, with_language=False)
             text = engine.prompt_text(options.task)
             processor_max = engine.vision.image_processor.size.longest_edge
             max_pixels = min(options.max_pixels or processor_max, processor_max)
-            cores = os.cpu_count() or 1
-            threads = options.threads or max(1, cores // options.workers)
-            pool = WorkerPool(engine.gguf_path, workers=options.workers, n_seq_max=options.seqs_per_worker,
-                              n_ctx=engine.context_size(options.seqs_per_worker), threads=threads,
-                              max_retries=options.max_retries)
+            if pool is None:
+                cores = os.cpu_count() or 1
+                threads = options.threads or max(1, cores // options.workers)
+                pool = WorkerPool(engine.gguf_path, workers=options.workers, n_seq_max=options.seqs_per_worker,
+                                  n_ctx=engine.context_size(options.seqs_per_worker), threads=threads,
+                                  max_retries=options.max_retries)
             for item in work:
                 job.remaining[item.document.doc_id] = len(item.pages)
             _process(job, engine, pool, text, work, max_pixels)
@@ -346,7 +352,7 @@ def _run_locked(options: JobOptions, store: Store, started: float) -> JobSummary
         writer.abort()
         raise
     finally:
-        if pool is not None:
+        if own_pool and pool is not None:
             pool.close()
         job.progress.close()
     job.summary.elapsed_s = time.monotonic() - started
@@ -413,7 +419,10 @@ def _process(job: _Job, engine, pool, text: str, work: list[_WorkItem], max_pixe
                 page.image_size = page.image.size
                 page.n_image_tokens = encoded.n_tokens
                 page.image = None  # the embeddings are all that is needed now
-                future = pool.submit(engine.request(encoded, text, options.max_tokens))
+                request = engine.request(encoded, text, options.max_tokens)
+                if options.ignore_eos:
+                    request.stop_ids = ()
+                future = pool.submit(request)
                 future.add_done_callback(lambda f, p=page, v=vision_s: finished.put((p, f, v)))
                 in_flight += 1
     finally:

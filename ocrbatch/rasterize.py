@@ -8,6 +8,7 @@ pixmap first.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -107,6 +108,36 @@ def _fit(image: Image.Image, max_pixels: int) -> Image.Image:
     return image.resize((max(1, int(width * scale)), max(1, int(height * scale))), Image.Resampling.BICUBIC)
 
 
+@contextlib.contextmanager
+def _page_source(document: Document, dpi: float, max_pixels: int, max_image_pixels: int):
+    """Yield ``(page_count, render)``, where ``render(number)`` returns one page's image."""
+    if document.kind == "pdf":
+        import pymupdf
+
+        pdf = _open_pdf(document)
+
+        def render(number: int) -> Image.Image:
+            page = pdf[number - 1]
+            zoom = pdf_zoom(page.rect.width, page.rect.height, dpi, max_pixels)
+            try:
+                pixmap = page.get_pixmap(matrix=pymupdf.Matrix(zoom, zoom), alpha=False, colorspace="rgb")
+            except Exception as exc:
+                raise InputError(f"{document.path} page {number}: cannot render ({exc})") from None
+            return Image.frombytes("RGB", (pixmap.width, pixmap.height), pixmap.samples)
+
+        try:
+            yield pdf.page_count, render
+        finally:
+            pdf.close()
+        return
+
+    def render(number: int) -> Image.Image:
+        name = f"{document.path} page {number}"
+        return _fit(open_image(document.path, name=name, max_pixels=max_image_pixels, frame=number - 1), max_pixels)
+
+    yield count_pages(document), render
+
+
 def iter_pages(document: Document, pages: Iterable[int], dpi: float = 150, max_pixels: int = 1536 * 1536,
                max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Iterator[PageImage]:
     """Render the given 1-based ``pages`` of ``document``, one at a time.
@@ -114,43 +145,15 @@ def iter_pages(document: Document, pages: Iterable[int], dpi: float = 150, max_p
     Raises :class:`InputError` if the document cannot be opened at all; a page
     that fails on its own comes back with ``error`` set.
     """
-    wanted = sorted(set(pages))
-    if document.kind == "pdf":
-        import pymupdf
-
-        pdf = _open_pdf(document)
-        try:
-            count = pdf.page_count
-            for number in wanted:
-                if not 1 <= number <= count:
-                    yield PageImage(document, number, count, error=f"{document.path} page {number}: no such page")
-                    continue
-                started = time.perf_counter()
-                try:
-                    page = pdf[number - 1]
-                    zoom = pdf_zoom(page.rect.width, page.rect.height, dpi, max_pixels)
-                    pixmap = page.get_pixmap(matrix=pymupdf.Matrix(zoom, zoom), alpha=False, colorspace="rgb")
-                    image = Image.frombytes("RGB", (pixmap.width, pixmap.height), pixmap.samples)
-                    del pixmap
-                    yield PageImage(document, number, count, image=image,
-                                    render_s=time.perf_counter() - started)
-                except Exception as exc:
-                    yield PageImage(document, number, count,
-                                    error=f"{document.path} page {number}: cannot render ({exc})")
-        finally:
-            pdf.close()
-        return
-
-    count = count_pages(document)
-    for number in wanted:
-        if not 1 <= number <= count:
-            yield PageImage(document, number, count, error=f"{document.path} page {number}: no such page")
-            continue
-        started = time.perf_counter()
-        try:
-            image = _fit(open_image(document.path, max_pixels=max_image_pixels, frame=number - 1), max_pixels)
+    with _page_source(document, dpi, max_pixels, max_image_pixels) as (count, render):
+        for number in sorted(set(pages)):
+            if not 1 <= number <= count:
+                yield PageImage(document, number, count, error=f"{document.path} page {number}: no such page")
+                continue
+            started = time.perf_counter()
+            try:
+                image = render(number)
+            except InputError as exc:
+                yield PageImage(document, number, count, error=str(exc))
+                continue
             yield PageImage(document, number, count, image=image, render_s=time.perf_counter() - started)
-        except InputError as exc:
-            if count == 1:
-                raise
-            yield PageImage(document, number, count, error=f"{document.path} page {number}: {exc}")

@@ -85,3 +85,16 @@ def test_f16_agreement_is_reported(tiny_model, reference, test_images, record_pr
     print(f"\nF16 vs transformers F32: {rate:.1%} of greedy tokens agree before the first difference")
     assert rate > 0.5
     engine.close()
+
+
+@pytest.mark.slow
+def test_official_layout_checkpoint_gives_the_same_tokens(tmp_path, tiny_model, engine_f32, test_images):
+    """PaddlePaddle's weight names (visual.*, mlp_AR.*, model.*) load into both stages."""
+    from ocrbatch.devmodel import make_model
+
+    official = make_model(tmp_path / "official", size="tiny", seed=0, layout="official")
+    engine = Engine(official, quant="F32", max_tokens=24)
+    for image, result in zip(test_images, engine.ocr(test_images)):
+        [expected] = engine_f32.ocr([image], max_tokens=24)
+        assert result.token_ids == expected.token_ids
+    engine.close()

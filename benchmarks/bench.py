@@ -1,0 +1,406 @@
+"""Side-by-side benchmark: transformers vs ocrbatch (vs llama.cpp's own mmproj path), one run.
+
+Every engine runs on the same synthetic pages with the same forced output
+length (end-of-sentence suppressed), each in its own subprocess so its peak
+RSS is its own. Ratios are computed from figures measured in this one run,
+because these machines are noisy. Prints the results as JSON and writes them
+to ``--out``.
+
+    python benchmarks/bench.py --model /path/to/full-checkpoint --out benchmarks/results/cpu-2core.json
+    python benchmarks/bench.py --quick     # tiny checkpoint, seconds: keeps the harness working in CI
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PROMPT = "OCR:"
+
+
+# -- helpers -----------------------------------------------------------------------------
+
+def peak_rss_mb(children: bool = False) -> float:
+    who = resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF
+    return resource.getrusage(who).ru_maxrss / 1024  # Linux reports KiB
+
+
+def machine_info() -> dict:
+    import llama_cpp
+    import torch
+    import transformers
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    memory_kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+                     if line.startswith("MemTotal"))
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(memory_kb / 2**20, 1),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "llama_cpp_python": llama_cpp.__version__,
+            "date": time.strftime("%Y-%m-%d")}
+
+
+def make_pages(folder: Path, count: int, size: int) -> list[Path]:
+    from ocrbatch.samples import synthetic_page
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index in range(count):
+        path = folder / f"page-{index:03d}.png"
+        synthetic_page(size, size, seed=index).save(path)
+        paths.append(path)
+    return paths
+
+
+def run_child(kind: str, spec: dict, timeout: float = 3600) -> dict:
+    """Run one measurement in a fresh process; its last stdout line is its JSON result."""
+    started = time.perf_counter()
+    process = subprocess.run([sys.executable, __file__, "--child", kind, json.dumps(spec)],
+                             capture_output=True, text=True, timeout=timeout)
+    if process.returncode != 0:
+        return {"error": process.stderr.strip().splitlines()[-1] if process.stderr.strip() else "failed",
+                "wall_s": time.perf_counter() - started}
+    result = json.loads(process.stdout.strip().splitlines()[-1])
+    result["wall_s"] = time.perf_counter() - started
+    return result
+
+
+# -- children ----------------------------------------------------------------------------
+
+def child_transformers(spec: dict) -> dict:
+    """Plain transformers: one page at a time, generate with min_new_tokens = max_new_tokens."""
+    import torch
+    from PIL import Image
+    from transformers import AutoProcessor, PaddleOCRVLForConditionalGeneration
+
+    torch.set_num_threads(spec["threads"])
+    dtype = getattr(torch, spec["dtype"])
+    started = time.perf_counter()
+    processor = AutoProcessor.from_pretrained(spec["model"])
+    model = PaddleOCRVLForConditionalGeneration.from_pretrained(spec["model"], dtype=dtype).eval()
+    load_s = time.perf_counter() - started
+    tokens = spec["tokens"]
+
+    def inputs_for(path):
+        messages = [{"role": "user", "content": [{"type": "image", "image": Image.open(path).convert("RGB")},
+                                                 {"type": "text", "text": PROMPT}]}]
+        return processor.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
+                                             return_dict=True, return_tensors="pt")
+
+    def generate(inputs, n):
+        with torch.inference_mode():
+            begin = time.perf_counter()
+            model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+            return time.perf_counter() - begin
+
+    first = inputs_for(spec["pages"][0])
+    with torch.inference_mode():
+        begin = time.perf_counter()
+        model.model.get_image_features(first["pixel_values"].to(dtype), first["image_grid_thw"])
+        vision_s = time.perf_counter() - begin
+    one_token_s = generate(first, 1)
+    page_times = [generate(inputs_for(path), tokens) for path in spec["pages"]]
+    full_s = page_times[0]
+    n_prompt = int(first["input_ids"].shape[1])
+    return {
+        "load_s": load_s,
+        "vision_s_per_page": vision_s,
+        # generate(1 token) = vision + prefill; too small to split on tiny models
+        "prefill_tok_s": n_prompt / (one_token_s - vision_s) if one_token_s > 2 * vision_s else None,
+        "decode_tok_s": (tokens - 1) / max(full_s - one_token_s, 1e-9),
+        "process_s": sum(page_times),
+        "pages_per_min": len(page_times) / sum(page_times) * 60,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def child_ocrbatch(spec: dict) -> dict:
+    """The real batch job (run_job) over the page folder, engine and pool loaded first."""
+    import pyarrow.parquet as pq
+
+    from ocrbatch.engine import Engine
+    from ocrbatch.pipeline import JobOptions, run_job
+    from ocrbatch.pool import WorkerPool
+
+    started = time.perf_counter()
+    engine = Engine(spec["model"], quant=spec["quant"], vision_dtype=spec["vision_dtype"],
+                    max_tokens=spec["tokens"], threads=spec["threads"], with_language=False)
+    pool = WorkerPool(engine.gguf_path, workers=spec["workers"], n_seq_max=spec["seqs"],
+                      n_ctx=engine.context_size(spec["seqs"]),
+                      threads=max(1, spec["threads"] // spec["workers"]))
+    while pool.pending or not all(w.ready for w in pool._workers):
+        time.sleep(0.05)  # let the workers finish loading before the clock starts
+    load_s = time.perf_counter() - started
+    with tempfile.TemporaryDirectory() as scratch:
+        out = Path(scratch) / "out.parquet"
+        options = JobOptions(paths=[Path(spec["pages_dir"])], out=out, model=spec["model"], quant=spec["quant"],
+                             max_tokens=spec["tokens"], ignore_eos=True, workers=spec["workers"],
+                             seqs_per_worker=spec["seqs"], batch_size=spec["batch_size"],
+                             vision_dtype=spec["vision_dtype"], threads=spec["threads"], progress=False)
+        begin = time.perf_counter()
+        summary = run_job(options, engine=engine, pool=pool)
+        process_s = time.perf_counter() - begin
+        rows = pq.read_table(out).to_pylist()
+    pool.close()
+    assert summary.pages_failed == 0, [r["error"] for r in rows if r["error"]]
+    count = len(rows)
+    return {
+        "load_s": load_s,
+        "vision_s_per_page": sum(r["vision_s"] for r in rows) / count,
+        "pages_per_min": count / process_s * 60,
+        "process_s": process_s,
+        "output_tokens": sum(r["n_output_tokens"] for r in rows),
+        "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_worker_mb": peak_rss_mb(children=True),
+        "peak_rss_total_mb": peak_rss_mb() + peak_rss_mb(children=True),
+    }
+
+
+def _lm_requests(spec: dict, count: int):
+    """Prompts with random image embeddings of a real page's size: speed does not depend on values."""
+    import numpy as np
+
+    from ocrbatch.checkpoint import Checkpoint
+    from ocrbatch.language import GenerationRequest
+    from ocrbatch.prompt import PromptBuilder
+
+    checkpoint = Checkpoint.open(spec["model"])
+    merge = checkpoint.vision_config.spatial_merge_size
+    prompts = PromptBuilder(checkpoint.path, checkpoint.config.image_token_id, merge)
+    grid = (1, spec["image_size"] // 14, spec["image_size"] // 14)
+    prompt = prompts.build(PROMPT, grid)
+    rng = np.random.default_rng(0)
+    width = checkpoint.text_config.hidden_size
+    return [GenerationRequest(prompt, rng.normal(0, 0.02, (prompt.n_image_tokens, width)).astype(np.float32),
+                              spec["tokens"]) for _ in range(count)]
+
+
+def child_llama(spec: dict) -> dict:
+    """The language model alone: one sequence, then four decoding together."""
+    from ocrbatch.language import LanguageModel
+
+    [single] = _lm_requests(spec, 1)
+    with LanguageModel(spec["gguf"], n_ctx=4 * (single.prompt.n_prompt_tokens + spec["tokens"]),
+                       n_seq_max=4, n_threads=spec["threads"]) as model:
+        model.generate([single])  # warm-up
+        [result] = model.generate([single])
+        four = _lm_requests(spec, 4)
+        begin = time.perf_counter()
+        results = model.generate(four)
+        together_s = time.perf_counter() - begin
+    return {
+        "prefill_tok_s": single.prompt.n_prompt_tokens / result.prefill_s,
+        "decode_tok_s": len(result.token_ids) / result.decode_s,
+        "decode_tok_s_4_sequences": sum(len(r.token_ids) for r in results) / together_s,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def child_fidelity(spec: dict) -> dict:
+    """Agreement of quantized GGUFs with F32 on the same image embeddings."""
+    from PIL import Image
+
+    from ocrbatch.engine import Engine
+    from ocrbatch.gguf_convert import convert
+    from ocrbatch.language import LanguageModel
+
+    engine = Engine(spec["model"], quant="F32", max_tokens=spec["tokens"], threads=spec["threads"],
+                    with_language=False)
+    images = [Image.open(p).convert("RGB") for p in spec["pages"]]
+    requests = [engine.request(e, PROMPT, spec["tokens"]) for e in engine.vision.encode(images)]
+    n_ctx = max(r.prompt.n_prompt_tokens for r in requests) + spec["tokens"] + 8
+
+    def greedy(quant):
+        with LanguageModel(convert(spec["model"], quant), n_ctx=n_ctx, n_threads=spec["threads"]) as model:
+            outputs = [r.token_ids for r in model.generate(requests)]
+            forced = None
+            if reference is not None:
+                forced = [model.score(request, ref) for request, ref in zip(requests, reference)]
+            return outputs, forced
+
+    reference = None
+    reference, _ = greedy("F32")
+    results = {}
+    for quant in spec["quants"]:
+        outputs, choices = greedy(quant)
+        agree = sum(c == t for ref, chosen in zip(reference, choices) for c, t in zip(chosen, ref))
+        total = sum(len(ref) for ref in reference)
+        results[quant] = {
+            "teacher_forced_top1_agreement": agree / max(total, 1),
+            "greedy_exact_match_rate": sum(o == r for o, r in zip(outputs, reference)) / len(reference),
+        }
+    return {"pages": len(requests), "tokens": spec["tokens"], "vs_F32": results}
+
+
+def child_mmproj(spec: dict) -> dict:
+    """llama.cpp's all-GGUF path: mtmd with an mmproj, through llama-cpp-python's chat handler."""
+    import base64
+
+    from llama_cpp import Llama
+    from llama_cpp.llama_chat_format import MTMDChatHandler
+
+    started = time.perf_counter()
+    handler = MTMDChatHandler(clip_model_path=spec["mmproj"], verbose=False)
+    llm = Llama(model_path=spec["gguf"], chat_handler=handler, n_ctx=spec["n_ctx"], n_threads=spec["threads"],
+                n_batch=2048, verbose=False)
+    load_s = time.perf_counter() - started
+    times = []
+    for path in spec["pages"]:
+        uri = "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
+        begin = time.perf_counter()
+        llm.create_chat_completion(messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": uri}}, {"type": "text", "text": PROMPT}]}],
+            max_tokens=spec["tokens"], temperature=0.0, logit_bias={spec["eos"]: -1e9})
+        times.append(time.perf_counter() - begin)
+    return {"load_s": load_s, "process_s": sum(times), "pages_per_min": len(times) / sum(times) * 60,
+            "peak_rss_mb": peak_rss_mb()}
+
+
+CHILDREN = {"transformers": child_transformers, "ocrbatch": child_ocrbatch, "llama": child_llama,
+            "fidelity": child_fidelity, "mmproj": child_mmproj}
+
+
+# -- the run ---------------------------------------------------------------------------
+
+def build_mmproj(model: str, work: Path) -> tuple[str | None, str]:
+    """An mmproj GGUF made by llama.cpp's own converter from the sdist (downloaded, never committed)."""
+    sdist = work / "sdist"
+    try:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-binary", ":all:", "--no-deps",
+                        "llama-cpp-python==0.3.36", "-d", str(sdist)], check=True, capture_output=True, timeout=600)
+        archive = next(sdist.glob("llama_cpp_python-*.tar.gz"))
+        subprocess.run(["tar", "xzf", str(archive), "-C", str(sdist)], check=True)
+        root = next(sdist.glob("llama_cpp_python-*/vendor/llama.cpp"))
+        target = work / "mmproj.gguf"
+        env = {**os.environ, "PYTHONPATH": str(root / "gguf-py")}
+        process = subprocess.run([sys.executable, str(root / "convert_hf_to_gguf.py"), model, "--mmproj",
+                                  "--outtype", "f16", "--outfile", str(target)],
+                                 capture_output=True, text=True, env=env, timeout=1800)
+        if process.returncode != 0:
+            lines = process.stderr.strip().splitlines()
+            return None, "llama.cpp's converter failed: " + (lines[-1] if lines else "no output")
+        return str(target), "ok"
+    except Exception as exc:  # report, do not abort the other measurements
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+def ratio(a, b):
+    return round(a / b, 3) if a and b else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="Checkpoint folder (default: a tiny one with --quick).")
+    parser.add_argument("--quick", action="store_true", help="Tiny checkpoint, few pages: checks the harness.")
+    parser.add_argument("--pages", type=int, default=16)
+    parser.add_argument("--image-size", type=int, default=448)
+    parser.add_argument("--tokens", type=int, default=64, help="Forced output length per page.")
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--skip-scaling", action="store_true")
+    parser.add_argument("--skip-mmproj", action="store_true")
+    parser.add_argument("--fidelity-model", action="append", default=[],
+                        help="Extra checkpoints for the fidelity section (e.g. the tiny one).")
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        kind, spec = args.child
+        print(json.dumps(CHILDREN[kind](json.loads(spec))))
+        return
+
+    from ocrbatch.gguf_convert import convert
+
+    work = Path(tempfile.mkdtemp(prefix="ocrbatch-bench-"))
+    if args.quick:
+        args.pages, args.tokens, args.image_size = min(args.pages, 2), min(args.tokens, 8), min(args.image_size, 224)
+        args.skip_mmproj = True
+    model = args.model
+    if model is None:
+        from ocrbatch.devmodel import make_model
+
+        model = str(make_model(work / "tiny", size="tiny"))
+    pages = make_pages(work / "pages", args.pages, args.image_size)
+    base = {"model": model, "tokens": args.tokens, "threads": args.threads, "image_size": args.image_size}
+    quants = ["F16", "Q8_0", "Q4_K_M"]
+    results: dict = {"machine": machine_info(), "settings": {
+        "model": model, "pages": args.pages, "image_size": args.image_size, "forced_output_tokens": args.tokens,
+        "threads": args.threads, "quick": args.quick}}
+
+    ggufs = {q: str(convert(model, q)) for q in ["F32", *quants]}
+    results["gguf_mb"] = {q: round(Path(p).stat().st_size / 2**20, 1) for q, p in ggufs.items()}
+
+    engines = {}
+    for dtype in ("float32", "bfloat16"):
+        engines[f"transformers-{dtype}"] = run_child("transformers", {**base, "dtype": dtype,
+                                                                      "pages": [str(p) for p in pages]})
+    ocr_configs = [(q, v) for q in quants for v in ("float32", "bfloat16")]
+    if args.quick:
+        ocr_configs = [("F16", "float32"), ("Q4_K_M", "bfloat16")]
+    for quant, vision in ocr_configs:
+        engines[f"ocrbatch-{quant}-vision-{vision}"] = run_child("ocrbatch", {
+            **base, "quant": quant, "vision_dtype": vision, "pages_dir": str(work / "pages"),
+            "workers": 1, "seqs": 4, "batch_size": 4})
+    results["engines"] = engines
+    results["language_model"] = {q: run_child("llama", {**base, "gguf": ggufs[q]}) for q in quants}
+
+    if not args.skip_mmproj:
+        mmproj, status = build_mmproj(model, work)
+        if mmproj:
+            from ocrbatch.checkpoint import Checkpoint
+
+            eos = Checkpoint.open(model).eos_token_ids[0]
+            engines["llama.cpp-mmproj-Q4_K_M"] = run_child("mmproj", {
+                **base, "gguf": ggufs["Q4_K_M"], "mmproj": mmproj, "eos": eos, "n_ctx": 8192,
+                "pages": [str(p) for p in pages]})
+        else:
+            engines["llama.cpp-mmproj-Q4_K_M"] = {"error": status}
+
+    if not args.skip_scaling and not args.quick:
+        grid = [(1, 1, 1), (1, 4, 1), (1, 4, 4), (2, 2, 4), (1, 8, 8)]
+        results["scaling"] = [
+            {"workers": w, "seqs_per_worker": s, "batch_size": b, **run_child("ocrbatch", {
+                **base, "quant": "Q4_K_M", "vision_dtype": "bfloat16", "pages_dir": str(work / "pages"),
+                "workers": w, "seqs": s, "batch_size": b})}
+            for w, s, b in grid]
+
+    fidelity_pages = [str(p) for p in pages[: min(4, len(pages))]]
+    results["fidelity"] = {m: run_child("fidelity", {**base, "model": m, "quants": quants,
+                                                     "pages": fidelity_pages})
+                           for m in [model, *args.fidelity_model]}
+
+    tf32, tbf16 = engines["transformers-float32"], engines["transformers-bfloat16"]
+    best = engines.get("ocrbatch-Q4_K_M-vision-bfloat16", {})
+    peer = engines.get("llama.cpp-mmproj-Q4_K_M", {})
+    q4 = results["language_model"]["Q4_K_M"]
+    results["ratios"] = {
+        "pages_per_min_vs_transformers_fp32": ratio(best.get("pages_per_min"), tf32.get("pages_per_min")),
+        "pages_per_min_vs_transformers_bf16": ratio(best.get("pages_per_min"), tbf16.get("pages_per_min")),
+        "decode_tok_s_vs_transformers_fp32": ratio(q4.get("decode_tok_s"), tf32.get("decode_tok_s")),
+        "peak_rss_vs_transformers_fp32": ratio(best.get("peak_rss_total_mb"), tf32.get("peak_rss_mb")),
+        "pages_per_min_vs_llama_cpp_mmproj": ratio(best.get("pages_per_min"), peer.get("pages_per_min")),
+    }
+    r = results["ratios"]
+    results["targets"] = {
+        "pages_per_min >= 4x transformers fp32": (r["pages_per_min_vs_transformers_fp32"] or 0) >= 4,
+        "pages_per_min >= 2.5x transformers bf16": (r["pages_per_min_vs_transformers_bf16"] or 0) >= 2.5,
+        "decode tok/s >= 6x transformers fp32": (r["decode_tok_s_vs_transformers_fp32"] or 0) >= 6,
+        "peak RSS Q4_K_M <= 35% of transformers fp32": (r["peak_rss_vs_transformers_fp32"] or 9) <= 0.35,
+        "faster than llama.cpp mmproj path": (r["pages_per_min_vs_llama_cpp_mmproj"] or 0) > 1,
+    }
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+"""The benchmark harness's quick mode runs end to end, so it cannot rot."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).parents[1] / "benchmarks" / "bench.py"
+
+
+@pytest.mark.slow
+def test_quick_benchmark(tiny_model, tmp_path):
+    out = tmp_path / "bench.json"
+    process = subprocess.run([sys.executable, str(BENCH), "--quick", "--model", str(tiny_model), "--out", str(out)],
+                             capture_output=True, text=True, timeout=900)
+    assert process.returncode == 0, process.stderr
+    results = json.loads(out.read_text())
+    assert json.loads(process.stdout) == results
+    assert results["machine"]["cores"] >= 1 and results["settings"]["quick"] is True
+    assert results["gguf_mb"]["F32"] > results["gguf_mb"]["Q4_K_M"] > 0
+    for name, engine in results["engines"].items():
+        assert "error" not in engine, (name, engine)
+        assert engine["pages_per_min"] > 0 and engine["peak_rss_mb"] > 0, name
+    for quant, lm in results["language_model"].items():
+        assert lm["decode_tok_s"] > 0 and lm["prefill_tok_s"] > 0, quant
+    [fidelity] = results["fidelity"].values()
+    assert fidelity["vs_F32"]["F16"]["teacher_forced_top1_agreement"] >= 0.5
+    for quant, figures in fidelity["vs_F32"].items():
+        assert 0 <= figures["greedy_exact_match_rate"] <= 1
+    assert set(results["ratios"]) >= {"pages_per_min_vs_transformers_fp32", "decode_tok_s_vs_transformers_fp32",
+                                      "peak_rss_vs_transformers_fp32"}
+    assert all(isinstance(v, bool) for v in results["targets"].values())
