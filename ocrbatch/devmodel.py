@@ -199,8 +199,21 @@ LAYOUTS = ("transformers", "official")
 _OFFICIAL_PREFIXES = (("model.projector.", "mlp_AR."), ("model.visual.", "visual."), ("model.language_model.", "model."))
 
 
-def _rewrite_as_official(out: Path, image_processor) -> None:
-    """Rename weights and add the files the way PaddlePaddle publishes PaddleOCR-VL."""
+def _write_preprocessor_config(out: Path, image_processor) -> None:
+    """``preprocessor_config.json`` as PaddlePaddle's release has it (min/max pixels spelled out)."""
+    size = image_processor.size
+    preprocessor = {
+        "image_processor_type": "PaddleOCRVLImageProcessor", "processor_class": "PaddleOCRVLProcessor",
+        "min_pixels": size.shortest_edge, "max_pixels": size.longest_edge, "patch_size": 14, "merge_size": 2,
+        "temporal_patch_size": 1, "do_convert_rgb": True, "do_normalize": True, "do_rescale": True,
+        "do_resize": True, "rescale_factor": 1 / 255, "resample": 3,
+        "image_mean": list(image_processor.image_mean), "image_std": list(image_processor.image_std),
+    }
+    (out / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2))
+
+
+def _rewrite_as_official(out: Path) -> None:
+    """Rename weights and mark the vision tower the way PaddlePaddle publishes PaddleOCR-VL."""
     from safetensors.torch import load_file, save_file
 
     weights_file = out / "model.safetensors"
@@ -216,15 +229,6 @@ def _rewrite_as_official(out: Path, image_processor) -> None:
     config = json.loads((out / "config.json").read_text())
     config["vision_config"]["architectures"] = ["PaddleOCRVisionModel"]
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    size = image_processor.size
-    preprocessor = {
-        "image_processor_type": "PaddleOCRVLImageProcessor", "processor_class": "PaddleOCRVLProcessor",
-        "min_pixels": size.shortest_edge, "max_pixels": size.longest_edge, "patch_size": 14, "merge_size": 2,
-        "temporal_patch_size": 1, "do_convert_rgb": True, "do_normalize": True, "do_rescale": True,
-        "do_resize": True, "rescale_factor": 1 / 255, "resample": 3,
-        "image_mean": list(image_processor.image_mean), "image_std": list(image_processor.image_std),
-    }
-    (out / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2))
 
 
 def make_model(out_dir: str | Path, size: str = "tiny", seed: int = 0, version: str = "1.0",
@@ -234,8 +238,8 @@ def make_model(out_dir: str | Path, size: str = "tiny", seed: int = 0, version: 
     The same ``size``, ``seed`` and ``version`` give byte-identical weights.
     ``AutoProcessor.from_pretrained`` and
     ``PaddleOCRVLForConditionalGeneration.from_pretrained`` load the result.
-    ``layout="official"`` writes weight names and files as PaddlePaddle's
-    release does (``visual.*``, ``mlp_AR.*``, ``model.*``, ``preprocessor_config.json``).
+    ``layout="official"`` names the weights as PaddlePaddle's release does
+    (``visual.*``, ``mlp_AR.*``, ``model.*``).
     """
     import sentencepiece as spm
     import torch
@@ -319,6 +323,7 @@ def make_model(out_dir: str | Path, size: str = "tiny", seed: int = 0, version: 
     image_processor = PaddleOCRVLImageProcessorPil(min_pixels=dims.min_pixels, max_pixels=dims.max_pixels)
     processor = PaddleOCRVLProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template)
     processor.save_pretrained(out)
+    _write_preprocessor_config(out, image_processor)
     if layout == "official":
-        _rewrite_as_official(out, image_processor)
+        _rewrite_as_official(out)
     return out

@@ -57,23 +57,29 @@ class VisionEncoder:
             raise ModelError(f"{self.checkpoint.path}: cannot load the image processor ({exc})") from None
         self.merge_size = config.vision_config.spatial_merge_size
 
-        with no_init_weights():
-            visual = PaddleOCRVisionModel._from_config(config.vision_config)
-            projector = PaddleOCRProjector(config)
-        weights = {"visual": {}, "projector": {}}
-        for name, tensor in self.checkpoint.tensors((VISION_PREFIX, PROJECTOR_PREFIX)):
-            if name.startswith(VISION_PREFIX):
-                weights["visual"][name[len(VISION_PREFIX):]] = tensor
-            else:
-                weights["projector"][name[len(PROJECTOR_PREFIX):]] = tensor
-        for module, key in ((visual, "visual"), (projector, "projector")):
-            missing, unexpected = module.load_state_dict(weights[key], strict=False)
-            missing = [m for m in missing if not m.endswith(("position_ids", "inv_freq"))]
-            if missing or unexpected:
-                raise ModelError(
-                    f"{self.checkpoint.path}: {key} weights do not match the config "
-                    f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
-                )
+        # Build the modules directly in the target dtype and copy weights in one
+        # tensor at a time: peak memory is the vision tower once, not three times.
+        default_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+        try:
+            with no_init_weights():
+                visual = PaddleOCRVisionModel._from_config(config.vision_config)
+                projector = PaddleOCRProjector(config)
+        finally:
+            torch.set_default_dtype(default_dtype)
+        targets = {VISION_PREFIX + k: v for k, v in visual.state_dict().items()}
+        targets.update({PROJECTOR_PREFIX + k: v for k, v in projector.state_dict().items()})
+        loaded = set()
+        with torch.no_grad():
+            for name, tensor in self.checkpoint.tensors((VISION_PREFIX, PROJECTOR_PREFIX)):
+                target = targets.get(name)
+                if target is None or target.shape != tensor.shape:
+                    raise ModelError(f"{self.checkpoint.path}: weight {name} does not match the config")
+                target.copy_(tensor)
+                loaded.add(name)
+        missing = [n for n in targets if n not in loaded and not n.endswith(("position_ids", "inv_freq"))]
+        if missing:
+            raise ModelError(f"{self.checkpoint.path}: vision weights missing from the checkpoint ({missing[:3]})")
         self.visual = visual.to(self.device, self.dtype).eval()
         self.projector = projector.to(self.device, self.dtype).eval()
 

@@ -349,3 +349,40 @@ def test_shipped_presets_are_valid(preset, tmp_path):
                                        "--config", str(config), "--dry-run"])
     assert result.exit_code == 0, result.output
     assert "0 pages to process" in result.stderr
+
+
+def test_include_and_exclude_globs(tmp_path):
+    from ocrbatch.discover import discover
+
+    write_pdf(tmp_path / "a.pdf", 1)
+    (tmp_path / "drafts").mkdir()
+    write_pdf(tmp_path / "drafts" / "b.pdf", 1)
+    document_image(50, 50, 0).save(tmp_path / "c.png")
+    names = lambda **globs: sorted(d.path.relative_to(tmp_path).as_posix()  # noqa: E731
+                                   for d in discover([tmp_path], **globs))
+    assert names() == ["a.pdf", "c.png", "drafts/b.pdf"]
+    assert names(include=["*.pdf"]) == ["a.pdf", "drafts/b.pdf"]
+    assert names(exclude=["drafts/*"]) == ["a.pdf", "c.png"]
+    assert names(include=["*.pdf"], exclude=["b.pdf"]) == ["a.pdf"]
+
+
+def test_page_error_budget(tmp_path):
+    store = Store(tmp_path / "c.db")
+    store.upsert_document("doc", tmp_path / "x.pdf")
+    store.set_page_count("doc", 4)
+    for page, status in zip(range(1, 5), ["ok", "ok", "ok", "failed"]):
+        store.record_page("doc", page, status, {"page": page})
+    assert store.finish_document("doc", max_page_error_rate=0.5) == "ok"
+    assert store.finish_document("doc", max_page_error_rate=0.2) == "failed"
+    assert store.counts()["documents"] == {"failed": 1}
+
+
+@pytest.mark.slow
+def test_log_file_and_quiet(tiny_model, pages_folder, tmp_path):
+    log = tmp_path / "job.log"
+    result = cli("run", pages_folder / "doc0.pdf", "--out", tmp_path / "o.jsonl", "--model", tiny_model,
+                 "--quant", "F32", "--max-tokens", "4", "--quiet", "--log-file", log)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip().splitlines() == [result.stderr.strip().splitlines()[-1]]  # the summary alone
+    assert "ocrbatch: 3 pages processed (3 ok, 0 failed)" in result.stderr
+    assert "3 pages to process in 1 documents" in log.read_text()

@@ -36,3 +36,11 @@ def test_same_seed_gives_identical_weights(tmp_path, tiny_model):
     other = make_model(tmp_path / "other", size="tiny", seed=5)
     assert _weights_digest(again) == _weights_digest(tiny_model)
     assert _weights_digest(other) != _weights_digest(tiny_model)
+
+
+def test_preprocessor_config_spells_out_pixel_bounds(tiny_model):
+    import json
+
+    config = json.loads((tiny_model / "preprocessor_config.json").read_text())
+    assert config["min_pixels"] == 112 * 112 and config["max_pixels"] == 672 * 672
+    assert AutoProcessor.from_pretrained(tiny_model).image_processor.size.longest_edge == 672 * 672

@@ -98,3 +98,15 @@ def test_official_layout_checkpoint_gives_the_same_tokens(tmp_path, tiny_model, 
         [expected] = engine_f32.ocr([image], max_tokens=24)
         assert result.token_ids == expected.token_ids
     engine.close()
+
+
+def test_sampling_is_reproducible_with_a_seed(engine_f32, test_images):
+    from ocrbatch.language import Sampling
+
+    image = test_images[0]
+    hot = Sampling(temperature=1.5, top_p=0.95, seed=7)
+    first = engine_f32.ocr([image], max_tokens=24, sampling=hot)[0].token_ids
+    again = engine_f32.ocr([image], max_tokens=24, sampling=hot)[0].token_ids
+    greedy = engine_f32.ocr([image], max_tokens=24)[0].token_ids
+    assert first == again
+    assert first != greedy

@@ -209,14 +209,15 @@ def test_api_key_queue_and_body_limits(guarded_server, test_images):
                 headers={"Authorization": "Bearer sesame", "content-type": "application/json"})
     assert big.status_code == 413
 
-    # max-queue 1: with one long request running, another is refused with 503 and Retry-After.
+    # max-queue 1: of eight requests sent at once, those arriving while one is admitted get 503.
     headers = {"Authorization": "Bearer sesame"}
-    with ThreadPoolExecutor(1) as executor:
-        long = executor.submit(_post, guarded_server, {"messages": messages(uri), "max_tokens": 3000}, None, headers)
-        time.sleep(1.5)
-        busy = _post(guarded_server, {"messages": messages(uri), "max_tokens": 2}, headers=headers)
-        assert busy.status_code == 503 and busy.headers["retry-after"]
-        assert long.result().status_code == 200
+    body = {"messages": messages(uri), "max_tokens": 64}
+    with ThreadPoolExecutor(8) as executor:
+        answers = list(executor.map(lambda _: _post(guarded_server, body, headers=headers), range(8)))
+    codes = sorted(a.status_code for a in answers)
+    assert 200 in codes and 503 in codes and set(codes) <= {200, 503}, codes
+    busy = next(a for a in answers if a.status_code == 503)
+    assert busy.headers["retry-after"] and busy.json()["error"]["code"] == "overloaded"
     assert _post(guarded_server, {"messages": messages(uri), "max_tokens": 2}, headers=headers).status_code == 200
 
 
@@ -230,3 +231,16 @@ def test_client_command(server, test_images, tmp_path, engine_f32):
                                  "--max-tokens", str(MAX), *extra], capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr
         assert result.stdout == expected.text + "\n"
+
+
+@pytest.mark.slow
+def test_stop_strings_and_seeded_sampling(server, test_images, engine_f32):
+    image = test_images[0]
+    [greedy] = engine_f32.ocr([image], max_tokens=MAX)
+    stop = greedy.text[3:5]
+    response = _post(server, {"messages": messages(data_uri(image)), "max_tokens": MAX, "stop": [stop]})
+    choice = response.json()["choices"][0]
+    assert choice["finish_reason"] == "stop" and choice["message"]["content"] == greedy.text[:greedy.text.find(stop)]
+    hot = {"messages": messages(data_uri(image)), "max_tokens": MAX, "temperature": 1.5, "seed": 11}
+    first, again = (_post(server, hot).json()["ocrbatch"]["token_ids"] for _ in range(2))
+    assert first == again and first != greedy.token_ids
