@@ -101,7 +101,7 @@ class Checkpoint:
     def open(cls, model: str | Path) -> "Checkpoint":
         """Resolve ``model`` and check that it looks like a PaddleOCR-VL checkpoint."""
         ckpt = cls(resolve_model_path(model))
-        ckpt.config  # parse now so a broken folder fails here, with its name
+        _ = ckpt.config  # parse now so a broken folder fails here, with its name
         if not ckpt.weight_files:
             raise ModelError(f"{ckpt.path}: no *.safetensors weights in the checkpoint folder")
         return ckpt

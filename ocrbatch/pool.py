@@ -23,7 +23,7 @@ from multiprocessing.connection import wait
 from pathlib import Path
 
 from .errors import OcrbatchError
-from .language import GenerationRequest, GenerationResult
+from .language import GenerationRequest
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ class WorkerPool:
     def cancel(self, future: Future) -> None:
         """Stop working on the request behind ``future`` (it resolves with reason ``cancelled``)."""
         with self._lock:
-            for index, (key, job) in enumerate(self._queue):
+            for index, (_, job) in enumerate(self._queue):
                 if job.future is future:
                     del self._queue[index]
                     future.cancel()

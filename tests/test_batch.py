@@ -133,7 +133,7 @@ def test_resume_after_kill9_gives_every_page_once(tiny_model, pages_folder, tmp_
 
     rng = random.Random(1234)
     kills = 0
-    for attempt in range(4):
+    for _ in range(4):
         process = subprocess.Popen([sys.executable, "-m", "ocrbatch", *map(str, args)],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(rng.uniform(1.5, 6.0))
