@@ -180,8 +180,6 @@ class Checkpoint:
                         canonical = canonical_name(name)
                         if canonical is not None and canonical.startswith(prefixes):
                             yield canonical, handle.get_tensor(name)
-            except ModelError:
-                raise
             except Exception as exc:
                 raise ModelError(f"{file}: unreadable weights ({exc})") from None
 
