@@ -12,6 +12,7 @@ import click
 from .errors import OcrbatchError
 from .gguf_convert import QUANTS
 from .prompt import TASKS
+from .vision import DTYPES as VISION_DTYPES
 
 DEFAULT_MODEL = "PaddlePaddle/PaddleOCR-VL"
 
@@ -47,8 +48,9 @@ def model_options(function):
                      show_default=True, help="Language-model GGUF type."),
         click.option("--gguf", type=click.Path(dir_okay=False),
                      help="Use this language-model GGUF (e.g. an official build) instead of converting."),
-        click.option("--vision-dtype", type=click.Choice(["float32", "bfloat16"]), default="float32",
-                     show_default=True, help="Vision encoder precision."),
+        click.option("--vision-dtype", type=click.Choice(VISION_DTYPES), default="float32", show_default=True,
+                     help="Vision encoder precision: float32 (exact), bfloat16 (GPU), int8 (about 2x faster "
+                          "on CPU, approximate)."),
         click.option("--device", default="cpu", show_default=True, help="Vision encoder device (cpu, cuda)."),
         click.option("--threads", type=int, help="CPU threads for PyTorch and llama.cpp (default: all)."),
         click.option("--cache-dir", type=click.Path(file_okay=False),

@@ -23,12 +23,20 @@ def test_quick_benchmark(tiny_model, tmp_path):
     for name, engine in results["engines"].items():
         assert "error" not in engine, (name, engine)
         assert engine["pages_per_min"] > 0 and engine["peak_rss_mb"] > 0, name
+    assert {"ocrbatch-F16-vision-float32", "ocrbatch-Q4_K_M-vision-int8"} <= set(results["engines"])
+    assert results["engines"]["transformers-float32"]["decode_tok_s_4_sequences"] > 0
     for quant, lm in results["language_model"].items():
-        assert lm["decode_tok_s"] > 0 and lm["prefill_tok_s"] > 0, quant
+        assert lm["prefill_tok_s"] > 0, quant
+        assert lm["decode_tok_s"] > 0 and lm["decode_tok_s_4_sequences"] > 0 and lm["decode_tok_s_8_sequences"] > 0
     [fidelity] = results["fidelity"].values()
-    assert fidelity["vs_F32"]["F16"]["teacher_forced_top1_agreement"] >= 0.5
-    for figures in fidelity["vs_F32"].values():
+    rows = fidelity["vs_exact_pipeline"]
+    assert set(rows) == {"F16", "Q8_0", "Q4_K_M", "vision-int8+F32", "vision-int8+Q4_K_M"}
+    assert rows["F16"]["teacher_forced_top1_agreement"] >= 0.5
+    for figures in rows.values():
         assert 0 <= figures["greedy_exact_match_rate"] <= 1
     assert set(results["ratios"]) >= {"pages_per_min_vs_transformers_fp32", "decode_tok_s_vs_transformers_fp32",
-                                      "peak_rss_vs_transformers_fp32"}
+                                      "peak_rss_vs_transformers_fp32",
+                                      "decode_tok_s_4_sequences_vs_transformers_fp32_batch_4"}
+    measured = {k: v for k, v in results["ratios"].items() if k != "pages_per_min_vs_llama_cpp_mmproj"}
+    assert None not in measured.values(), measured  # quick mode skips only the mmproj peer
     assert all(isinstance(v, bool) for v in results["targets"].values())

@@ -1,6 +1,9 @@
 """The vision stage reproduces transformers' image features, batched or not."""
 
+import shutil
+
 import numpy as np
+import pytest
 import torch
 
 from ocrbatch.vision import VisionEncoder
@@ -63,3 +66,58 @@ def test_official_weight_names_are_understood():
     assert canonical_name("model.language_model.norm.weight") == "model.language_model.norm.weight"
     assert canonical_name("visual.vision_model.head.probe") is None
     assert canonical_name("lm_head.weight") == "lm_head.weight"
+
+
+def test_int8_linear_tracks_float_linear():
+    from ocrbatch.int8_linear import Int8Linear, swap_linears
+
+    torch.manual_seed(0)
+    block = torch.nn.Sequential(torch.nn.Linear(96, 160), torch.nn.GELU(), torch.nn.Linear(160, 48, bias=False))
+    x = torch.randn(2, 37, 96)
+    with torch.inference_mode():
+        expected = block(x)
+    weights = {f"{i}.weight": block[i].weight.detach().clone() for i in (0, 2)}
+    bias = block[0].bias.detach().clone()
+    swapped = swap_linears(block, "")
+    assert set(swapped) == set(weights) and all(isinstance(m, Int8Linear) for m in swapped.values())
+    for name, layer in swapped.items():
+        layer.load_weight(weights[name])
+    block[0].bias.copy_(bias)
+    assert block[0].qweight.dtype == torch.int8 and block[2].bias is None
+    with torch.inference_mode():
+        got = block(x)
+    assert got.shape == expected.shape
+    relative = (got - expected).norm() / expected.norm()
+    assert relative < 0.02, relative
+    # A zero row (padding) must not divide by zero.
+    with torch.inference_mode():
+        assert torch.isfinite(block(torch.zeros(3, 96))).all()
+
+
+def test_int8_vision_is_close_and_holds_int8_weights(tiny_model, test_images):
+    fp32 = VisionEncoder(tiny_model).encode(test_images[:3])
+    encoder = VisionEncoder(tiny_model, dtype="int8")
+    assert not any(isinstance(m, torch.nn.Linear) for m in encoder.visual.modules())
+    assert {b.dtype for n, b in encoder.visual.named_buffers() if n.endswith("qweight")} == {torch.int8}
+    for a, b in zip(fp32, encoder.encode(test_images[:3])):
+        assert b.embeddings.dtype == np.float32 and a.grid_thw == b.grid_thw
+        relative = np.linalg.norm(a.embeddings - b.embeddings) / np.linalg.norm(a.embeddings)
+        assert relative < 0.1, relative
+
+
+def test_int8_vision_refuses_gpu(tiny_model):
+    from ocrbatch.errors import ModelError
+
+    with pytest.raises(ModelError, match="CPU only"):
+        VisionEncoder(tiny_model, dtype="int8", device="cuda")
+
+
+def test_truncated_weights_name_the_file(tiny_model, tmp_path):
+    from ocrbatch.errors import ModelError
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    with pytest.raises(ModelError, match=r"model\.safetensors: .*(truncated|unreadable)"):
+        VisionEncoder(broken)
