@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 _INT8_MAX = 127.0
+_LOAD_ROWS = 512
 
 
 def _symmetric_scale(values: torch.Tensor) -> torch.Tensor:
@@ -37,10 +38,11 @@ class Int8Linear(torch.nn.Module):
     @torch.no_grad()
     def load_weight(self, weight: torch.Tensor) -> None:
         """Quantize a float ``(out_features, in_features)`` weight into this layer."""
-        weight = weight.float()
-        scale = _symmetric_scale(weight)
-        self.qweight.copy_(torch.round(weight / scale).t())
-        self.weight_scale.copy_(scale.view(-1))
+        for start in range(0, weight.shape[0], _LOAD_ROWS):  # in slices: small temporaries
+            rows = weight[start:start + _LOAD_ROWS].float()
+            scale = _symmetric_scale(rows)
+            self.qweight[:, start:start + len(rows)] = torch.round(rows / scale).t()
+            self.weight_scale[start:start + len(rows)] = scale.view(-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1]).float()
