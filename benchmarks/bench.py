@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -78,6 +79,8 @@ def run_child(kind: str, spec: dict, timeout: float = 3600) -> dict:
                 "wall_s": time.perf_counter() - started}
     result = json.loads(process.stdout.strip().splitlines()[-1])
     result["wall_s"] = time.perf_counter() - started
+    print(f"bench: {kind} {spec.get('quant', '')} {spec.get('vision_dtype', spec.get('dtype', ''))} "
+          f"done in {result['wall_s']:.0f} s", file=sys.stderr, flush=True)
     return result
 
 
@@ -352,9 +355,22 @@ def main() -> None:
         print(json.dumps(CHILDREN[kind](json.loads(spec))))
         return
 
+    work = Path(tempfile.mkdtemp(prefix="ocrbatch-bench-"))
+    try:
+        results = measure(args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # pages, the llama.cpp sdist, the mmproj
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+
+
+def measure(args, work: Path) -> dict:
+    """Every measurement of one run, with the ratios between them."""
     from ocrbatch.gguf_convert import convert
 
-    work = Path(tempfile.mkdtemp(prefix="ocrbatch-bench-"))
     if args.quick:
         args.pages, args.tokens, args.image_size = min(args.pages, 2), min(args.tokens, 8), min(args.image_size, 224)
         args.skip_mmproj = True
@@ -445,11 +461,7 @@ def main() -> None:
         "peak RSS Q4_K_M <= 35% of transformers fp32": (r["peak_rss_vs_transformers_fp32"] or 9) <= 0.35,
         "faster than llama.cpp mmproj path": (r["pages_per_min_vs_llama_cpp_mmproj"] or 0) > 1,
     }
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    return results
 
 
 if __name__ == "__main__":
