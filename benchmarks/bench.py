@@ -75,8 +75,9 @@ def run_child(kind: str, spec: dict, timeout: float = 3600) -> dict:
     process = subprocess.run([sys.executable, __file__, "--child", kind, json.dumps(spec)],
                              capture_output=True, text=True, timeout=timeout)
     if process.returncode != 0:
-        return {"error": process.stderr.strip().splitlines()[-1] if process.stderr.strip() else "failed",
-                "wall_s": time.perf_counter() - started}
+        error = process.stderr.strip().splitlines()[-1] if process.stderr.strip() else "failed"
+        print(f"bench: {kind} failed: {error}", file=sys.stderr, flush=True)
+        return {"error": error, "wall_s": time.perf_counter() - started}
     result = json.loads(process.stdout.strip().splitlines()[-1])
     result["wall_s"] = time.perf_counter() - started
     print(f"bench: {kind} {spec.get('quant', '')} {spec.get('vision_dtype', spec.get('dtype', ''))} "

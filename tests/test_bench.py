@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 BENCH = Path(__file__).parents[1] / "benchmarks" / "bench.py"
+PROFILE = BENCH.with_name("profile_stages.py")
 
 
 @pytest.mark.slow
@@ -40,3 +41,22 @@ def test_quick_benchmark(tiny_model, tmp_path):
     measured = {k: v for k, v in results["ratios"].items() if k != "pages_per_min_vs_llama_cpp_mmproj"}
     assert None not in measured.values(), measured  # quick mode skips only the mmproj peer
     assert all(isinstance(v, bool) for v in results["targets"].values())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage, options", [("vision", ["--dtype", "int8", "--image-size", "224"]),
+                                            ("decode", ["--quant", "F16", "--sequences", "2", "--image-size", "224",
+                                                        "--tokens", "6"])])
+def test_profile_names_where_time_goes(tiny_model, stage, options):
+    process = subprocess.run([sys.executable, str(PROFILE), stage, "--model", str(tiny_model), *options],
+                             capture_output=True, text=True, timeout=600)
+    assert process.returncode == 0, process.stderr
+    report = json.loads(process.stdout)
+    unit = "ms_per_page" if stage == "vision" else "ms_per_step"
+    names = [entry["name"] for entry in report["top"]]
+    assert report["measured_" + unit] > 0 and 0 < sum(e["share"] for e in report["top"]) <= 1.001
+    if stage == "vision":
+        assert "aten::_int_mm" in names
+    else:
+        # llama.cpp's tensor names, layer numbers folded: proves the ggml_tensor layout is read right
+        assert "result_output" in names and any(name.startswith("ffn_") for name in names), names

@@ -40,6 +40,16 @@ def test_json_output(tiny_model, image_files, engine_f32):
         assert row["timings"]["vision_s"] > 0
 
 
+def test_int8_vision_from_the_command_line(tiny_model, image_files, engine_f32):
+    result = run("ocr", image_files[0], "--model", tiny_model, "--quant", "F32", "--vision-dtype", "int8",
+                 "--max-tokens", "12", "--json")
+    assert result.exit_code == 0, result.output
+    row = json.loads(result.stdout)
+    [exact] = engine_f32.ocr([image_files[0]], max_tokens=12)
+    assert row["error"] is None and row["n_image_tokens"] == exact.n_image_tokens
+    assert len(row["token_ids"]) > 0
+
+
 def test_bad_images_fail_alone(tiny_model, image_files, tmp_path):
     empty = tmp_path / "empty.png"
     empty.write_bytes(b"")
