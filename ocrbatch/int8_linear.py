@@ -49,7 +49,7 @@ class Int8Linear(torch.nn.Module):
         scale = _symmetric_scale(rows)
         quantized = torch.round(rows / scale).to(torch.int8)
         out = torch._int_mm(quantized, self.qweight).float()
-        out *= scale * self.weight_scale
+        out.mul_(scale).mul_(self.weight_scale)  # in place: no rows x outputs scale matrix
         if self.bias is not None:
             out += self.bias
         return out.reshape(*x.shape[:-1], out.shape[-1])

@@ -45,12 +45,12 @@ class VisionEncoder:
         import torch
         from transformers import AutoImageProcessor
         from transformers.initialization import no_init_weights
-
-        from .int8_linear import Int8Linear, swap_linears
         from transformers.models.paddleocr_vl.modeling_paddleocr_vl import (
             PaddleOCRProjector,
             PaddleOCRVisionModel,
         )
+
+        from .int8_linear import Int8Linear, swap_linears
 
         if dtype not in DTYPES:
             raise ModelError(f"unknown vision dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
@@ -132,4 +132,3 @@ class VisionEncoder:
         grids = [tuple(int(v) for v in row) for row in grid_thw.tolist()]
         chunks = np.split(embeddings, np.cumsum(sizes)[:-1])
         return [EncodedImage(np.ascontiguousarray(chunk), grid) for chunk, grid in zip(chunks, grids)]
-
