@@ -101,11 +101,16 @@ def child_transformers(spec: dict) -> dict:
     load_s = time.perf_counter() - started
     tokens = spec["tokens"]
 
-    def inputs_for(path):
-        messages = [{"role": "user", "content": [{"type": "image", "image": Image.open(path).convert("RGB")},
-                                                 {"type": "text", "text": PROMPT}]}]
-        return processor.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
-                                             return_dict=True, return_tensors="pt")
+    def conversation(path):
+        return [{"role": "user", "content": [{"type": "image", "image": Image.open(path).convert("RGB")},
+                                             {"type": "text", "text": PROMPT}]}]
+
+    def inputs_for(*paths):
+        """One conversation per page; several pages make one padded batch."""
+        conversations = [conversation(p) for p in paths]
+        return processor.apply_chat_template(conversations if len(paths) > 1 else conversations[0],
+                                             tokenize=True, add_generation_prompt=True, return_dict=True,
+                                             return_tensors="pt", padding=True)
 
     def generate(inputs, n):
         with torch.inference_mode():
@@ -124,10 +129,7 @@ def child_transformers(spec: dict) -> dict:
     n_prompt = int(first["input_ids"].shape[1])
     # Four pages in one generate call: what batching buys transformers' decoder.
     batch = (spec["pages"] * 4)[:4]
-    batched = processor.apply_chat_template(
-        [[{"role": "user", "content": [{"type": "image", "image": Image.open(p).convert("RGB")},
-                                       {"type": "text", "text": PROMPT}]}] for p in batch],
-        tokenize=True, add_generation_prompt=True, return_dict=True, return_tensors="pt", padding=True)
+    batched = inputs_for(*batch)
     batch_decode_s = generate(batched, tokens) - generate(batched, 1)
     return {
         "load_s": load_s,
@@ -204,6 +206,26 @@ def _lm_requests(spec: dict, count: int):
                               spec["tokens"]) for _ in range(count)]
 
 
+def time_generation(model, requests, on_prefilled=lambda: None) -> tuple[float, float, int]:
+    """Run ``requests`` together: (prefill seconds, decode seconds, tokens decoded after the prefill).
+
+    The prefill figure includes the first decode step (~3% of it).
+    """
+    scheduler = model.scheduler()
+    for index, request in enumerate(requests):
+        scheduler.submit(index, request)
+    begin = time.perf_counter()
+    finished = scheduler.step()
+    prefill_s = time.perf_counter() - begin
+    tokens_before = sum(len(seq.tokens) for seq in scheduler.active)
+    on_prefilled()
+    begin = time.perf_counter()
+    while scheduler.busy:
+        finished += scheduler.step()
+    decode_s = time.perf_counter() - begin
+    return prefill_s, decode_s, sum(len(r.token_ids) for _, r in finished) - tokens_before
+
+
 def child_llama(spec: dict) -> dict:
     """The language model alone: prefill, then decode-only rates with 1, 4 and 8 sequences together."""
     from ocrbatch.language import LanguageModel
@@ -215,18 +237,7 @@ def child_llama(spec: dict) -> dict:
         with LanguageModel(spec["gguf"], n_ctx=n_seq * (single.prompt.n_prompt_tokens + spec["tokens"]),
                            n_seq_max=n_seq, n_threads=spec["threads"]) as model:
             model.generate(requests[:1])  # warm-up
-            scheduler = model.scheduler()
-            for index, request in enumerate(requests):
-                scheduler.submit(index, request)
-            begin = time.perf_counter()
-            finished = scheduler.step()  # prefills every sequence, then one decode step (~3% of it)
-            prefill_s = time.perf_counter() - begin
-            tokens_before = sum(len(seq.tokens) for seq in scheduler.active)
-            begin = time.perf_counter()
-            while scheduler.busy:
-                finished += scheduler.step()
-            decode_s = time.perf_counter() - begin
-        decoded = sum(len(r.token_ids) for _, r in finished) - tokens_before
+            prefill_s, decode_s, decoded = time_generation(model, requests)
         if n_seq == 1:
             result["prefill_tok_s"] = single.prompt.n_prompt_tokens / prefill_s
             result["decode_tok_s"] = decoded / decode_s

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from bench import _lm_requests, make_pages  # noqa: E402
+from bench import _lm_requests, make_pages, time_generation  # noqa: E402
 
 
 def profile_vision(model: str, dtype: str, image_size: int, threads: int, top: int) -> dict:
@@ -98,20 +98,12 @@ def profile_decode(model: str, quant: str, sequences: int, tokens: int, image_si
         requests = _lm_requests(spec, sequences)
         n_ctx = sequences * (requests[0].prompt.n_prompt_tokens + tokens)
         with LanguageModel(convert(model, quant), n_ctx=n_ctx, n_seq_max=sequences, n_threads=threads) as lm:
-            scheduler = lm.scheduler()
-            for index, request in enumerate(requests):
-                scheduler.submit(index, request)
-            scheduler.step()  # prefill, not profiled
-            clock["on"], steps = True, 0
-            begin = time.perf_counter()
-            while scheduler.active:
-                scheduler.step()
-                steps += 1
-            wall_s = time.perf_counter() - begin
+            _, decode_s, decoded = time_generation(lm, requests, on_prefilled=lambda: clock.update(on=True))
     finally:
         llama_cpp.llama_init_from_model = create_context
+    steps = decoded / sequences
     per_step = Counter({name: seconds * 1000 / steps for name, seconds in spent.items()})
-    return _report(per_step, wall_s * 1000 / steps, top, unit="ms_per_step")
+    return _report(per_step, decode_s * 1000 / steps, top, unit="ms_per_step")
 
 
 def _report(costs: Counter, wall_ms: float, top: int, unit: str) -> dict:
