@@ -1,6 +1,10 @@
 """The vision stage reproduces transformers' image features, batched or not."""
 
+import os
 import shutil
+import subprocess
+import sys
+import threading
 
 import numpy as np
 import pytest
@@ -103,6 +107,55 @@ def test_int8_vision_is_close_and_holds_int8_weights(tiny_model, test_images):
         assert b.embeddings.dtype == np.float32 and a.grid_thw == b.grid_thw
         relative = np.linalg.norm(a.embeddings - b.embeddings) / np.linalg.norm(a.embeddings)
         assert relative < 0.1, relative
+
+
+def test_int8_vision_compiles_its_blocks_and_matches_eager(tiny_model, test_images):
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    encoder = VisionEncoder(tiny_model, dtype="int8")
+    layer = encoder.visual.vision_model.encoder.layers[0]
+    assert isinstance(layer.mlp, OptimizedModule) and isinstance(layer.self_attn.q_proj, OptimizedModule)
+    images = test_images[:4]
+    compiled = encoder.encode(images)
+    # Another batch composition and a page encoded from a thread (as the server does) reuse the compiled pieces.
+    from_thread = []
+    worker = threading.Thread(target=lambda: from_thread.extend(encoder.encode(images[1:3])))
+    worker.start()
+    worker.join()
+    for parent, name, module in encoder._compiled_blocks:
+        setattr(parent, name, module)
+    eager = encoder.encode(images)
+    for a, b in zip(eager, compiled):
+        relative = np.linalg.norm(a.embeddings - b.embeddings) / np.linalg.norm(a.embeddings)
+        assert relative < 0.02, relative
+    for a, b in zip(eager[1:3], from_thread):
+        relative = np.linalg.norm(a.embeddings - b.embeddings) / np.linalg.norm(a.embeddings)
+        assert relative < 0.02, relative
+
+
+def test_int8_vision_runs_eagerly_when_compiling_fails(tiny_model, test_images, tmp_path):
+    """No working C++ compiler: the encoder says so once and still encodes."""
+    script = f"""
+import logging, numpy as np, torch
+torch._inductor.config.cpp.cxx = (None, "/nonexistent/g++")
+from ocrbatch.vision import VisionEncoder
+from PIL import Image
+logging.basicConfig(level=logging.WARNING)
+image = Image.open({str(tmp_path / "page.png")!r})
+expected = VisionEncoder({str(tiny_model)!r}).encode([image])[0].embeddings
+encoder = VisionEncoder({str(tiny_model)!r}, dtype="int8")
+got = [encoder.encode([image])[0].embeddings for _ in range(2)]
+for g in got:
+    print("relative", np.linalg.norm(g - expected) / np.linalg.norm(expected))
+"""
+    test_images[0].save(tmp_path / "page.png")
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}  # nothing cached to fall back on
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.count("compiling the int8 vision encoder failed, running it eagerly") == 1, done.stderr
+    assert "C++ compiler" in done.stderr
+    relatives = [float(line.split()[1]) for line in done.stdout.splitlines() if line.startswith("relative")]
+    assert len(relatives) == 2 and max(relatives) < 0.1, relatives
 
 
 def test_int8_vision_refuses_gpu(tiny_model):
