@@ -25,7 +25,12 @@ def test_quick_benchmark(tiny_model, tmp_path):
         assert "error" not in engine, (name, engine)
         assert engine["pages_per_min"] > 0 and engine["peak_rss_mb"] > 0, name
     assert {"ocrbatch-F16-vision-float32", "ocrbatch-Q4_K_M-vision-int8"} <= set(results["engines"])
-    assert results["engines"]["transformers-float32"]["decode_tok_s_4_sequences"] > 0
+    tokens, pages = results["settings"]["forced_output_tokens"], results["settings"]["pages"]
+    for dtype in ("float32", "bfloat16"):
+        reference = results["engines"][f"transformers-{dtype}"]
+        assert reference["decode_tok_s_4_sequences"] > 0
+        # Decoding one page's tokens cannot take longer than the whole page did.
+        assert 0 < (tokens - 1) / reference["decode_tok_s"] < reference["process_s"] / pages, reference
     for quant, lm in results["language_model"].items():
         assert lm["prefill_tok_s"] > 0, quant
         assert lm["decode_tok_s"] > 0 and lm["decode_tok_s_4_sequences"] > 0 and lm["decode_tok_s_8_sequences"] > 0
@@ -40,7 +45,9 @@ def test_quick_benchmark(tiny_model, tmp_path):
                                       "decode_tok_s_4_sequences_vs_transformers_fp32_batch_4"}
     measured = {k: v for k, v in results["ratios"].items() if k != "pages_per_min_vs_llama_cpp_mmproj"}
     assert None not in measured.values(), measured  # quick mode skips only the mmproj peer
-    assert all(isinstance(v, bool) for v in results["targets"].values())
+    targets = results["targets"]
+    assert targets.pop("faster than llama.cpp mmproj path") is None  # not measured in quick mode
+    assert all(isinstance(v, bool) for v in targets.values())
 
 
 @pytest.mark.slow
@@ -60,3 +67,18 @@ def test_profile_names_where_time_goes(tiny_model, stage, options):
     else:
         # llama.cpp's tensor names, layer numbers folded: proves the ggml_tensor layout is read right
         assert "result_output" in names and any(name.startswith("ffn_") for name in names), names
+
+
+@pytest.mark.slow
+def test_benchmark_runs_only_the_engines_asked_for(tiny_model, tmp_path):
+    process = subprocess.run([sys.executable, str(BENCH), "--quick", "--model", str(tiny_model), "--skip-fidelity",
+                              "--engines", "transformers-float32", "ocrbatch-Q4_K_M-vision-int8"],
+                             capture_output=True, text=True, timeout=900)
+    assert process.returncode == 0, process.stderr
+    results = json.loads(process.stdout)
+    assert set(results["engines"]) == {"transformers-float32", "ocrbatch-Q4_K_M-vision-int8"}
+    assert "fidelity" not in results
+    assert results["ratios"]["pages_per_min_vs_transformers_fp32"] > 0
+    assert results["ratios"]["pages_per_min_vs_transformers_bf16"] is None
+    assert results["ratios"]["fastest_float32_vision_config"] is None  # no float32-vision engine ran
+    assert results["targets"]["pages_per_min >= 2.5x transformers bf16"] is None
