@@ -139,7 +139,8 @@ def child_transformers(spec: dict) -> dict:
         vision_s = time.perf_counter() - begin
     runs = [generate(inputs_for(path), tokens) for path in spec["pages"]]
     page_times = [total for total, _, _ in runs]
-    decode_s = sum(decode for _, decode, _ in runs[1:] or runs)  # the first call also warms up
+    warm = runs[1:] or runs  # the first call also warms up
+    decode_s = sum(decode for _, decode, _ in warm)
     first_step_s = min(first for _, _, first in runs)  # vision + prefill
     n_prompt = int(first["input_ids"].shape[1])
     # Four pages in one generate call: what batching buys transformers' decoder.
@@ -150,7 +151,7 @@ def child_transformers(spec: dict) -> dict:
         "vision_s_per_page": vision_s,
         # the first step is vision + prefill; too small to split on tiny models
         "prefill_tok_s": n_prompt / (first_step_s - vision_s) if first_step_s > 1.5 * vision_s else None,
-        "decode_tok_s": (tokens - 1) * len(runs[1:] or runs) / decode_s,
+        "decode_tok_s": (tokens - 1) * len(warm) / decode_s,
         f"decode_tok_s_{len(batch)}_sequences": len(batch) * (tokens - 1) / batch_decode_s,
         "process_s": sum(page_times),
         "pages_per_min": len(page_times) / sum(page_times) * 60,

@@ -55,6 +55,15 @@ class Int8Linear(torch.nn.Module):
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
+def replace_submodule(root: torch.nn.Module, name: str, new: torch.nn.Module) -> torch.nn.Module:
+    """Put ``new`` where ``root.get_submodule(name)`` was; returns the module it replaced."""
+    parent_name, _, attribute = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    old = getattr(parent, attribute)
+    setattr(parent, attribute, new)
+    return old
+
+
 def swap_linears(module: torch.nn.Module, prefix: str) -> dict[str, Int8Linear]:
     """Replace every ``nn.Linear`` under ``module`` with an empty :class:`Int8Linear`.
 
@@ -65,7 +74,6 @@ def swap_linears(module: torch.nn.Module, prefix: str) -> dict[str, Int8Linear]:
     for name, child in list(module.named_modules()):
         if isinstance(child, torch.nn.Linear):
             layer = Int8Linear(child.in_features, child.out_features, child.bias is not None)
-            parent_name, _, attribute = name.rpartition(".")
-            setattr(module.get_submodule(parent_name) if parent_name else module, attribute, layer)
+            replace_submodule(module, name, layer)
             swapped[f"{prefix}{name}.weight"] = layer
     return swapped
