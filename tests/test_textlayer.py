@@ -1,0 +1,235 @@
+"""Text-layer routing: each hard case of page is judged and routed as issue 12 specifies."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import pymupdf
+import pytest
+from pdf_fixtures import A4, BODY, KINDS, STAMP, TEXTS, TITLE, add_page, write_pdf
+
+from ocrbatch import textlayer
+from ocrbatch.textlayer import (
+    MAX_BAD_GLYPH_RATIO, MIN_CHARS_PER_A4, MIN_TEXT_COVERAGE, OCR_LAYER_SHARE, PageStats, assess_page, decide,
+    judge, page_markdown, page_stats, route,
+)
+
+SAMPLE_REPORT = Path(__file__).resolve().parents[1] / "sample_docs" / "report.pdf"
+
+# kind -> (good without trusting OCR layers, good when trusting them, words in the reason when not good)
+EXPECTED = {
+    "text": (True, True, None),
+    "scan": (False, False, "no text layer"),
+    "ocr-layer": (False, True, "invisible OCR layer"),
+    "hidden-under-image": (False, True, "invisible OCR layer"),
+    "glyphless": (False, True, "invisible OCR layer"),
+    "stamp": (False, False, "text covers"),
+    "garbage-fffd": (False, False, "unmapped glyphs"),
+    "garbage-pua": (False, False, "unmapped glyphs"),
+    "blank": (True, True, None),
+}
+assert set(EXPECTED) == set(KINDS)
+
+
+@pytest.fixture(scope="module")
+def every_kind(tmp_path_factory) -> Path:
+    """One document with a page of every kind, in :data:`KINDS` order: the mixed document."""
+    return write_pdf(tmp_path_factory.mktemp("textlayer") / "every-kind.pdf", list(KINDS))
+
+
+def page_of(kind: str) -> int:
+    return KINDS.index(kind) + 1
+
+
+def words(text: str) -> str:
+    """Text with Markdown emphasis dropped and whitespace collapsed, to compare wording only."""
+    return " ".join(re.sub(r"[*_#]", " ", text).split())
+
+
+@pytest.mark.parametrize("trust", [False, True])
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_kind_is_judged_as_specified(every_kind, kind, trust):
+    good, good_trusted, reason = EXPECTED[kind]
+    with pymupdf.open(every_kind) as pdf:
+        verdict = assess_page(pdf[page_of(kind) - 1], trust_ocr_layer=trust)
+    assert verdict.good is (good_trusted if trust else good), verdict
+    if not verdict.good:
+        assert reason in verdict.reason
+
+
+@pytest.mark.parametrize("trust", [False, True])
+def test_mixed_document_routes_each_page_in_auto_and_only(every_kind, trust):
+    pages = range(1, len(KINDS) + 1)
+    auto = route(every_kind, pages, "auto", trust_ocr_layer=trust)
+    only = route(every_kind, pages, "only", trust_ocr_layer=trust)
+    for kind in KINDS:
+        good = EXPECTED[kind][1 if trust else 0]
+        number = page_of(kind)
+        assert auto[number].source == ("text-layer" if good else "model"), kind
+        assert auto[number].error is None
+        assert only[number].source == "text-layer"
+        if good:
+            assert only[number].error is None, kind
+        else:
+            assert only[number].error == f"no usable text layer: {only[number].verdict.reason}", kind
+
+
+def test_never_mode_does_not_open_the_file(tmp_path):
+    routes = route(tmp_path / "missing.pdf", [2, 1, 2], "never")
+    assert list(routes) == [1, 2]
+    assert all(r.source == "model" and r.verdict is None and r.error is None for r in routes.values())
+
+
+def test_bad_modes_and_pages_are_refused(every_kind):
+    with pytest.raises(ValueError, match="one of"):
+        route(every_kind, [1], "sometimes")
+    verdict = judge(text_stats())
+    with pytest.raises(ValueError, match="needs no verdict"):
+        decide(verdict, "never")
+    for number in (0, len(KINDS) + 1):
+        with pytest.raises(ValueError, match=f"no page {number}"):
+            route(every_kind, [number], "auto")
+
+
+def test_a_page_that_cannot_be_read_goes_to_the_model_or_fails(every_kind, monkeypatch):
+    def broken(page, trust_ocr_layer=False):
+        raise RuntimeError("syntax error in content stream")
+
+    monkeypatch.setattr(textlayer, "assess_page", broken)
+    assert route(every_kind, [1], "auto")[1].source == "model"
+    assert "syntax error in content stream" in route(every_kind, [1], "only")[1].error
+
+
+def test_the_measures_behind_each_verdict(every_kind):
+    with pymupdf.open(every_kind) as pdf:
+        verdicts = {kind: assess_page(pdf[page_of(kind) - 1]) for kind in KINDS}
+        trusted = {kind: assess_page(pdf[page_of(kind) - 1], trust_ocr_layer=True) for kind in KINDS}
+    body_chars = sum(len(re.sub(r"\s", "", text)) for text in TEXTS["text"])
+    assert verdicts["text"].chars == body_chars
+    assert verdicts["text"].coverage == 1.0 and verdicts["text"].hidden_ratio == 0.0
+    for kind in ("ocr-layer", "hidden-under-image", "glyphless"):
+        assert verdicts[kind].ocr_layer and verdicts[kind].hidden_ratio == 1.0
+        assert verdicts[kind].chars == 0  # hidden text is not counted unless trusted
+        assert trusted[kind].chars == body_chars
+        assert trusted[kind].coverage == 1.0  # the scan under a trusted OCR layer counts as read
+    # The stamp is seen (drawn after the scan), but covers a sliver of the page.
+    assert verdicts["stamp"].chars == len(STAMP.replace(" ", "")) and verdicts["stamp"].hidden_ratio == 0.0
+    assert verdicts["stamp"].coverage < 0.02
+    for kind in ("garbage-fffd", "garbage-pua"):
+        assert verdicts[kind].bad_glyph_ratio == 1.0
+
+
+def test_transparent_text_is_hidden_and_text_over_an_image_is_not(tmp_path):
+    with pymupdf.open() as pdf:
+        page = add_page(pdf, "scan")
+        page.insert_text((56, 40), STAMP, fontsize=11, fill_opacity=0)
+        stats = page_stats(page)
+    assert stats.hidden_chars == len(STAMP.replace(" ", "")) and stats.visible_chars == 0
+    with pymupdf.open() as pdf:
+        stats = page_stats(add_page(pdf, "stamp"))
+    assert stats.visible_chars == len(STAMP.replace(" ", "")) and stats.hidden_chars == 0
+
+
+def test_rotated_pages_are_measured_in_their_own_coordinates():
+    with pymupdf.open() as pdf:
+        page = add_page(pdf, "text")
+        page.insert_text((56, 820), "Page 1 of 1", fontsize=9)  # below the rotated page's height
+        upright = assess_page(page)
+        page.set_rotation(90)
+        rotated = assess_page(page)
+    assert rotated == upright and rotated.good
+
+
+def test_text_layer_markdown_has_the_pages_real_text(every_kind, capsys):
+    with pymupdf.open(every_kind) as pdf:
+        text = page_markdown(pdf, page_of("text"))
+        # What a trusted OCR layer yields, each kind of hiding.
+        ocr_layers = [page_markdown(pdf, page_of(kind)) for kind in ("ocr-layer", "hidden-under-image", "glyphless")]
+        blank = page_markdown(pdf, page_of("blank"))
+    assert text.startswith(f"# {TITLE}")
+    for markdown in (text, *ocr_layers):
+        assert TITLE in markdown
+        for paragraph in BODY:
+            assert paragraph in words(markdown)
+    assert blank == ""
+    assert capsys.readouterr().out == ""  # stdout may carry the CLI's JSON
+
+
+def test_the_sample_born_digital_report_is_taken_from_its_layer():
+    from ocrbatch.samples import PARAGRAPHS
+
+    verdict = route(SAMPLE_REPORT, [1], "only")[1]
+    assert verdict.source == "text-layer" and verdict.error is None
+    with pymupdf.open(SAMPLE_REPORT) as pdf:
+        markdown = words(page_markdown(pdf, 1))
+    assert "Quarterly report" in markdown
+    for paragraph in PARAGRAPHS[:2]:
+        assert paragraph in markdown
+
+
+# Threshold edges, on measured pages built to sit exactly on each side.
+
+def text_stats(**changes) -> PageStats:
+    """A plain text page on A4: good, so each test can move one measure to its edge."""
+    base = PageStats(width=A4[0], height=A4[1], visible_chars=2000, visible_bad=0, hidden_chars=0, hidden_bad=0,
+                     visible_boxes=((56, 56, 539, 786),), hidden_boxes=(), image_boxes=(), graphics=False,
+                     drawn=True)
+    return replace(base, **changes)
+
+
+def test_bad_glyph_ratio_edge():
+    at_limit = round(MAX_BAD_GLYPH_RATIO * 2000)
+    assert judge(text_stats(visible_bad=at_limit)).good
+    over = judge(text_stats(visible_bad=at_limit + 1))
+    assert not over.good and "unmapped glyphs" in over.reason
+
+
+def test_ocr_layer_share_edge():
+    hidden = round(OCR_LAYER_SHARE * 2000)
+    below = judge(text_stats(visible_chars=2000 - hidden + 1, hidden_chars=hidden - 1))
+    assert below.good and not below.ocr_layer
+    at = judge(text_stats(visible_chars=2000 - hidden, hidden_chars=hidden))
+    assert at.ocr_layer and not at.good
+    assert judge(text_stats(visible_chars=2000 - hidden, hidden_chars=hidden), trust_ocr_layer=True).good
+
+
+def test_text_coverage_edge():
+    # A 300 pt square page: the grid has 1 pt cells, so areas are exact.
+    image = ((0, 0, 300, 300),)
+    rows = round(MIN_TEXT_COVERAGE * 300)
+    enough = judge(text_stats(width=300, height=300, visible_boxes=((0, 0, 300, rows),), image_boxes=image,
+                              graphics=True))
+    assert enough.good and enough.coverage == pytest.approx(MIN_TEXT_COVERAGE)
+    short = judge(text_stats(width=300, height=300, visible_boxes=((0, 0, 300, rows - 1),), image_boxes=image,
+                             graphics=True))
+    assert not short.good and "text covers" in short.reason
+
+
+def density_verdict(chars: int, rule: bool, size=A4):
+    """The verdict on a page with ``chars`` characters of text, and a ruled line if ``rule``."""
+    with pymupdf.open() as pdf:
+        page = pdf.new_page(width=size[0], height=size[1])
+        page.insert_text((20, 80), "x" * chars, fontsize=4)
+        if rule:
+            page.draw_line((20, 90), (size[0] - 20, 90))
+        return assess_page(page)
+
+
+def test_chars_per_page_area_edge():
+    at_limit = density_verdict(MIN_CHARS_PER_A4, rule=True)
+    assert at_limit.good and at_limit.chars == MIN_CHARS_PER_A4
+    short = density_verdict(MIN_CHARS_PER_A4 - 1, rule=True)
+    assert not short.good and f"fewer than the {MIN_CHARS_PER_A4} expected" in short.reason
+    assert density_verdict(1, rule=False).good  # text is all the page draws: the layer is the whole page
+    # The requirement scales with the page: a quarter of A4 needs a quarter of the characters.
+    quarter = (A4[0] / 2, A4[1] / 2)
+    assert density_verdict(MIN_CHARS_PER_A4 // 4, rule=True, size=quarter).good
+    assert not density_verdict(MIN_CHARS_PER_A4 // 4 - 1, rule=True, size=quarter).good
+
+
+def test_blank_page_is_good_and_a_picture_without_text_is_not():
+    assert judge(text_stats(visible_chars=0, visible_boxes=(), drawn=False)).reason == "blank page"
+    picture = judge(text_stats(visible_chars=0, visible_boxes=(), image_boxes=((0, 0, 100, 100),), graphics=True))
+    assert not picture.good and picture.reason == "no text layer"
