@@ -164,7 +164,8 @@ def child_ocrbatch(spec: dict) -> dict:
     import pyarrow.parquet as pq
 
     from ocrbatch.engine import Engine
-    from ocrbatch.pipeline import JobOptions, run_job
+    from ocrbatch.options import JobOptions
+    from ocrbatch.pipeline import run_job
     from ocrbatch.pool import WorkerPool
 
     started = time.perf_counter()
@@ -181,7 +182,8 @@ def child_ocrbatch(spec: dict) -> dict:
         options = JobOptions(paths=[Path(spec["pages_dir"])], out=out, model=spec["model"], quant=spec["quant"],
                              max_tokens=spec["tokens"], ignore_eos=True, workers=spec["workers"],
                              seqs_per_worker=spec["seqs"], batch_size=spec["batch_size"],
-                             vision_dtype=spec["vision_dtype"], threads=spec["threads"], progress=False)
+                             vision_dtype=spec["vision_dtype"], threads=spec["threads"], progress=False,
+                             min_file_age=0)
         begin = time.perf_counter()
         summary = run_job(options, engine=engine, pool=pool)
         process_s = time.perf_counter() - begin

@@ -11,10 +11,12 @@ import click
 
 from .errors import OcrbatchError
 from .gguf_convert import QUANTS
+from .options import PAGE_TIMEOUT_BASE_S, PAGE_TIMEOUT_PER_TOKEN_S, JobOptions
+from .options import default as job_default
 from .prompt import TASKS
 from .vision import DTYPES as VISION_DTYPES
 
-DEFAULT_MODEL = "PaddlePaddle/PaddleOCR-VL"
+DEFAULT_MODEL = job_default("model")
 
 
 class _Group(click.Group):
@@ -44,15 +46,18 @@ def model_options(function):
         click.option("--model", "-m", default=lambda: os.environ.get("OCRBATCH_MODEL", DEFAULT_MODEL),
                       show_default=f"$OCRBATCH_MODEL or {DEFAULT_MODEL}",
                       help="Checkpoint folder or Hugging Face id."),
-        click.option("--quant", "-q", type=click.Choice(QUANTS, case_sensitive=False), default="Q4_K_M",
-                     show_default=True, help="Language-model GGUF type."),
+        click.option("--quant", "-q", type=click.Choice(QUANTS, case_sensitive=False),
+                     default=job_default("quant"), show_default=True, help="Language-model GGUF type."),
         click.option("--gguf", type=click.Path(dir_okay=False),
                      help="Use this language-model GGUF (e.g. an official build) instead of converting."),
-        click.option("--vision-dtype", type=click.Choice(VISION_DTYPES), default="float32", show_default=True,
+        click.option("--vision-dtype", type=click.Choice(VISION_DTYPES), default=job_default("vision_dtype"),
+                     show_default=True,
                      help="Vision encoder precision: float32 (exact), bfloat16 (GPU), int8 (about 2x faster "
                           "on CPU, approximate)."),
-        click.option("--device", default="cpu", show_default=True, help="Vision encoder device (cpu, cuda)."),
-        click.option("--threads", type=int, help="CPU threads for PyTorch and llama.cpp (default: all)."),
+        click.option("--device", default=job_default("device"), show_default=True,
+                     help="Vision encoder device (cpu, cuda)."),
+        click.option("--threads", type=int, help="CPU threads for PyTorch, and for each llama.cpp worker "
+                     "[default: all cores for PyTorch; the cores divided among the workers for llama.cpp]."),
         click.option("--cache-dir", type=click.Path(file_okay=False),
                      help="Where converted GGUFs are kept [default: $OCRBATCH_CACHE_DIR or ~/.cache/ocrbatch]."),
     ]
@@ -73,7 +78,7 @@ def main():
 @model_options
 @click.option("--task", "-t", type=click.Choice(TASKS), default="ocr", show_default=True, help="Recognition task.")
 @click.option("--prompt", help="Free-form prompt text instead of a task.")
-@click.option("--max-tokens", type=click.IntRange(1), default=1024, show_default=True,
+@click.option("--max-tokens", type=click.IntRange(1), default=job_default("max_tokens"), show_default=True,
               help="Most tokens generated per image.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per image.")
 def ocr(images, model, quant, gguf, vision_dtype, device, threads, cache_dir, task, prompt, max_tokens, as_json):
@@ -139,7 +144,7 @@ def make_model(directory, size, seed, model_version, layout):
 @dev.command("make-samples")
 @click.argument("directory", type=click.Path(file_okay=False), default="sample_docs")
 def make_samples(directory):
-    """Write the small sample documents (PDFs and a scanned-looking PNG) to DIRECTORY."""
+    """Write the small sample documents (PDFs and a scanned-looking JPG) to DIRECTORY."""
     from .samples import make_samples as make
 
     for path in make(directory):
@@ -199,60 +204,77 @@ def _setup_logging(quiet: bool, log_file: str | None) -> None:
 @click.option("--exclude", multiple=True, help="Skip files matching this glob (repeatable).")
 @click.option("--dry-run", is_flag=True, help="List what would be processed, with page counts, and stop.")
 @click.option("--retry-failed", is_flag=True, help="Process only the pages that failed before.")
-@click.option("--max-retries", type=click.IntRange(0), default=2, show_default=True,
-              help="Retries of a page whose worker process crashed.")
-@click.option("--max-page-error-rate", type=click.FloatRange(0, 1), default=0.5, show_default=True,
-              help="A document with a larger share of failed pages is marked failed.")
+@click.option("--max-retries", type=click.IntRange(0), default=job_default("max_retries"), show_default=True,
+              help="Retries of a page that crashed its llama.cpp worker while running alone.")
+@click.option("--max-page-error-rate", type=click.FloatRange(0, 1), default=job_default("max_page_error_rate"),
+              show_default=True, help="A document with a larger share of failed pages is marked failed.")
+@click.option("--min-file-age", type=click.FloatRange(min=0), default=job_default("min_file_age"),
+              show_default=True, help="Seconds since a file's last change before it is processed; younger "
+              "files (still being written) are left for the next run.")
 @model_options
-@click.option("--task", "-t", type=click.Choice(TASKS), default="ocr", show_default=True, help="Recognition task.")
-@click.option("--max-tokens", type=click.IntRange(1), default=1024, show_default=True,
+@click.option("--task", "-t", type=click.Choice(TASKS), default=job_default("task"), show_default=True,
+              help="Recognition task.")
+@click.option("--max-tokens", type=click.IntRange(1), default=job_default("max_tokens"), show_default=True,
               help="Most tokens generated per page.")
-@click.option("--workers", "-w", type=click.IntRange(1), default=1, show_default=True,
+@click.option("--page-timeout", type=click.FloatRange(min=1), show_default=(
+              f"{PAGE_TIMEOUT_BASE_S:g} + {PAGE_TIMEOUT_PER_TOKEN_S:g} x --max-tokens"),
+              help="Seconds a page may take on a llama.cpp worker before it fails; a worker that does not "
+                   "let go of it is replaced.")
+@click.option("--stop-grace", type=click.FloatRange(min=0), default=job_default("stop_grace"), show_default=True,
+              help="On SIGINT/SIGTERM, seconds the pages being decoded get to finish before the run stops.")
+@click.option("--workers", "-w", type=click.IntRange(1), default=job_default("workers"), show_default=True,
               help="llama.cpp worker processes.")
-@click.option("--seqs-per-worker", type=click.IntRange(1), default=4, show_default=True,
-              help="Pages each worker decodes at once.")
-@click.option("--dpi", type=click.FloatRange(min=10), default=150, show_default=True, help="PDF render resolution.")
+@click.option("--seqs-per-worker", type=click.IntRange(1), default=job_default("seqs_per_worker"),
+              show_default=True, help="Pages each worker decodes at once.")
+@click.option("--dpi", type=click.FloatRange(min=10), default=job_default("dpi"), show_default=True,
+              help="PDF render resolution.")
 @click.option("--max-pixels", type=click.IntRange(1), help="Cap on a page's rendered pixels "
               "[default: the model processor's max_pixels, which is also the upper bound].")
-@click.option("--batch-size", type=click.IntRange(1), default=4, show_default=True,
+@click.option("--batch-size", type=click.IntRange(1), default=job_default("batch_size"), show_default=True,
               help="Pages per vision forward pass.")
-@click.option("--max-batch-patches", type=click.IntRange(1), default=24576, show_default=True,
-              help="Cap on the vision patches in one forward pass.")
+@click.option("--max-batch-patches", type=click.IntRange(1), default=job_default("max_batch_patches"),
+              show_default=True, help="Cap on the vision patches in one forward pass.")
 @click.option("--markdown-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Also write one Markdown file per document here.")
 @click.option("--ignore-eos", is_flag=True, help="Always generate --max-tokens tokens (for benchmarks).")
 @click.option("--quiet", is_flag=True, help="Only warnings, errors and the final summary on stderr.")
 @click.option("--log-file", type=click.Path(dir_okay=False), help="Also log to this file.")
 def run(paths, out, output_format, checkpoint, include, exclude, dry_run, retry_failed, max_retries,
-        max_page_error_rate, model, quant, gguf, vision_dtype, device, threads, cache_dir, task, max_tokens,
-        workers, seqs_per_worker, dpi, max_pixels, batch_size, max_batch_patches, markdown_dir, ignore_eos, quiet,
-        log_file):
+        max_page_error_rate, min_file_age, model, quant, gguf, vision_dtype, device, threads, cache_dir, task,
+        max_tokens, page_timeout, stop_grace, workers, seqs_per_worker, dpi, max_pixels, batch_size,
+        max_batch_patches, markdown_dir, ignore_eos, quiet, log_file):
     """OCR every PDF and image under PATHS into one row per page in OUT.
 
     Resumable: finished pages are recorded in a SQLite checkpoint, so running
     the same command again only does what is left. Exit codes: 0 all pages ok,
-    1 some pages failed, 3 fatal error, 4 another run holds this output.
+    1 some pages failed, 3 fatal error (unfinished pages stay pending for the
+    next run), 4 another run holds this output, 130/143 stopped by SIGINT/SIGTERM.
     """
-    from .pipeline import EXIT_FATAL, EXIT_LOCKED, JobLocked, JobOptions, dry_run as plan_only, run_job
+    import logging
+
+    from .pipeline import JobLocked, dry_run as plan_only, run_job
+    from .record import EXIT_FATAL, EXIT_LOCKED
 
     _setup_logging(quiet, log_file)
     options = JobOptions(
         paths=list(paths), out=out, output_format=output_format, checkpoint=checkpoint, include=list(include),
         exclude=list(exclude), retry_failed=retry_failed, max_retries=max_retries,
-        max_page_error_rate=max_page_error_rate, model=model, quant=quant, gguf=gguf, task=task,
-        max_tokens=max_tokens, workers=workers, seqs_per_worker=seqs_per_worker, dpi=dpi, max_pixels=max_pixels,
-        batch_size=batch_size, max_batch_patches=max_batch_patches, vision_dtype=vision_dtype, device=device,
-        threads=threads, cache_dir=cache_dir, markdown_dir=markdown_dir, ignore_eos=ignore_eos,
-        progress=not quiet)
+        max_page_error_rate=max_page_error_rate, min_file_age=min_file_age, model=model, quant=quant, gguf=gguf,
+        task=task, max_tokens=max_tokens, page_timeout=page_timeout, stop_grace=stop_grace, workers=workers,
+        seqs_per_worker=seqs_per_worker, dpi=dpi, max_pixels=max_pixels, batch_size=batch_size,
+        max_batch_patches=max_batch_patches, vision_dtype=vision_dtype, device=device, threads=threads,
+        cache_dir=cache_dir, markdown_dir=markdown_dir, ignore_eos=ignore_eos, progress=not quiet)
     if dry_run:
-        total = 0
-        for document, pages, error in plan_only(options):
-            if error:
-                click.echo(f"unreadable\t{document.path}\t{error}")
-            else:
-                total += pages
-                click.echo(f"{pages}\t{document.path}")
-        click.echo(f"{total} pages to process", err=True)
+        plan = plan_only(options)
+        for item in sorted(plan.work, key=lambda item: str(item.document.path)):
+            click.echo(f"{len(item.pages)}\t{item.document.path}")
+        for document, error in sorted(plan.unreadable, key=lambda entry: str(entry[0].path)):
+            click.echo(f"unreadable\t{document.path}\t{error}")
+        for document in plan.deferred:
+            click.echo(f"deferred\t{document.path}\t{document.deferred}")
+        for document, original in plan.copies:
+            click.echo(f"copy\t{document.path}\tsame content as {original}")
+        click.echo(f"{plan.pages} pages to process", err=True)
         return
     try:
         summary = run_job(options)
@@ -261,6 +283,14 @@ def run(paths, out, output_format, checkpoint, include, exclude, dry_run, retry_
         sys.exit(EXIT_LOCKED)
     except OcrbatchError as exc:
         click.echo(f"Error: {exc}", err=True)
+        sys.exit(EXIT_FATAL)
+    except KeyboardInterrupt:
+        click.echo("Stopped at once by a second signal; finished pages are in the checkpoint: run again to resume.",
+                   err=True)
+        sys.exit(130)
+    except Exception as exc:  # a bug, not a bad page: fatal, and the checkpoint keeps what was done
+        logging.getLogger("ocrbatch").exception("internal error")
+        click.echo(f"Error: internal error ({type(exc).__name__}: {exc}); unfinished pages stay pending", err=True)
         sys.exit(EXIT_FATAL)
     click.echo(summary.line(out), err=True)
     sys.exit(summary.exit_code)

@@ -3,6 +3,10 @@
 A document's id is the SHA-256 of its bytes, so a moved or renamed file is
 recognised as done and an edited file is processed again. Hashing is skipped
 for files whose size and modification time the checkpoint already knows.
+A file still being written (modified less than ``min_file_age`` seconds ago,
+or changed while it was hashed) is deferred to a later run, so a half-written
+upload is never processed; the size and time kept with its id come from the
+same stat that brackets the hash.
 Symbolic links are followed, each real folder visited once (no loops); a
 broken link, a link loop or an unreadable file becomes a failed document
 with the reason, never a crash.
@@ -14,6 +18,7 @@ import errno
 import fnmatch
 import hashlib
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -31,6 +36,8 @@ class Document:
     doc_id: str | None
     size: int = 0
     error: str | None = None
+    mtime_ns: int = 0
+    deferred: str | None = None  # why it is left for a later run (still being written)
 
     @property
     def kind(self) -> str:
@@ -111,13 +118,38 @@ def _candidate_files(root: Path) -> Iterator[tuple[Path, str | None]]:
         stack.extend(reversed(subfolders))
 
 
+def _identify(path: Path, known_id, min_file_age: float) -> Document:
+    """The document at ``path`` with its content id, or why it is deferred or unreadable."""
+    try:
+        before = path.stat()
+        age = time.time() - before.st_mtime
+        if age < min_file_age:
+            return Document(path, None, deferred=f"modified {max(age, 0):.1f} s ago (--min-file-age {min_file_age:g})")
+        doc_id = known_id(path, before.st_size, before.st_mtime_ns) if known_id else None
+        if doc_id is None:
+            doc_id = hash_file(path)
+            after = path.stat()
+            if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+                return Document(path, None, deferred="changed while being read")
+    except PermissionError:
+        return Document(path, failed_document_id(path), error=f"{path}: permission denied")
+    except FileNotFoundError:
+        return Document(path, None, deferred="disappeared while being read")
+    except OSError as exc:
+        return Document(path, failed_document_id(path), error=f"{path}: cannot read ({exc.strerror or exc})")
+    return Document(path, doc_id, size=before.st_size, mtime_ns=before.st_mtime_ns)
+
+
 def discover(paths: Iterable[str | Path], include: Iterable[str] = (), exclude: Iterable[str] = (),
-             known_id: Callable[[Path, int, int], str | None] | None = None) -> Iterator[Document]:
+             known_id: Callable[[Path, int, int], str | None] | None = None,
+             min_file_age: float = 0.0) -> Iterator[Document]:
     """Yield the documents under ``paths``: supported files matching the globs, in path order.
 
     ``include`` and ``exclude`` are glob patterns matched against the path
     relative to the given root and against the file name. ``known_id(path,
-    size, mtime_ns)`` may return a remembered id to skip hashing.
+    size, mtime_ns)`` may return a remembered id to skip hashing. Files
+    modified less than ``min_file_age`` seconds ago, or changing while they
+    are read, come back with ``deferred`` set.
     """
     include, exclude = list(include), list(exclude)
     for root in map(Path, paths):
@@ -136,14 +168,4 @@ def discover(paths: Iterable[str | Path], include: Iterable[str] = (), exclude: 
             if not suffix_ok:
                 yield Document(path, failed_document_id(path), error=f"{path}: unsupported file type {path.suffix!r}")
                 continue
-            try:
-                info = path.stat()
-                doc_id = known_id(path, info.st_size, info.st_mtime_ns) if known_id else None
-                doc_id = doc_id or hash_file(path)
-            except PermissionError:
-                yield Document(path, failed_document_id(path), error=f"{path}: permission denied")
-                continue
-            except OSError as exc:
-                yield Document(path, failed_document_id(path), error=f"{path}: cannot read ({exc.strerror or exc})")
-                continue
-            yield Document(path, doc_id, size=info.st_size)
+            yield _identify(path, known_id, min_file_age)

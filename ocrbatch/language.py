@@ -55,7 +55,7 @@ class GenerationRequest:
 @dataclass
 class GenerationResult:
     token_ids: list[int]
-    finish_reason: str  # "stop" or "length"
+    finish_reason: str  # "stop", "length", "cancelled" or "error"
     n_prompt_tokens: int
     prefill_s: float
     decode_s: float
@@ -321,14 +321,15 @@ class Scheduler:
                 return True
         return False
 
-    def _finish(self, seq: _Sequence, reason: str) -> None:
+    def _finish(self, seq: _Sequence, reason: str, error: str | None = None) -> None:
         model = self.model
         model._llama_cpp.llama_memory_seq_rm(model._memory, seq.seq_id, -1, -1)
         self.free_seq_ids.append(seq.seq_id)
         self.active.remove(seq)
+        decode_s = time.perf_counter() - seq.decode_started if seq.decode_started else 0.0
         self._finished.append((seq.index, GenerationResult(
             token_ids=seq.tokens, finish_reason=reason, n_prompt_tokens=seq.request.prompt.n_prompt_tokens,
-            prefill_s=seq.prefill_s, decode_s=time.perf_counter() - seq.decode_started)))
+            prefill_s=seq.prefill_s, decode_s=decode_s, error=error)))
 
     def _accept(self, seq: _Sequence, token: int) -> None:
         if token in seq.request.stop_ids:
@@ -359,7 +360,12 @@ class Scheduler:
             if request.max_tokens <= 0:
                 self._finish(seq, "length")
                 continue
-            self._accept(seq, model._choose(model._prefill(seq), request.sampling, seq.rng))
+            try:
+                logits = model._prefill(seq)
+            except OcrbatchError as exc:  # this request alone fails; the others go on
+                self._finish(seq, "error", f"prefill failed: {exc}")
+                continue
+            self._accept(seq, model._choose(logits, request.sampling, seq.rng))
 
     def step(self) -> list[tuple[object, GenerationResult]]:
         """Admit, advance all active sequences by one token, return what finished."""
@@ -367,12 +373,29 @@ class Scheduler:
         self._admit()
         if self.active:
             stepping = list(self.active)
-            tokens = np.array([seq.tokens[-1] for seq in stepping], dtype=np.int32)
-            positions = np.array([seq.position for seq in stepping], dtype=np.int32)
-            model._decode(_Batch(model._llama_cpp, len(stepping), np.array([s.seq_id for s in stepping]),
-                                 positions, tokens=tokens, outputs=np.ones(len(stepping), dtype=np.int8)))
-            for i, seq in enumerate(stepping):
-                seq.position += 1
-                self._accept(seq, model._choose(model._logits(i), seq.request.sampling, seq.rng))
+            try:
+                self._advance(stepping)
+                for i, seq in enumerate(stepping):
+                    self._accept(seq, model._choose(model._logits(i), seq.request.sampling, seq.rng))
+            except OcrbatchError:
+                # One sequence can make the joint step fail (its cells, its values): step each
+                # alone so only the ones that fail by themselves end, with the reason.
+                for seq in stepping:
+                    try:
+                        self._advance([seq])
+                    except OcrbatchError as exc:
+                        self._finish(seq, "error", f"decoding failed at token {len(seq.tokens)}: {exc}")
+                        continue
+                    self._accept(seq, model._choose(model._logits(0), seq.request.sampling, seq.rng))
         finished, self._finished = self._finished, []
         return finished
+
+    def _advance(self, stepping: list[_Sequence]) -> None:
+        """Feed each sequence's last token in one ``llama_decode``; logits come out in this order."""
+        model = self.model
+        tokens = np.array([seq.tokens[-1] for seq in stepping], dtype=np.int32)
+        positions = np.array([seq.position for seq in stepping], dtype=np.int32)
+        model._decode(_Batch(model._llama_cpp, len(stepping), np.array([s.seq_id for s in stepping]),
+                             positions, tokens=tokens, outputs=np.ones(len(stepping), dtype=np.int8)))
+        for seq in stepping:
+            seq.position += 1

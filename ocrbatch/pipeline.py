@@ -1,12 +1,19 @@
-"""The batch job: discover → rasterize → encode (vision) → decode (llama.cpp) → store.
+"""The batch job: plan → render → encode (vision) → decode (llama.cpp) → record.
 
-:func:`run_job` plans the work from the checkpoint (pages already finished are
-skipped), renders pages on a background thread into a bounded queue, encodes
-them in vision batches on the main thread, and hands the embeddings to a
-:class:`WorkerPool` whose processes decode several pages at once. Finished
-pages are committed to the checkpoint and written to the output as they
-complete. Memory stays bounded: at most ``queue`` rendered pages wait for the
-encoder, and at most ``max_in_flight`` embedded pages wait for the workers.
+:func:`run_job` only wires the stages, each in its own module:
+:mod:`.plan` decides the pages from the checkpoint, :mod:`.render` renders
+them in a child process into a bounded queue, :mod:`.encode` batches them
+through the vision encoder on this thread, :mod:`.decode` runs them on the
+worker pool, and :mod:`.record` commits each finished page to the checkpoint
+and the output. Memory stays bounded: at most ``queue`` rendered pages wait
+for the encoder, and at most ``max_in_flight`` embedded pages for the workers.
+
+Errors are kept where they belong: a bad document or page becomes a failed
+row and the run goes on; a failure of a stage or of the worker pool stops the
+run with the unfinished pages left ``pending`` (exit 3), so the next run
+takes them up. SIGINT or SIGTERM stop the run cleanly: no new pages start,
+pages being decoded get ``stop_grace`` seconds to finish, and the output is
+written; a second signal stops at once. Either way the checkpoint is intact.
 """
 
 from __future__ import annotations
@@ -15,101 +22,37 @@ import fcntl
 import logging
 import os
 import queue
+import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from concurrent.futures import CancelledError, Future
 from datetime import datetime, timezone
-from pathlib import Path
 
-from .discover import Document, discover
-from .errors import InputError, OcrbatchError
+from .decode import PAGE_FAILURES, LocalDecoder
+from .encode import encode_pages, next_batch
+from .errors import OcrbatchError
+from .options import JobOptions
 from .output import open_output
-from .rasterize import PageImage, count_pages, iter_pages
-from .store import Store, checkpoint_path_for
+from .plan import Plan, plan_job
+from .rasterize import PageImage
+from .record import JobSummary, OutputError, Recorder
+from .render import RenderJob, RenderStage, StageFailed, iter_pages
+from .store import Store
 
 log = logging.getLogger("ocrbatch")
-
-EXIT_OK = 0
-EXIT_SOME_FAILED = 1
-EXIT_FATAL = 3
-EXIT_LOCKED = 4
-
 
 class JobLocked(OcrbatchError):
     """Another run holds the job's lock."""
 
 
-@dataclass
-class JobOptions:
-    """Everything ``ocrbatch run`` can be told; defaults suit a small CPU machine."""
-
-    paths: list[Path]
-    out: Path
-    output_format: str | None = None
-    checkpoint: Path | None = None
-    include: list[str] = field(default_factory=list)
-    exclude: list[str] = field(default_factory=list)
-    retry_failed: bool = False
-    max_retries: int = 2
-    max_page_error_rate: float = 0.5
-    model: str = "PaddlePaddle/PaddleOCR-VL"
-    quant: str = "Q4_K_M"
-    gguf: str | None = None
-    task: str = "ocr"
-    max_tokens: int = 1024
-    workers: int = 1
-    seqs_per_worker: int = 4
-    dpi: float = 150
-    max_pixels: int | None = None
-    batch_size: int = 4
-    max_batch_patches: int = 24576
-    vision_dtype: str = "float32"
-    device: str = "cpu"
-    threads: int | None = None
-    cache_dir: str | None = None
-    markdown_dir: Path | None = None
-    progress: bool = True
-    ignore_eos: bool = False  # decode exactly max_tokens per page: for benchmarks
-    flush_rows: int = 32
-    flush_seconds: float = 10.0
-
-    @property
-    def checkpoint_path(self) -> Path:
-        return self.checkpoint or checkpoint_path_for(self.out)
-
-
-@dataclass
-class JobSummary:
-    pages_ok: int = 0
-    pages_failed: int = 0
-    pages_skipped: int = 0
-    documents: int = 0
-    elapsed_s: float = 0.0
-    worker_crashes: int = 0
-
-    @property
-    def exit_code(self) -> int:
-        return EXIT_SOME_FAILED if self.pages_failed else EXIT_OK
-
-    def line(self, out: Path) -> str:
-        done = self.pages_ok + self.pages_failed
-        rate = done / self.elapsed_s * 60 if self.elapsed_s > 0 else 0.0
-        return (f"ocrbatch: {done} pages processed ({self.pages_ok} ok, {self.pages_failed} failed), "
-                f"{self.pages_skipped} already done, {self.documents} documents, "
-                f"{self.elapsed_s:.1f} s, {rate:.1f} pages/min -> {out}")
-
-
-@dataclass
-class _WorkItem:
-    document: Document
-    pages: list[int]
-    page_count: int
+class PipelineError(OcrbatchError):
+    """A stage of the job broke (not a page): the run stops, unfinished pages stay pending."""
 
 
 class JobLock:
     """An exclusive, non-blocking lock beside the checkpoint; the OS drops it if the process dies."""
 
-    def __init__(self, checkpoint: Path):
+    def __init__(self, checkpoint):
         self.path = checkpoint.with_name(checkpoint.name + ".lock")
 
     def __enter__(self):
@@ -132,204 +75,101 @@ class JobLock:
         self.handle.close()
 
 
-def _failure_row(page: int, page_count: int, task: str, error: str, model: str, quant: str) -> dict:
-    return {"page": page, "page_count": page_count, "task": task, "text": "", "status": "failed",
-            "error": error, "model": model, "quant": quant,
-            "created_at": datetime.now(timezone.utc).isoformat()}
+class GracefulStop:
+    """SIGINT/SIGTERM handling: the first asks the run to stop cleanly, a second stops it at once.
 
-
-def plan(options: JobOptions, store: Store | None) -> tuple[list[_WorkItem], list[tuple[Document, str]], int]:
-    """Decide which pages to process: ``(work, unreadable documents, pages already done)``.
-
-    With a writable ``store`` the discovered documents and their pages are recorded.
+    Handlers are installed only on the main thread (signals reach no other) and
+    the previous ones are put back when the run ends.
     """
-    work, unreadable, skipped = [], [], 0
-    retry = options.retry_failed
-    retry_ids = set(store.failed_document_ids()) if (store and retry) else None
-    wanted = ("failed", "pending") if retry else ("pending",)
-    known = store.known_id if store else None
-    for document in discover(options.paths, options.include, options.exclude, known_id=known):
-        if retry_ids is not None and document.doc_id not in retry_ids:
-            continue
-        states = store.page_states(document.doc_id) if store else {}
-        could_not_open = states.get(0) == "failed"
-        if document.error:
-            if could_not_open and not retry:
-                skipped += 1
-                continue
-            unreadable.append((document, document.error))
-            continue
-        page_count = None
-        if store:
-            info = document.path.stat()
-            store.remember_file(document.path, info.st_size, info.st_mtime_ns, document.doc_id)
-            store.upsert_document(document.doc_id, document.path)
-            page_count = store.page_count(document.doc_id)
-        if not page_count:  # new, or could not be opened last time
-            if could_not_open and not retry:
-                skipped += 1
-                continue
-            try:
-                page_count = count_pages(document)
-            except InputError as exc:
-                unreadable.append((document, str(exc)))
-                continue
-            if store:
-                store.set_page_count(document.doc_id, page_count)
-                states = store.page_states(document.doc_id)
-        pages = [p for p in range(1, page_count + 1) if states.get(p, "pending") in wanted]
-        skipped += page_count - len(pages)
-        if pages:
-            work.append(_WorkItem(document, pages, page_count))
-    if store:
-        store.commit()
-    return work, unreadable, skipped
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt  # the second signal: stop now, the checkpoint keeps what is done
+        self.signum = signum
+        log.warning("%s: finishing the pages being decoded, then stopping (again to stop at once)",
+                    signal.Signals(signum).name)
 
 
-def _render(work: list[_WorkItem], options: JobOptions, max_pixels: int, pages: queue.Queue,
-            stop: threading.Event) -> None:
-    """Background thread: render planned pages into the bounded ``pages`` queue."""
-    try:
-        for item in work:
-            try:
-                for page in iter_pages(item.document, item.pages, options.dpi, max_pixels):
-                    while not stop.is_set():
-                        try:
-                            pages.put(page, timeout=0.5)
-                            break
-                        except queue.Full:
-                            continue
-                    if stop.is_set():
-                        return
-            except InputError as exc:
-                for number in item.pages:
-                    pages.put(PageImage(item.document, number, item.page_count, error=str(exc)))
-    finally:
-        pages.put(None)
-
-
-class _Job:
-    """State of one run: checkpoint, output, progress, counters."""
-
-    def __init__(self, options: JobOptions, store: Store, writer, model_name: str, quant: str, total: int):
-        from tqdm import tqdm
-
-        self.options, self.store, self.writer = options, store, writer
-        self.model_name, self.quant = model_name, quant
-        self.summary = JobSummary()
-        self.buffer: list[dict] = []
-        self.last_flush = time.monotonic()
-        self.remaining: dict[str, int] = {}
-        self.markdown_written: set[str] = set()
-        self.progress = tqdm(total=total, unit="page", disable=None if options.progress else True,
-                             dynamic_ncols=True, desc="ocrbatch")
-
-    def emit(self, row: dict) -> None:
-        self.buffer.append(row)
-        if (len(self.buffer) >= self.options.flush_rows
-                or time.monotonic() - self.last_flush >= self.options.flush_seconds):
-            self.flush()
-
-    def flush(self) -> None:
-        self.writer.write(self.buffer)
-        self.buffer = []
-        self.last_flush = time.monotonic()
-
-    def page_done(self, document: Document, page: int, row: dict) -> None:
-        status = row["status"]
-        self.store.record_page(document.doc_id, page, status, row, row.get("error"))
-        self.emit({"path": str(document.path), "doc_id": document.doc_id, **row})
-        if status == "ok":
-            self.summary.pages_ok += 1
-        else:
-            self.summary.pages_failed += 1
-            log.warning("%s", row["error"])
-        self.progress.update(1)
-        self.remaining[document.doc_id] -= 1
-        if self.remaining[document.doc_id] == 0:
-            self.store.finish_document(document.doc_id, self.options.max_page_error_rate)
-            if self.options.markdown_dir:
-                write_markdown(self.store, document.doc_id, self.options.markdown_dir)
-                self.markdown_written.add(document.doc_id)
-
-    def page_failed(self, page: PageImage, error: str) -> None:
-        row = _failure_row(page.page, page.page_count, self.options.task, error, self.model_name, self.quant)
-        self.page_done(page.document, page.page, row)
-
-
-def write_markdown(store: Store, doc_id: str, folder: Path) -> Path:
-    """One Markdown file per document, pages in order."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = store.document_path(doc_id)
-    target = folder / f"{path.stem}-{doc_id[:8]}.md"
-    parts = []
-    for page in store.document_pages(doc_id):
-        body = page.get("text") or f"<!-- page {page['page']} failed: {page.get('error')} -->"
-        parts.append(f"<!-- page {page['page']} -->\n\n{body}\n")
-    target.write_text("\n".join(parts), encoding="utf-8")
-    return target
-
-
-def run_job(options: JobOptions, engine=None, pool=None) -> JobSummary:
+def run_job(options: JobOptions, engine=None, pool=None, render_pages=iter_pages) -> JobSummary:
     """Run the batch job described by ``options`` and return its summary.
 
     ``engine`` (an :class:`Engine` without language model) and ``pool`` (a
     :class:`WorkerPool`) may be given already loaded, to reuse them across
     jobs; otherwise they are made from ``options`` and closed at the end.
-    Raises :class:`JobLocked` if another run holds the output, and
-    :class:`OcrbatchError` for fatal problems (model, settings).
+    ``render_pages`` renders pages in the render process (tests pass one that
+    crashes). Raises :class:`JobLocked` if another run holds the output, and
+    :class:`OcrbatchError` for fatal problems (model, pool, output, a stage).
     """
     started = time.monotonic()
-    with JobLock(options.checkpoint_path):
+    with JobLock(options.checkpoint_path), GracefulStop() as stop:
         store = Store(options.checkpoint_path)
         try:
-            return _run_locked(options, store, started, engine, pool)
+            summary = _run_locked(options, store, engine, pool, render_pages, stop)
         finally:
             store.close()
+    summary.elapsed_s = time.monotonic() - started
+    return summary
 
 
-def _run_locked(options: JobOptions, store: Store, started: float, engine, pool) -> JobSummary:
+def _run_locked(options: JobOptions, store: Store, engine, pool, render_pages, stop: GracefulStop) -> JobSummary:
     from .engine import Engine
     from .pool import WorkerPool
 
     model_name, quant = str(options.model), options.quant.upper()
     store.check_settings({"task": options.task, "model": model_name, "quant": quant,
                           "max_tokens": str(options.max_tokens)})
-    work, unreadable, skipped = plan(options, store)
-    total = sum(len(item.pages) for item in work) + len(unreadable)
+    plan = plan_job(options, store)
+    total = plan.pages + len(plan.unreadable)
     log.info("%d pages to process in %d documents (%d unreadable), %d already done",
-             total - len(unreadable), len(work), len(unreadable), skipped)
+             plan.pages, len(plan.work), len(plan.unreadable), plan.skipped)
 
-    redo = {(item.document.doc_id, page) for item in work for page in item.pages}
-    redo |= {(document.doc_id, 0) for document, _ in unreadable}
-    writer = open_output(options.out, options.output_format)
-    job = _Job(options, store, writer, model_name, quant, total)
-    job.summary.pages_skipped = skipped
-    job.summary.documents = len(work) + len(unreadable)
+    redo = {(item.document.doc_id, page) for item in plan.work for page in item.pages}
+    redo |= {(document.doc_id, 0) for document, _ in plan.unreadable}
+    try:
+        writer = open_output(options.out, options.output_format)
+    except OSError as exc:
+        raise OutputError(f"{options.out}: cannot write the output ({exc.strerror or exc})") from None
+    recorder = Recorder(options, store, writer, model_name, quant, total)
+    summary = recorder.summary
+    summary.pages_skipped = plan.skipped
+    summary.documents = len(plan.work) + len(plan.unreadable)
+    summary.deferred_files = len(plan.deferred)
     own_pool = pool is None
     try:
         batch = []
         for row in store.rows(exclude=redo):  # earlier results first, rebuilt from the checkpoint
             batch.append(row)
             if len(batch) >= 1024:
-                writer.write(batch)
+                recorder.write(batch)
                 batch = []
-        writer.write(batch)
+        recorder.write(batch)
 
-        for document, error in unreadable:
-            row = _failure_row(0, 0, options.task, error, model_name, quant)
-            store.record_document_failure(document.doc_id, document.path, error, row)
-            job.emit({"path": str(document.path), "doc_id": document.doc_id, **row})
-            job.summary.pages_failed += 1
-            job.progress.update(1)
-            log.warning("%s", error)
+        for document, error in plan.unreadable:
+            recorder.document_failed(document, error)
 
-        if work:
+        if plan.work and not stop.requested:
             if engine is None:
                 engine = Engine(options.model, quant=quant, gguf=options.gguf, vision_dtype=options.vision_dtype,
                                 device=options.device, max_tokens=options.max_tokens, threads=options.threads,
                                 cache_dir=options.cache_dir, with_language=False)
-            text = engine.prompt_text(options.task)
             processor_max = engine.vision.image_processor.size.longest_edge
             max_pixels = min(options.max_pixels or processor_max, processor_max)
             if pool is None:
@@ -337,152 +177,142 @@ def _run_locked(options: JobOptions, store: Store, started: float, engine, pool)
                 threads = options.threads or max(1, cores // options.workers)
                 pool = WorkerPool(engine.gguf_path, workers=options.workers, n_seq_max=options.seqs_per_worker,
                                   n_ctx=engine.context_size(options.seqs_per_worker), threads=threads,
-                                  max_retries=options.max_retries)
-            for item in work:
-                job.remaining[item.document.doc_id] = len(item.pages)
-            _process(job, engine, pool, text, work, max_pixels)
-        job.flush()
+                                  max_retries=options.max_retries, request_timeout=options.effective_page_timeout)
+            decoder = LocalDecoder(engine, pool, engine.prompt_text(options.task), options.max_tokens,
+                                   options.ignore_eos)
+            for item in plan.work:
+                recorder.expect(item.document, len(item.pages))
+            _process(recorder, engine, decoder, plan, max_pixels, stop, render_pages)
+            summary.worker_crashes = decoder.crashes
+        recorder.flush()
         if options.markdown_dir:  # documents finished in earlier runs, too
             for doc_id in store.finished_document_ids():
-                if doc_id not in job.markdown_written:
-                    write_markdown(store, doc_id, options.markdown_dir)
-        job.summary.worker_crashes = pool.crashes if pool else 0
-        writer.commit()
+                if doc_id not in recorder.markdown_written:
+                    recorder.markdown(doc_id)
+        summary.pages_left = sum(recorder.remaining.values())
+        try:
+            writer.commit()
+        except OSError as exc:
+            raise OutputError(f"{options.out}: cannot write the output ({exc.strerror or exc}); "
+                              "the checkpoint is intact: run again once this is fixed") from None
     except BaseException:
-        writer.abort()
+        try:
+            writer.abort()
+        except OSError:
+            pass  # the output could not be written anyway: the checkpoint is what counts
         raise
     finally:
         if own_pool and pool is not None:
             pool.close()
-        job.progress.close()
-    job.summary.elapsed_s = time.monotonic() - started
-    return job.summary
+        recorder.close()
+    summary.stopped_by = stop.signum
+    if summary.pages_left and not stop.requested:
+        log.error("%d planned pages were neither finished nor failed; they stay pending for the next run",
+                  summary.pages_left)
+    return summary
 
 
-def _process(job: _Job, engine, pool, text: str, work: list[_WorkItem], max_pixels: int) -> None:
-    options = job.options
+def _process(recorder: Recorder, engine, decoder: LocalDecoder, plan: Plan, max_pixels: int, stop: GracefulStop,
+             render_pages) -> None:
+    """Stream the planned pages through render, vision and the decoder until done or stopped."""
+    options = recorder.options
     pages: queue.Queue = queue.Queue(maxsize=max(2, options.batch_size * 2))
-    stop = threading.Event()
-    renderer = threading.Thread(target=_render, args=(work, options, max_pixels, pages, stop),
-                                name="ocrbatch-render", daemon=True)
+    halt = threading.Event()
+    renderer = RenderStage([RenderJob(item.document, item.pages, item.page_count) for item in plan.work],
+                           options.dpi, max_pixels, pages, halt, render_pages)
     renderer.start()
     finished: queue.Queue = queue.Queue()
-    in_flight = 0
+    in_flight: dict[Future, PageImage] = {}
     max_in_flight = options.workers * (options.seqs_per_worker + 1) + options.batch_size
     rendering = True
 
-    def handle(item) -> None:
-        page, future, vision_s = item
+    def handle(future: Future, vision_s: float) -> None:
+        page = in_flight.pop(future)
         try:
             result = future.result()
-            error = result.error
-        except Exception as exc:  # a worker crashed too often, or the pool failed
-            result, error = None, f"{exc}"
-        if error or result is None:
-            job.page_failed(page, f"{page.document.path} page {page.page}: {error}")
+        except CancelledError:
+            return  # stopped before it ran: stays pending
+        except PAGE_FAILURES as exc:
+            recorder.page_failed(page.document, page.page, page.page_count,
+                                 f"{page.document.path} page {page.page}: {exc}")
+            return
+        # Anything else (the pool failed, the model cannot load) is not this page's fault: it propagates.
+        if result.finish_reason == "cancelled":
+            return  # stopped while decoding: stays pending
+        if result.error:
+            recorder.page_failed(page.document, page.page, page.page_count,
+                                 f"{page.document.path} page {page.page}: {result.error}")
             return
         width, height = page.image_size
-        job.page_done(page.document, page.page, {
+        recorder.page_done(page.document, page.page, {
             "page": page.page, "page_count": page.page_count, "task": options.task,
-            "text": engine.prompts.decode(result.token_ids), "status": "ok", "error": None,
+            "text": decoder.text_of(result), "status": "ok", "error": None,
             "n_image_tokens": page.n_image_tokens, "n_output_tokens": len(result.token_ids),
             "finish_reason": result.finish_reason, "width": width, "height": height,
-            "model": job.model_name, "quant": job.quant, "render_s": page.render_s, "vision_s": vision_s,
-            "prefill_s": result.prefill_s, "decode_s": result.decode_s,
+            "model": recorder.model_name, "quant": recorder.quant, "render_s": page.render_s,
+            "vision_s": vision_s, "prefill_s": result.prefill_s, "decode_s": result.decode_s,
             "created_at": datetime.now(timezone.utc).isoformat(),
         })
 
+    def take_finished(wait_s: float) -> None:
+        try:
+            future, vision_s = finished.get(timeout=wait_s) if wait_s else finished.get_nowait()
+        except queue.Empty:
+            return
+        handle(future, vision_s)
+        while True:
+            try:
+                future, vision_s = finished.get_nowait()
+            except queue.Empty:
+                return
+            handle(future, vision_s)
+
     try:
-        while rendering or in_flight:
-            while True:  # results that are ready
-                try:
-                    item = finished.get_nowait()
-                except queue.Empty:
-                    break
-                in_flight -= 1
-                handle(item)
-            if not rendering or in_flight >= max_in_flight:
-                if in_flight:
-                    item = finished.get()
-                    in_flight -= 1
-                    handle(item)
+        while (rendering or in_flight) and not stop.requested:
+            take_finished(0)
+            if not rendering or len(in_flight) >= max_in_flight:
+                take_finished(0.5)
                 continue
-            batch, rendering = _next_batch(pages, options, engine)
+            batch, end = next_batch(pages, options.batch_size, options.max_batch_patches,
+                                    engine.vision.n_patches_for, wait_s=0.5)
+            if isinstance(end, StageFailed):
+                raise PipelineError(f"the {end.stage} stage failed: {end.error}; unfinished pages stay pending")
+            rendering = end is None
             for page in batch:
                 if page.error:
-                    job.page_failed(page, page.error)
-            ready = [p for p in batch if not p.error]
-            for page, encoded, vision_s, error in _encode(engine, ready):
-                if error:
-                    job.page_failed(page, error)
+                    recorder.page_failed(page.document, page.page, page.page_count, page.error)
+            for encoded in encode_pages(engine.vision, [p for p in batch if not p.error]):
+                page = encoded.page
+                if encoded.error:
+                    recorder.page_failed(page.document, page.page, page.page_count, encoded.error)
                     continue
                 page.image_size = page.image.size
-                page.n_image_tokens = encoded.n_tokens
+                page.n_image_tokens = encoded.encoded.n_tokens
                 page.image = None  # the embeddings are all that is needed now
-                request = engine.request(encoded, text, options.max_tokens)
-                if options.ignore_eos:
-                    request.stop_ids = ()
-                future = pool.submit(request)
-                future.add_done_callback(lambda f, p=page, v=vision_s: finished.put((p, f, v)))
-                in_flight += 1
+                future = decoder.submit(encoded.encoded)
+                in_flight[future] = page
+                future.add_done_callback(lambda f, v=encoded.vision_s: finished.put((f, v)))
+        if stop.requested:
+            halt.set()
+            deadline = time.monotonic() + options.stop_grace
+            while in_flight and time.monotonic() < deadline:
+                take_finished(0.2)
+            for future in list(in_flight):
+                decoder.cancel(future)
+            if in_flight:
+                log.warning("stopped with %d pages unfinished; they stay pending for the next run", len(in_flight))
     finally:
-        stop.set()
+        halt.set()
         renderer.join(timeout=10)
+        recorder.summary.render_crashes = renderer.crashes
 
 
-def _next_batch(pages: queue.Queue, options: JobOptions, engine) -> tuple[list[PageImage], bool]:
-    """Up to ``batch_size`` rendered pages within the patch budget; False once rendering is over."""
-    batch, patches = [], 0
-    while len(batch) < options.batch_size:
-        try:
-            page = pages.get(timeout=0.05) if batch else pages.get()
-        except queue.Empty:
-            break
-        if page is None:
-            return batch, False
-        if page.image is not None:
-            patches += engine.vision.n_patches_for(*page.image.size)
-        batch.append(page)
-        if patches >= options.max_batch_patches:
-            break
-    return batch, True
-
-
-def _encode(engine, pages: list[PageImage]):
-    """Encode a batch; if the batch fails, encode page by page to find the culprit."""
-    if not pages:
-        return []
-    started = time.perf_counter()
-    try:
-        encoded = engine.vision.encode([p.image for p in pages])
-        per_page = (time.perf_counter() - started) / len(pages)
-        return [(page, enc, per_page, None) for page, enc in zip(pages, encoded)]
-    except Exception:
-        if len(pages) == 1:
-            page = pages[0]
-            import traceback
-
-            reason = traceback.format_exc().strip().splitlines()[-1]
-            return [(page, None, 0.0, f"{page.document.path} page {page.page}: vision encoder failed ({reason})")]
-        return [result for page in pages for result in _encode(engine, [page])]
-
-
-def dry_run(options: JobOptions) -> list[tuple[Document, int | None, str | None]]:
-    """What a run would process: ``(document, pages to do, error)``; changes nothing."""
+def dry_run(options: JobOptions) -> Plan:
+    """What a run would process, as the planner decides it; changes nothing."""
     path = options.checkpoint_path
     store = Store(path, readonly=True) if path.is_file() else None
     try:
-        work, unreadable, _ = plan(options, None)
-        listing: list[tuple[Document, int | None, str | None]] = []
-        for item in work:
-            pages = item.pages
-            if store and item.document.doc_id:
-                states = store.page_states(item.document.doc_id)
-                wanted = ("failed", "pending") if options.retry_failed else ("pending",)
-                pages = [p for p in pages if states.get(p, "pending") in wanted]
-            listing.append((item.document, len(pages), None))
-        listing += [(document, None, error) for document, error in unreadable]
-        return sorted(listing, key=lambda entry: str(entry[0].path))
+        return plan_job(options, store, record=False)
     finally:
         if store:
             store.close()

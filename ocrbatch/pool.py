@@ -4,10 +4,22 @@ Each worker is a separate process that owns one :class:`LanguageModel`
 context and decodes several sequences at once, admitting new requests as
 others finish. Processes rather than threads, because llama.cpp aborts the
 whole process on some internal errors and because a worker may be killed
-from outside: when a worker dies, the requests it held are sent to a fresh
-worker (up to ``max_retries`` times each) and the pool carries on. Requests
-and results cross a pipe per worker; a request's embeddings are a few MB,
-small next to the seconds its decoding takes.
+from outside. Requests and results cross a pipe per worker; a request's
+embeddings are a few MB, small next to the seconds its decoding takes.
+
+Failures are kept apart by who caused them:
+
+* a request that llama.cpp rejects (decode failure, context full) resolves
+  with ``result.error`` set and the worker goes on with the others;
+* a worker that dies holding several requests charges none of them: they are
+  retried one at a time on fresh workers, so only a request that kills its
+  worker while running alone is charged, and fails after ``max_retries``;
+* a request with no result after ``request_timeout`` seconds on a worker
+  fails with :class:`RequestTimedOut`; a worker that does not let go of it is
+  killed and replaced, and its other requests are retried uncharged;
+* a pool that cannot run at all (workers cannot load the model) fails every
+  future with :class:`PoolFailed`, which callers treat as fatal, not as a
+  fault of the request.
 """
 
 from __future__ import annotations
@@ -16,20 +28,35 @@ import itertools
 import logging
 import multiprocessing
 import threading
+import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import wait
 from pathlib import Path
+from typing import Callable
 
 from .errors import OcrbatchError
-from .language import GenerationRequest
+from .language import GenerationRequest, GenerationResult
 
 log = logging.getLogger(__name__)
 
+# How long a worker may take to drop a timed-out request before it counts as stuck.
+STUCK_GRACE_S = 10.0
+# A dead worker that never got ready this many times in a row means the model cannot load.
+MAX_STARTUP_FAILURES = 3
+
 
 class WorkerCrashed(OcrbatchError):
-    """A request's worker process died more often than the retry limit allows."""
+    """A request killed its worker process, running alone, more often than the retry limit allows."""
+
+
+class RequestTimedOut(OcrbatchError):
+    """A request had no result within the pool's ``request_timeout``."""
+
+
+class PoolFailed(OcrbatchError):
+    """The pool itself cannot decode anything (model not loadable, workers not starting, closed)."""
 
 
 @dataclass
@@ -47,7 +74,10 @@ def _worker_main(conn, settings: WorkerSettings) -> None:
 
     from .language import LanguageModel
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
+    # The parent decides when to stop (a Ctrl-C or a service stop reaches the whole process
+    # group); a worker leaves when its pipe closes.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         model = LanguageModel(settings.gguf_path, n_ctx=settings.n_ctx, n_seq_max=settings.n_seq_max,
                               n_threads=settings.threads)
@@ -56,6 +86,7 @@ def _worker_main(conn, settings: WorkerSettings) -> None:
         return
     conn.send(("ready", None, os.getpid()))
     scheduler = model.scheduler()
+    held: set = set()
     try:
         while True:
             # Block only when there is nothing to decode.
@@ -70,7 +101,15 @@ def _worker_main(conn, settings: WorkerSettings) -> None:
                 if stream:
                     request.on_token = lambda token, key=key: conn.send(("token", key, token))
                 scheduler.submit(key, request)
-            for key, result in scheduler.step():
+                held.add(key)
+            try:
+                finished = scheduler.step()
+            except Exception as exc:  # a fault the scheduler could not pin on one request
+                reason = f"llama.cpp worker error: {type(exc).__name__}: {exc}"
+                finished = [(key, GenerationResult([], "error", 0, 0.0, 0.0, reason)) for key in held]
+                scheduler = model.scheduler()  # clears the context's memory
+            for key, result in finished:
+                held.discard(key)
                 conn.send(("done", key, result))
     except (EOFError, BrokenPipeError, KeyboardInterrupt):
         return  # the parent went away
@@ -82,7 +121,10 @@ def _worker_main(conn, settings: WorkerSettings) -> None:
 class _Job:
     request: GenerationRequest
     future: Future
-    attempts: int = 0
+    attempts: int = 0  # deaths of a worker that ran this request alone
+    suspect: bool = False  # held by a worker that died: run alone until it succeeds
+    sent_at: float | None = None
+    timed_out: bool = False
 
 
 @dataclass
@@ -91,28 +133,39 @@ class _Worker:
     conn: object
     jobs: dict = field(default_factory=dict)
     ready: bool = False
+    killed_by_pool: bool = False
+    stuck_since: float | None = None
 
 
 class WorkerPool:
     """Runs :class:`GenerationRequest`s on worker processes and returns futures."""
 
     def __init__(self, gguf_path: str | Path, workers: int = 1, n_seq_max: int = 4, n_ctx: int = 8192,
-                 threads: int | None = None, max_retries: int = 2, queue_per_worker: int | None = None):
+                 threads: int | None = None, max_retries: int = 2, queue_per_worker: int | None = None,
+                 request_timeout: float | None = None, worker_main: Callable = _worker_main):
+        """Start ``workers`` processes, each decoding up to ``n_seq_max`` requests at once.
+
+        ``request_timeout`` bounds the seconds from a request reaching a worker
+        to its result. ``worker_main(conn, settings)`` is the worker process's
+        body; tests pass one that misbehaves on purpose.
+        """
         self.settings = WorkerSettings(Path(gguf_path), n_ctx, n_seq_max, threads)
         self.max_retries = max_retries
+        self.request_timeout = request_timeout
         # Keep a little more than the worker's slots queued, so it never idles between requests.
         self.queue_per_worker = queue_per_worker or n_seq_max + 1
+        self._worker_main = worker_main
         self._context = multiprocessing.get_context("spawn")
         self._lock = threading.Lock()
         self._queue: deque[tuple[int, _Job]] = deque()
+        self._suspects: deque[tuple[int, _Job]] = deque()
         self._keys = itertools.count()
         self._workers: list[_Worker] = []
         self._closed = False
         self._fatal: str | None = None
         self.crashes = 0
         self._startup_failures = 0
-        wake_reader, self._wake = self._context.Pipe(duplex=False)
-        self._wake_reader = wake_reader
+        self._wake_reader, self._wake = self._context.Pipe(duplex=False)
         for _ in range(workers):
             self._workers.append(self._spawn())
         self._thread = threading.Thread(target=self._dispatch, name="ocrbatch-pool", daemon=True)
@@ -128,9 +181,9 @@ class WorkerPool:
         future: Future = Future()
         with self._lock:
             if self._closed:
-                raise OcrbatchError("the worker pool is closed")
+                raise PoolFailed("the worker pool is closed")
             if self._fatal:
-                raise OcrbatchError(self._fatal)
+                raise PoolFailed(self._fatal)
             self._queue.append((next(self._keys), _Job(request, future)))
         self._wake.send(b"")
         return future
@@ -138,31 +191,31 @@ class WorkerPool:
     def cancel(self, future: Future) -> None:
         """Stop working on the request behind ``future`` (it resolves with reason ``cancelled``)."""
         with self._lock:
-            for index, (_, job) in enumerate(self._queue):
-                if job.future is future:
-                    del self._queue[index]
-                    future.cancel()
-                    return
+            for waiting in (self._queue, self._suspects):
+                for index, (_, job) in enumerate(waiting):
+                    if job.future is future:
+                        del waiting[index]
+                        future.cancel()
+                        return
             for worker in self._workers:
                 for key, job in worker.jobs.items():
                     if job.future is future:
-                        try:
-                            worker.conn.send(("cancel", key))
-                        except (BrokenPipeError, OSError):
-                            pass
+                        self._send_cancel(worker, key)
                         return
 
     @property
     def pending(self) -> int:
         """Requests queued or running."""
         with self._lock:
-            return len(self._queue) + sum(len(w.jobs) for w in self._workers)
+            return (len(self._queue) + len(self._suspects)
+                    + sum(1 for w in self._workers for j in w.jobs.values() if not j.future.done()))
 
     @property
     def worker_pids(self) -> list[int]:
         return [w.process.pid for w in self._workers if w.process.pid]
 
     def close(self) -> None:
+        """Stop the workers; every future not yet resolved is cancelled or fails with :class:`PoolFailed`."""
         with self._lock:
             if self._closed:
                 return
@@ -179,6 +232,21 @@ class WorkerPool:
             if worker.process.is_alive():
                 worker.process.kill()
                 worker.process.join()
+            worker.conn.close()
+        with self._lock:
+            waiting = [job for _, job in (*self._queue, *self._suspects)]
+            running = [job for w in self._workers for job in w.jobs.values()]
+            self._queue.clear()
+            self._suspects.clear()
+            for worker in self._workers:
+                worker.jobs.clear()
+        for job in waiting:
+            job.future.cancel()
+        for job in running:
+            if not job.future.done():
+                job.future.set_exception(PoolFailed("the worker pool was closed before this request finished"))
+        self._wake.close()
+        self._wake_reader.close()
 
     def __enter__(self):
         return self
@@ -190,65 +258,131 @@ class WorkerPool:
 
     def _spawn(self) -> _Worker:
         parent_conn, child_conn = self._context.Pipe()
-        process = self._context.Process(target=_worker_main, args=(child_conn, self.settings),
+        process = self._context.Process(target=self._worker_main, args=(child_conn, self.settings),
                                         name="ocrbatch-worker", daemon=True)
         process.start()
         child_conn.close()
         return _Worker(process, parent_conn)
 
+    def _send(self, worker: _Worker, key: int, job: _Job) -> bool:
+        if not job.future.running() and not job.future.set_running_or_notify_cancel():
+            return True  # cancelled while queued: nothing to send
+        request = replace(job.request, on_token=None)
+        try:
+            worker.conn.send((key, request, job.request.on_token is not None))
+        except (BrokenPipeError, OSError):
+            return False
+        job.sent_at = time.monotonic()
+        worker.jobs[key] = job
+        return True
+
     def _assign(self) -> None:
         with self._lock:
-            for worker in self._workers:
-                while worker.ready and self._queue and len(worker.jobs) < self.queue_per_worker:
+            ready = [w for w in self._workers if w.ready and not w.killed_by_pool]
+            # A suspect runs alone on a worker. While suspects wait, the least busy worker
+            # takes no new work so that it empties and can take one.
+            draining = min(ready, key=lambda w: len(w.jobs)) if self._suspects and ready else None
+            for worker in ready:
+                if self._suspects and not worker.jobs:
+                    key, job = self._suspects.popleft()
+                    if not self._send(worker, key, job):
+                        self._suspects.appendleft((key, job))
+                    continue
+                if worker is draining or any(job.suspect for job in worker.jobs.values()):
+                    continue
+                while self._queue and len(worker.jobs) < self.queue_per_worker:
                     key, job = self._queue.popleft()
-                    if not job.future.running() and not job.future.set_running_or_notify_cancel():
-                        continue  # cancelled while queued
-                    request = replace(job.request, on_token=None)
-                    try:
-                        worker.conn.send((key, request, job.request.on_token is not None))
-                    except (BrokenPipeError, OSError):
+                    if not self._send(worker, key, job):
                         self._queue.appendleft((key, job))
                         break
-                    worker.jobs[key] = job
+
+    def _send_cancel(self, worker: _Worker, key: int) -> None:
+        try:
+            worker.conn.send(("cancel", key))
+        except (BrokenPipeError, OSError):
+            pass  # a dead worker is replaced by the dispatcher
+
+    def _check_timeouts(self) -> None:
+        """Fail requests past the timeout; kill workers that do not let go of them."""
+        if self.request_timeout is None:
+            return
+        now = time.monotonic()
+        expired = []
+        with self._lock:
+            for worker in self._workers:
+                for key, job in worker.jobs.items():
+                    if not job.timed_out and job.sent_at is not None and now - job.sent_at > self.request_timeout:
+                        job.timed_out = True
+                        expired.append(job)
+                        self._send_cancel(worker, key)
+                        worker.stuck_since = worker.stuck_since or now
+                stuck = worker.stuck_since is not None and now - worker.stuck_since > STUCK_GRACE_S
+                if stuck and not worker.killed_by_pool and worker.process.is_alive():
+                    log.warning("llama.cpp worker %s did not stop a timed-out request within %.0f s; "
+                                "killing it", worker.process.pid, STUCK_GRACE_S)
+                    worker.killed_by_pool = True
+                    worker.process.kill()
+        for job in expired:
+            if not job.future.done():
+                job.future.set_exception(RequestTimedOut(
+                    f"no result after {self.request_timeout:.0f} s on a llama.cpp worker (page timeout)"))
 
     def _fail_all(self, message: str) -> None:
         with self._lock:
             self._fatal = message
-            jobs = [job for _, job in self._queue] + [j for w in self._workers for j in w.jobs.values()]
+            jobs = [job for _, job in (*self._queue, *self._suspects)]
+            jobs += [j for w in self._workers for j in w.jobs.values()]
             self._queue.clear()
+            self._suspects.clear()
             for worker in self._workers:
                 worker.jobs.clear()
         for job in jobs:
             if not job.future.done():
-                job.future.set_exception(OcrbatchError(message))
+                job.future.set_exception(PoolFailed(message))
 
     def _replace(self, worker: _Worker) -> None:
-        """Requeue a dead worker's requests and start a fresh worker in its place."""
+        """Retry a dead worker's requests as the module docstring says, and start a fresh worker."""
         worker.process.join(timeout=5)
         exitcode = worker.process.exitcode
-        self.crashes += 1
+        worker.conn.close()
         if not worker.ready:
             self._startup_failures += 1
-            if self._startup_failures >= 3:
-                self._fail_all(f"llama.cpp worker died while starting (exit code {exitcode}), 3 times in a row")
+            if self._startup_failures >= MAX_STARTUP_FAILURES:
+                self._fail_all(f"llama.cpp worker died while starting (exit code {exitcode}), "
+                               f"{MAX_STARTUP_FAILURES} times in a row")
                 with self._lock:
                     self._workers.remove(worker)
                 return
         else:
             self._startup_failures = 0
-        log.warning("llama.cpp worker %s died (exit code %s); retrying its %d request(s) on a fresh worker",
-                    worker.process.pid, exitcode, len(worker.jobs))
         with self._lock:
-            for key, job in sorted(worker.jobs.items(), reverse=True):
-                job.attempts += 1
-                if job.attempts > self.max_retries:
-                    job.future.set_exception(WorkerCrashed(
-                        f"worker process crashed (exit code {exitcode}) {job.attempts} times on this request"))
-                else:
-                    self._queue.appendleft((key, job))
+            live = [(key, job) for key, job in worker.jobs.items() if not job.future.done()]
             worker.jobs.clear()
+            if worker.killed_by_pool:
+                log.warning("retrying the %d other request(s) of the stuck worker on a fresh one", len(live))
+                self._queue.extendleft(reversed(live))
+            else:
+                self.crashes += 1
+                log.warning("llama.cpp worker %s died (exit code %s) holding %d request(s)",
+                            worker.process.pid, exitcode, len(live))
+                if len(live) == 1:
+                    self._charge(*live[0], exitcode)
+                else:  # which one did it is unknown: each runs alone next
+                    for key, job in live:
+                        job.suspect = True
+                    self._suspects.extend(live)
             index = self._workers.index(worker)
             self._workers[index] = self._spawn()
+
+    def _charge(self, key: int, job: _Job, exitcode) -> None:
+        job.attempts += 1
+        if job.attempts > self.max_retries:
+            job.future.set_exception(WorkerCrashed(
+                f"llama.cpp worker process crashed (exit code {exitcode}) {job.attempts} times "
+                "running this page alone"))
+        else:
+            job.suspect = True
+            self._suspects.appendleft((key, job))
 
     def _dispatch(self) -> None:
         try:
@@ -266,7 +400,8 @@ class WorkerPool:
                 workers = list(self._workers)
             by_conn = {w.conn: w for w in workers}
             by_sentinel = {w.process.sentinel: w for w in workers}
-            ready = wait([self._wake_reader, *by_conn, *by_sentinel])
+            timeout = 1.0 if self.request_timeout is not None else None
+            ready = wait([self._wake_reader, *by_conn, *by_sentinel], timeout=timeout)
             for handle in ready:
                 if handle is self._wake_reader:
                     while self._wake_reader.poll():
@@ -275,13 +410,14 @@ class WorkerPool:
                     self._receive(by_conn[handle])
                 elif handle in by_sentinel and by_sentinel[handle] in self._workers:
                     worker = by_sentinel[handle]
-                    # Drain results it sent before dying, then requeue the rest.
+                    # Take the results it sent before dying, then retry the rest.
                     self._receive(worker)
                     if self._fatal:
                         with self._lock:
                             self._workers.remove(worker)
                     elif worker in self._workers:
                         self._replace(worker)
+            self._check_timeouts()
 
     def _receive(self, worker: _Worker) -> None:
         try:
@@ -298,6 +434,8 @@ class WorkerPool:
                 elif kind == "done":
                     with self._lock:
                         job = worker.jobs.pop(key, None)
+                        if job is not None and job.timed_out and not any(j.timed_out for j in worker.jobs.values()):
+                            worker.stuck_since = None  # it let go
                     if job is not None and not job.future.done():
                         job.future.set_result(payload)
         except (EOFError, OSError):

@@ -119,10 +119,7 @@ def _page_source(document: Document, dpi: float, max_pixels: int, max_image_pixe
         def render(number: int) -> Image.Image:
             page = pdf[number - 1]
             zoom = pdf_zoom(page.rect.width, page.rect.height, dpi, max_pixels)
-            try:
-                pixmap = page.get_pixmap(matrix=pymupdf.Matrix(zoom, zoom), alpha=False, colorspace="rgb")
-            except Exception as exc:
-                raise InputError(f"{document.path} page {number}: cannot render ({exc})") from None
+            pixmap = page.get_pixmap(matrix=pymupdf.Matrix(zoom, zoom), alpha=False, colorspace="rgb")
             return Image.frombytes("RGB", (pixmap.width, pixmap.height), pixmap.samples)
 
         try:
@@ -143,7 +140,7 @@ def iter_pages(document: Document, pages: Iterable[int], dpi: float = 150, max_p
     """Render the given 1-based ``pages`` of ``document``, one at a time.
 
     Raises :class:`InputError` if the document cannot be opened at all; a page
-    that fails on its own comes back with ``error`` set.
+    that fails on its own, for whatever reason, comes back with ``error`` set.
     """
     with _page_source(document, dpi, max_pixels, max_image_pixels) as (count, render):
         for number in sorted(set(pages)):
@@ -155,5 +152,9 @@ def iter_pages(document: Document, pages: Iterable[int], dpi: float = 150, max_p
                 image = render(number)
             except InputError as exc:
                 yield PageImage(document, number, count, error=str(exc))
+                continue
+            except Exception as exc:  # a page tree that lies about its pages, a broken page object, ...
+                reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                yield PageImage(document, number, count, error=f"{document.path} page {number}: cannot render ({reason})")
                 continue
             yield PageImage(document, number, count, image=image, render_s=time.perf_counter() - started)

@@ -30,7 +30,6 @@ CREATE TABLE IF NOT EXISTS pages (
     doc_id TEXT NOT NULL REFERENCES documents(doc_id),
     page INTEGER NOT NULL,                     -- 1-based; 0 for a document that cannot be opened
     status TEXT NOT NULL DEFAULT 'pending',   -- pending, ok, failed
-    attempts INTEGER NOT NULL DEFAULT 0,
     error TEXT,
     result TEXT,                               -- JSON of the output row, less path and doc_id
     updated_at TEXT NOT NULL,
@@ -129,9 +128,9 @@ class Store:
     def record_page(self, doc_id: str, page: int, status: str, result: dict, error: str | None = None) -> None:
         with self.db:
             self.db.execute(
-                "INSERT INTO pages (doc_id, page, status, attempts, error, result, updated_at) "
-                "VALUES (?, ?, ?, 1, ?, ?, ?) ON CONFLICT(doc_id, page) DO UPDATE SET "
-                "status = excluded.status, attempts = attempts + 1, error = excluded.error, "
+                "INSERT INTO pages (doc_id, page, status, error, result, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(doc_id, page) DO UPDATE SET "
+                "status = excluded.status, error = excluded.error, "
                 "result = excluded.result, updated_at = excluded.updated_at",
                 (doc_id, page, status, error, json.dumps(result, ensure_ascii=False), now()))
 

@@ -1,0 +1,79 @@
+"""What ``ocrbatch run`` can be told, with its defaults: the one place they are set.
+
+The command line reads its option defaults from :class:`JobOptions`, so a
+default changed here changes ``--help``, the CLI and the Python API together.
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+
+from .store import checkpoint_path_for
+
+# A page's decode may take this long before it is failed: a fixed allowance for
+# prefill and waiting behind other pages on the worker, plus time per token far
+# slower than any CPU decodes (about 2 tokens/s per sequence).
+PAGE_TIMEOUT_BASE_S = 300.0
+PAGE_TIMEOUT_PER_TOKEN_S = 0.5
+
+
+@dataclass
+class JobOptions:
+    """Everything ``ocrbatch run`` can be told; defaults suit a small CPU machine."""
+
+    paths: list[Path]
+    out: Path
+    output_format: str | None = None
+    checkpoint: Path | None = None
+    include: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+    retry_failed: bool = False
+    max_retries: int = 2
+    max_page_error_rate: float = 0.5
+    min_file_age: float = 5.0
+    model: str = "PaddlePaddle/PaddleOCR-VL"
+    quant: str = "Q4_K_M"
+    gguf: str | None = None
+    task: str = "ocr"
+    max_tokens: int = 1024
+    page_timeout: float | None = None  # None: page_timeout_for(max_tokens)
+    stop_grace: float = 20.0
+    workers: int = 1
+    seqs_per_worker: int = 4
+    dpi: float = 150
+    max_pixels: int | None = None
+    batch_size: int = 4
+    max_batch_patches: int = 24576
+    vision_dtype: str = "float32"
+    device: str = "cpu"
+    threads: int | None = None
+    cache_dir: str | None = None
+    markdown_dir: Path | None = None
+    progress: bool = True
+    ignore_eos: bool = False  # decode exactly max_tokens per page: for benchmarks
+    flush_rows: int = 32
+    flush_seconds: float = 10.0
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.checkpoint or checkpoint_path_for(self.out)
+
+    @property
+    def effective_page_timeout(self) -> float:
+        return self.page_timeout if self.page_timeout is not None else page_timeout_for(self.max_tokens)
+
+
+def page_timeout_for(max_tokens: int) -> float:
+    """The default ``--page-timeout`` for pages of up to ``max_tokens`` tokens."""
+    return PAGE_TIMEOUT_BASE_S + PAGE_TIMEOUT_PER_TOKEN_S * max_tokens
+
+
+def default(name: str):
+    """The default of the :class:`JobOptions` field ``name``."""
+    for option in fields(JobOptions):
+        if option.name == name:
+            if option.default is MISSING:
+                raise KeyError(f"{name} has no default")
+            return option.default
+    raise KeyError(name)

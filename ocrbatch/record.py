@@ -1,0 +1,172 @@
+"""The record stage: finished pages → checkpoint, output file, Markdown, progress and summary.
+
+A page is committed to the checkpoint first and then buffered for the output
+file, so a run killed between the two loses nothing: the next run rebuilds
+the output from the checkpoint. An output that cannot be written (disk full,
+no permission) raises :class:`OutputError`, a fatal error that leaves the
+checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .discover import Document
+from .errors import OcrbatchError
+from .options import JobOptions
+from .store import Store
+
+log = logging.getLogger("ocrbatch")
+
+EXIT_OK = 0
+EXIT_SOME_FAILED = 1
+EXIT_FATAL = 3
+EXIT_LOCKED = 4
+
+
+class OutputError(OcrbatchError):
+    """The output (or Markdown) cannot be written; the checkpoint is intact."""
+
+
+@dataclass
+class JobSummary:
+    pages_ok: int = 0
+    pages_failed: int = 0
+    pages_skipped: int = 0
+    pages_left: int = 0  # planned but neither ok nor failed when the run ended
+    documents: int = 0
+    deferred_files: int = 0
+    elapsed_s: float = 0.0
+    worker_crashes: int = 0
+    render_crashes: int = 0
+    stopped_by: int | None = None  # the signal that stopped the run early
+
+    @property
+    def exit_code(self) -> int:
+        if self.stopped_by is not None:
+            return 128 + self.stopped_by
+        if self.pages_left:
+            return EXIT_FATAL
+        return EXIT_SOME_FAILED if self.pages_failed else EXIT_OK
+
+    def line(self, out: Path) -> str:
+        done = self.pages_ok + self.pages_failed
+        rate = done / self.elapsed_s * 60 if self.elapsed_s > 0 else 0.0
+        extras = []
+        if self.pages_left:
+            extras.append(f"{self.pages_left} left pending")
+        if self.deferred_files:
+            extras.append(f"{self.deferred_files} files still being written, left for the next run")
+        if self.worker_crashes:
+            extras.append(f"{self.worker_crashes} llama.cpp worker crashes")
+        if self.render_crashes:
+            extras.append(f"{self.render_crashes} render process crashes")
+        if self.stopped_by is not None:
+            extras.append("stopped early by a signal: run again to resume")
+        return (f"ocrbatch: {done} pages processed ({self.pages_ok} ok, {self.pages_failed} failed), "
+                f"{self.pages_skipped} already done, {self.documents} documents, "
+                + "".join(f"{extra}, " for extra in extras)
+                + f"{self.elapsed_s:.1f} s, {rate:.1f} pages/min -> {out}")
+
+
+def failure_row(page: int, page_count: int, task: str, error: str, model: str, quant: str) -> dict:
+    """The output row of a page (or, as page 0, a document) that failed."""
+    return {"page": page, "page_count": page_count, "task": task, "text": "", "status": "failed",
+            "error": error, "model": model, "quant": quant,
+            "created_at": datetime.now(timezone.utc).isoformat()}
+
+
+def write_markdown(store: Store, doc_id: str, folder: Path) -> Path:
+    """One Markdown file per document, pages in order."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = store.document_path(doc_id)
+    target = folder / f"{path.stem}-{doc_id[:8]}.md"
+    parts = []
+    for page in store.document_pages(doc_id):
+        body = page.get("text") or f"<!-- page {page['page']} failed: {page.get('error')} -->"
+        parts.append(f"<!-- page {page['page']} -->\n\n{body}\n")
+    target.write_text("\n".join(parts), encoding="utf-8")
+    return target
+
+
+class Recorder:
+    """Commits finished pages of one run and keeps its counters and progress bar."""
+
+    def __init__(self, options: JobOptions, store: Store, writer, model_name: str, quant: str, total: int):
+        from tqdm import tqdm
+
+        self.options, self.store, self.writer = options, store, writer
+        self.model_name, self.quant = model_name, quant
+        self.summary = JobSummary()
+        self.buffer: list[dict] = []
+        self.last_flush = time.monotonic()
+        self.remaining: dict[str, int] = {}
+        self.markdown_written: set[str] = set()
+        self.progress = tqdm(total=total, unit="page", disable=None if options.progress else True,
+                             dynamic_ncols=True, desc="ocrbatch")
+
+    def write(self, rows: list[dict]) -> None:
+        """Write rows to the output now."""
+        try:
+            self.writer.write(rows)
+        except OSError as exc:
+            raise OutputError(f"{self.options.out}: cannot write the output ({exc.strerror or exc}); "
+                              "the checkpoint is intact: run again once this is fixed") from None
+
+    def emit(self, row: dict) -> None:
+        self.buffer.append(row)
+        if (len(self.buffer) >= self.options.flush_rows
+                or time.monotonic() - self.last_flush >= self.options.flush_seconds):
+            self.flush()
+
+    def flush(self) -> None:
+        rows, self.buffer = self.buffer, []
+        self.write(rows)
+        self.last_flush = time.monotonic()
+
+    def expect(self, document: Document, pages: int) -> None:
+        self.remaining[document.doc_id] = pages
+
+    def page_done(self, document: Document, page: int, row: dict) -> None:
+        status = row["status"]
+        self.store.record_page(document.doc_id, page, status, row, row.get("error"))
+        self.emit({"path": str(document.path), "doc_id": document.doc_id, **row})
+        if status == "ok":
+            self.summary.pages_ok += 1
+        else:
+            self.summary.pages_failed += 1
+            log.warning("%s", row["error"])
+        self.progress.update(1)
+        self.remaining[document.doc_id] -= 1
+        if self.remaining[document.doc_id] == 0:
+            self.store.finish_document(document.doc_id, self.options.max_page_error_rate)
+            if self.options.markdown_dir:
+                self.markdown(document.doc_id)
+
+    def page_failed(self, document: Document, page: int, page_count: int, error: str) -> None:
+        row = failure_row(page, page_count, self.options.task, error, self.model_name, self.quant)
+        self.page_done(document, page, row)
+
+    def document_failed(self, document: Document, error: str) -> None:
+        """A document that cannot be opened: one failed row, page 0."""
+        row = failure_row(0, 0, self.options.task, error, self.model_name, self.quant)
+        self.store.record_document_failure(document.doc_id, document.path, error, row)
+        self.emit({"path": str(document.path), "doc_id": document.doc_id, **row})
+        self.summary.pages_failed += 1
+        self.progress.update(1)
+        log.warning("%s", error)
+
+    def markdown(self, doc_id: str) -> None:
+        try:
+            write_markdown(self.store, doc_id, self.options.markdown_dir)
+        except OSError as exc:
+            raise OutputError(f"{self.options.markdown_dir}: cannot write Markdown ({exc.strerror or exc}); "
+                              "the checkpoint is intact: run again once this is fixed") from None
+        self.markdown_written.add(doc_id)
+
+    def close(self) -> None:
+        self.progress.close()

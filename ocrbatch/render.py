@@ -1,0 +1,224 @@
+"""The render stage: planned pages → rendered images, in a child process, into a bounded queue.
+
+PDF and image decoders are large C libraries fed untrusted files; one of them
+crashing (a MuPDF segfault, an abort) must not take the job down. So pages
+are rendered in a child process: if it dies while rendering a document, the
+document's remaining pages are tried once more in a fresh child, and a
+document that kills the renderer twice is failed ("quarantined") instead of
+crashing this and every later run. A thread in the job's process feeds the
+child one document at a time and puts :class:`PageImage`\\ s on a bounded
+queue, so memory stays bounded however many pages are planned.
+
+The queue carries pages, then exactly one end marker: :data:`END` when every
+planned page went through, or a :class:`StageFailed` when the stage itself
+broke, so the job never mistakes a failure for the end of its input.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import queue
+import threading
+import traceback
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+from PIL import Image
+
+from .discover import Document
+from .errors import InputError
+from .rasterize import PageImage, iter_pages
+
+log = logging.getLogger("ocrbatch")
+
+class _End:
+    def __repr__(self) -> str:
+        return "END"
+
+
+END = _End()  # the end marker: every planned page went through
+# Deaths of the render process on one document before its remaining pages are failed.
+RENDER_CRASH_LIMIT = 2
+
+RenderPages = Callable[[Document, list[int], float, int], Iterator[PageImage]]
+
+
+@dataclass
+class RenderJob:
+    """Pages of one document to render."""
+
+    document: Document
+    pages: list[int]
+    page_count: int
+
+
+@dataclass
+class StageFailed:
+    """Put on a stage's queue instead of the end marker when the stage itself broke."""
+
+    stage: str
+    error: str
+
+
+def _render_main(conn, render_pages: RenderPages) -> None:
+    """Child process: render the documents asked for on ``conn`` and send the pages back."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the job decides when to stop; EOF ends us
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        while True:
+            message = conn.recv()
+            if message is None:
+                return
+            document, pages, dpi, max_pixels = message
+            try:
+                for page in render_pages(document, pages, dpi, max_pixels):
+                    if page.error:
+                        conn.send(("error", page.page, page.page_count, page.error))
+                    else:
+                        conn.send(("page", page.page, page.page_count, page.image.size, page.image.tobytes(),
+                                   page.render_s))
+            except InputError as exc:
+                conn.send(("document", str(exc)))
+            except Exception as exc:
+                conn.send(("document", f"{document.path}: cannot render ({type(exc).__name__}: {exc})"))
+            conn.send(("done",))
+    except (EOFError, BrokenPipeError, KeyboardInterrupt):
+        return
+
+
+class _RenderProcess:
+    """One child render process and its pipe."""
+
+    def __init__(self, render_pages: RenderPages):
+        context = multiprocessing.get_context("spawn")
+        self.conn, child = context.Pipe()
+        self.process = context.Process(target=_render_main, args=(child, render_pages), name="ocrbatch-render",
+                                       daemon=True)
+        self.process.start()
+        child.close()
+
+    def close(self) -> None:
+        try:
+            self.conn.send(None)
+        except (BrokenPipeError, OSError):
+            pass
+        self.process.join(timeout=5)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+        self.conn.close()
+
+    def exit_reason(self) -> str:
+        self.process.join(timeout=5)
+        code = self.process.exitcode
+        if code is not None and code < 0:
+            import signal
+
+            try:
+                return f"killed by {signal.Signals(-code).name}"
+            except ValueError:
+                return f"exit code {code}"
+        return f"exit code {code}"
+
+
+class RenderStage:
+    """Renders :class:`RenderJob`\\ s on a background thread into ``pages`` (a bounded queue)."""
+
+    def __init__(self, jobs: list[RenderJob], dpi: float, max_pixels: int, pages: queue.Queue,
+                 stop: threading.Event, render_pages: RenderPages = iter_pages):
+        self.jobs, self.dpi, self.max_pixels = jobs, dpi, max_pixels
+        self.pages, self.stop = pages, stop
+        self.render_pages = render_pages
+        self.crashes = 0
+        self._thread = threading.Thread(target=self._run, name="ocrbatch-render", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+
+    def _put(self, item) -> bool:
+        """Put ``item`` on the queue unless the job stops first; False if it stopped."""
+        while not self.stop.is_set():
+            try:
+                self.pages.put(item, timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        end = END
+        process = None
+        try:
+            for job in self.jobs:
+                if self.stop.is_set():
+                    break
+                process = self._render_document(job, process)
+        except BaseException as exc:  # reported to the job as an error, never as the end of input
+            log.debug("render stage failed:\n%s", traceback.format_exc())
+            end = StageFailed("render", f"{type(exc).__name__}: {exc}")
+        finally:
+            if process is not None:
+                process.close()
+            self._put(end)
+
+    def _render_document(self, job: RenderJob, process: _RenderProcess | None) -> _RenderProcess | None:
+        remaining = sorted(set(job.pages))
+        crashes = 0
+        while remaining and not self.stop.is_set():
+            process = process or _RenderProcess(self.render_pages)
+            try:
+                process.conn.send((job.document, remaining, self.dpi, self.max_pixels))
+                while True:
+                    message = process.conn.recv()
+                    kind = message[0]
+                    if kind == "done":
+                        break
+                    if kind == "document":
+                        for number in remaining:
+                            if not self._put(PageImage(job.document, number, job.page_count, error=message[1])):
+                                return process
+                        remaining = []
+                        continue
+                    number = message[1]
+                    if number in remaining:
+                        remaining.remove(number)
+                    if not self._put(self._page(job, message)):
+                        return process
+            except (EOFError, BrokenPipeError, ConnectionResetError):
+                reason = process.exit_reason()
+                process.close()
+                process = None
+                crashes += 1
+                self.crashes += 1
+                if crashes >= RENDER_CRASH_LIMIT:
+                    error = (f"{job.document.path}: the render process died on this document "
+                             f"{crashes} times ({reason}); quarantined")
+                    log.warning("%s", error)
+                    for number in remaining:
+                        if not self._put(PageImage(job.document, number, job.page_count,
+                                                   error=f"{error} (page {number})")):
+                            break
+                    return None
+                log.warning("%s: the render process died (%s); trying its %d remaining page(s) once more",
+                            job.document.path, reason, len(remaining))
+                continue
+            for number in remaining:  # the renderer said done without them
+                self._put(PageImage(job.document, number, job.page_count,
+                                    error=f"{job.document.path} page {number}: the renderer gave no result"))
+            remaining = []
+        return process
+
+    @staticmethod
+    def _page(job: RenderJob, message) -> PageImage:
+        if message[0] == "error":
+            _, number, page_count, error = message
+            return PageImage(job.document, number, page_count, error=error)
+        _, number, page_count, size, data, render_s = message
+        return PageImage(job.document, number, page_count, image=Image.frombytes("RGB", size, data),
+                         render_s=render_s)
