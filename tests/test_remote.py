@@ -1,0 +1,366 @@
+"""``RemoteRecognizer``: retries, backpressure and closing against a fault-injecting
+loopback server; then real servers: ``ocrbatch serve`` (text equals the local
+engine at F32) and llama-cpp-python's own OpenAI server with a llama.cpp mmproj."""
+
+from __future__ import annotations
+
+import email.utils
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import wait
+from pathlib import Path
+
+import httpx
+import pytest
+from fault_server import Drop, FaultServer, Hold, Ok, Stall, Status
+from helpers import document_image
+
+from ocrbatch.errors import OcrbatchError
+from ocrbatch.remote import BackendUnavailable, RemoteRecognizer
+
+IMAGE = document_image(64, 48, 0)
+TIMEOUT_S = 0.5
+SAMPLE_DOCS = Path(__file__).resolve().parent.parent / "sample_docs"
+
+
+@pytest.fixture
+def server():
+    with FaultServer() as running:
+        yield running
+
+
+@pytest.fixture
+def recognizer(server):
+    """A factory: recognizers on ``server`` with quick timeouts and backoff, all closed afterwards."""
+    made = []
+
+    def make(**settings):
+        options = dict(concurrency=2, timeout_s=TIMEOUT_S, max_attempts=4, backoff_initial_s=0.02,
+                       backoff_max_s=0.1)
+        made.append(RemoteRecognizer(settings.pop("url", server.url), **{**options, **settings}))
+        return made[-1]
+
+    yield make
+    for each in made:
+        each.close()
+
+
+def gaps(server, prompt) -> list[float]:
+    """Seconds between the server's arrivals of successive attempts for ``prompt``."""
+    times = [seen.at for seen in server.requests_for(prompt)]
+    return [later - earlier for earlier, later in zip(times, times[1:])]
+
+
+# -- retries ----------------------------------------------------------------------------
+
+def test_every_transient_failure_is_retried_until_the_page_completes(server, recognizer):
+    faults = [Status(503, retry_after="0"), Status(429, retry_after="0"), Drop(), Stall(), Status(408),
+              Status(502)]
+    server.script("OCR:", *faults)
+    remote = recognizer(max_attempts=len(faults) + 1)
+    remote.check()
+    result = remote.submit(IMAGE, "OCR:", 32).result(timeout=30)
+    assert result.ok
+    assert result.text == "OCR: 64x48"  # the fault server read the image back
+    assert (result.n_output_tokens, result.n_image_tokens, result.finish_reason) == (7, 30, "stop")
+    assert result.attempts == len(faults) + 1 == len(server.requests_for("OCR:"))
+    assert result.elapsed_s >= TIMEOUT_S  # the stalled attempt was waited out, then retried
+
+
+@pytest.mark.parametrize(("fault", "error"), [
+    (Status(503, "model overloaded", retry_after="0"), "HTTP 503: model overloaded (gave up after 3 attempts)"),
+    (Status(500, "CUDA error:\n  out of memory"), "HTTP 500: CUDA error: out of memory (gave up after 3 attempts)"),
+    (Drop(), "connection failed: RemoteProtocolError: Server disconnected without sending a response. "
+             "(gave up after 3 attempts)"),
+    (Stall(), f"no answer within {TIMEOUT_S:g} s (ReadTimeout) (gave up after 3 attempts)"),
+])
+def test_a_page_that_keeps_failing_fails_with_the_reason_after_the_budget(server, recognizer, fault, error):
+    server.script("OCR:", *[fault] * 5)
+    remote = recognizer(max_attempts=3)
+    remote.check()
+    result = remote.submit(IMAGE, "OCR:", 32).result(timeout=30)
+    assert result.error == error and result.text == "" and result.attempts == 3
+    assert len(server.requests_for("OCR:")) == 3
+
+
+@pytest.mark.parametrize("code", [400, 401, 404, 409, 413, 422])
+def test_other_client_errors_are_not_retried(server, recognizer, code):
+    server.script("OCR:", Status(code, "image is not a page"))
+    remote = recognizer()
+    remote.check()
+    result = remote.submit(IMAGE, "OCR:", 32).result(timeout=30)
+    assert result.error == f"HTTP {code}: image is not a page" and result.attempts == 1
+    assert len(server.requests_for("OCR:")) == 1
+
+
+def test_retry_after_is_honoured_in_seconds_and_as_a_date(server, recognizer):
+    # backoff_initial_s is 0.02: a gap of a second or more can only come from Retry-After.
+    server.script("seconds", Status(429, retry_after="1"))
+    # Dated 3 s ahead, whole seconds, when scripted: 2-3 s less the time until the server answers.
+    server.script("date", Status(503, retry_after=email.utils.formatdate(time.time() + 3, usegmt=True)))
+    remote = recognizer()
+    remote.check()
+    futures = [remote.submit(IMAGE, prompt, 8) for prompt in ("seconds", "date")]
+    assert all(f.result(timeout=30).error is None for f in futures)
+    [seconds], [date] = gaps(server, "seconds"), gaps(server, "date")
+    assert 1.0 <= seconds < 2.0
+    assert 1.0 <= date < 3.5
+
+
+def test_retry_after_is_capped(server, recognizer):
+    server.script("OCR:", Status(503, retry_after="3600"))
+    remote = recognizer(max_retry_after_s=0.5)
+    remote.check()
+    assert remote.submit(IMAGE, "OCR:", 8).result(timeout=30).error is None
+    [gap] = gaps(server, "OCR:")
+    assert 0.5 <= gap < 1.5
+
+
+def test_backoff_without_retry_after_grows_exponentially(server, recognizer):
+    server.script("OCR:", Status(503), Status(503), Status(503))
+    remote = recognizer(backoff_initial_s=0.2, backoff_max_s=10)
+    remote.check()
+    assert remote.submit(IMAGE, "OCR:", 8).result(timeout=30).error is None
+    waits = gaps(server, "OCR:")
+    # Equal jitter: attempt n waits between half and all of 0.2 * 2**(n-1) (plus scheduling slack).
+    for n, gap in enumerate(waits, start=1):
+        base = 0.2 * 2 ** (n - 1)
+        assert base / 2 <= gap < base + 0.5, (n, waits)
+
+
+# -- check ------------------------------------------------------------------------------
+
+def test_check_raises_when_the_server_is_unreachable(recognizer):
+    with socket.socket() as sock:  # a port that nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    remote = recognizer(url=f"http://127.0.0.1:{port}", max_attempts=2)
+    with pytest.raises(BackendUnavailable, match=r"127\.0\.0\.1:\d+/v1: connection failed: ConnectError: .*"
+                                                 r"\(gave up after 2 attempts\)"):
+        remote.check()
+
+
+def test_check_picks_the_first_model_or_refuses_an_unknown_one():
+    with FaultServer(models=("first", "second")) as server:
+        with RemoteRecognizer(server.url) as remote:
+            assert remote.check() == "first" and remote.model == "first"
+        with RemoteRecognizer(server.url, model="second") as remote:
+            assert remote.check() == "second"
+        with RemoteRecognizer(server.url, model="third") as remote:
+            with pytest.raises(BackendUnavailable, match="model 'third' is not served here; "
+                                                         "it serves 'first', 'second'"):
+                remote.check()
+
+
+def test_api_key_is_sent_and_a_refusal_is_reported():
+    with FaultServer(api_key="sesame") as server:
+        with RemoteRecognizer(server.url, max_attempts=3) as remote:
+            with pytest.raises(BackendUnavailable, match="HTTP 401: invalid API key$"):  # not retried
+                remote.check()
+        with RemoteRecognizer(server.url, api_key="sesame") as remote:
+            remote.check()
+            assert remote.submit(IMAGE, "OCR:", 8).result(timeout=30).error is None
+
+
+def test_request_is_one_image_and_the_prompt_greedy_and_usage_may_be_absent(server, recognizer):
+    server.script("Table Recognition:", Ok(usage=False))
+    remote = recognizer()
+    remote.check()
+    result = remote.submit(IMAGE, "Table Recognition:", 77).result(timeout=30)
+    assert result.text == "Table Recognition: 64x48"
+    assert result.n_output_tokens is None and result.n_image_tokens is None
+    [seen] = server.requests_for("Table Recognition:")
+    assert {k: seen.body[k] for k in ("model", "max_tokens", "temperature")} == {
+        "model": "fault-model", "max_tokens": 77, "temperature": 0}
+    [message] = seen.body["messages"]
+    image, text = message["content"]
+    assert image["image_url"]["url"].startswith("data:image/png;base64,") and text["text"] == "Table Recognition:"
+
+
+# -- concurrency, backpressure, closing ----------------------------------------------------
+
+def test_submit_blocks_while_concurrency_plus_queue_requests_are_unfinished(server, recognizer):
+    remote = recognizer(concurrency=2, queue_size=1, timeout_s=30)  # held requests must not time out
+    remote.check()
+    for prompt in ("a", "b", "c", "d"):
+        server.script(prompt, Hold())
+    futures = [remote.submit(IMAGE, prompt, 8) for prompt in ("a", "b", "c")]
+    assert server.wait_for(lambda s: s.in_flight == 2)
+    fourth = []
+    submitter = threading.Thread(target=lambda: fourth.append(remote.submit(IMAGE, "d", 8)))
+    submitter.start()
+    submitter.join(timeout=0.5)
+    assert submitter.is_alive() and not fourth  # two sent, one queued: the fourth waits
+    server.release_held()
+    submitter.join(timeout=10)
+    assert fourth
+    results = [f.result(timeout=30) for f in futures + fourth]
+    assert [r.text for r in results] == ["a 64x48", "b 64x48", "c 64x48", "d 64x48"]
+    assert server.max_in_flight == 2
+
+
+def test_close_resolves_or_cancels_every_future(server, recognizer):
+    remote = recognizer(concurrency=2, queue_size=2, timeout_s=30)
+    remote.check()
+    server.script("backing off", Status(503, "busy", retry_after="30"))
+    server.script("in flight", Hold())
+    backing_off, in_flight = remote.submit(IMAGE, "backing off", 8), remote.submit(IMAGE, "in flight", 8)
+    queued = [remote.submit(IMAGE, "queued", 8) for _ in range(2)]
+    assert server.wait_for(lambda s: len(s.seen) == 2 and s.in_flight == 1)
+
+    closer = threading.Thread(target=remote.close)
+    closer.start()
+    # The 30 s backoff is cut short; queued requests are never sent.
+    done, _ = wait([backing_off, *queued], timeout=5)
+    assert len(done) == 3 and all(f.cancelled() for f in queued)
+    assert backing_off.result().error == ("HTTP 503: busy (stopped retrying after 1 attempt(s): "
+                                          "the recognizer was closed)")
+    assert closer.is_alive()  # still waiting for the attempt in flight
+    server.release_held()
+    closer.join(timeout=10)
+    assert not closer.is_alive() and in_flight.result(timeout=0).text == "in flight 64x48"
+    assert len(server.seen) == 2
+    with pytest.raises(OcrbatchError, match="closed"):
+        remote.submit(IMAGE, "late", 8)
+
+
+# -- real servers --------------------------------------------------------------------------
+
+MAX_TOKENS = 16
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start(command: list[str], port: int, log: Path, startup_s: float = 300) -> subprocess.Popen:
+    """Start a server process; return once ``GET /v1/models`` answers (polled: a process has no event for it)."""
+    process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + startup_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}: {log.read_text()[-2000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    process.kill()
+    raise RuntimeError(f"server did not start within {startup_s} s: {log.read_text()[-2000:]}")
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def sample_pages() -> list:
+    """First pages of the sample documents, rendered as the batch job renders them (at a low dpi)."""
+    from ocrbatch.discover import Document
+    from ocrbatch.rasterize import iter_pages
+
+    pages = []
+    for path in sorted(SAMPLE_DOCS.iterdir()):
+        [page] = iter_pages(Document(path, None), [1], dpi=50)
+        assert page.error is None, page.error
+        pages.append(page.image)
+    return pages
+
+
+@pytest.mark.slow
+def test_ocrbatch_serve_gives_the_local_engines_text(tiny_model, engine_f32, test_images, tmp_path):
+    port = free_port()
+    process = start([sys.executable, "-m", "ocrbatch", "serve", "--model", str(tiny_model), "--quant", "F32",
+                     "--port", str(port), "--max-tokens", str(MAX_TOKENS)], port, tmp_path / "serve.log")
+    try:
+        images = sample_pages() + test_images[:2]
+        with RemoteRecognizer(f"http://127.0.0.1:{port}", concurrency=3, timeout_s=120) as remote:
+            assert remote.check() == str(tiny_model)
+            futures = [remote.submit(image, "OCR:", MAX_TOKENS) for image in images]
+            results = [f.result(timeout=300) for f in futures]
+    finally:
+        stop(process)
+    for image, result in zip(images, results):
+        [expected] = engine_f32.ocr([image], max_tokens=MAX_TOKENS)
+        assert result.error is None, result.error
+        assert result.text == expected.text
+        assert result.n_output_tokens == len(expected.token_ids)
+        assert result.n_image_tokens == expected.n_image_tokens
+        assert result.finish_reason == expected.finish_reason
+
+
+# The converter's tensor-name table covers as many projector layers as the model has vision
+# blocks; the tiny checkpoint's 2 blocks leave out its projector's third layer (mlp_AR.linear_2).
+# Widening the table changes no tensor.
+CONVERTER = """
+import runpy, sys
+import gguf
+table = gguf.get_tensor_name_map
+gguf.get_tensor_name_map = lambda arch, n_blocks: table(arch, max(n_blocks, 4))
+script = sys.argv.pop(1)
+sys.argv[0] = script
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+def build_mmproj(checkpoint: Path, work: Path) -> Path:
+    """The vision tower as a llama.cpp mmproj GGUF, made by llama.cpp's own converter from the pinned sdist."""
+    sdist = work / "sdist"
+    download = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-binary", ":all:",
+                               "--no-deps", "llama-cpp-python==0.3.36", "-d", str(sdist)],
+                              capture_output=True, text=True, timeout=900)
+    if download.returncode != 0:
+        pytest.skip(f"cannot download llama-cpp-python's sdist for its converter: {download.stderr[-500:]}")
+    archive = next(sdist.glob("llama_cpp_python-*.tar.gz"))
+    subprocess.run(["tar", "xzf", str(archive), "-C", str(sdist)], check=True)
+    root = next(sdist.glob("llama_cpp_python-*/vendor/llama.cpp"))
+    target = work / "mmproj.gguf"
+    converted = subprocess.run(
+        [sys.executable, "-c", CONVERTER, str(root / "convert_hf_to_gguf.py"), str(checkpoint), "--mmproj",
+         "--outtype", "f32", "--outfile", str(target)],
+        capture_output=True, text=True, timeout=900,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "gguf-py"), str(root)])})
+    assert converted.returncode == 0, converted.stderr[-3000:]
+    return target
+
+
+@pytest.mark.slow
+def test_smoke_against_llama_cpp_pythons_own_server(tmp_path):
+    pytest.importorskip("llama_cpp.server.app", reason="needs llama-cpp-python[server]")
+    from ocrbatch.devmodel import make_model
+    from ocrbatch.gguf_convert import convert
+
+    # The official layout: llama.cpp's converter reads its vision tower (PaddleOCRVisionModel).
+    checkpoint = make_model(tmp_path / "tiny-official", size="tiny", seed=0, version="1.0", layout="official")
+    mmproj = build_mmproj(checkpoint, tmp_path)
+    port = free_port()
+    process = start([sys.executable, "-m", "llama_cpp.server", "--model", str(convert(checkpoint, "F32")),
+                     "--clip_model_path", str(mmproj), "--chat_format", "mtmd", "--n_ctx", "4096",
+                     "--host", "127.0.0.1", "--port", str(port), "--model_alias", "paddleocr-vl-tiny"],
+                    port, tmp_path / "llama-server.log")
+    try:
+        with RemoteRecognizer(f"http://127.0.0.1:{port}/v1", concurrency=2, timeout_s=120) as remote:
+            assert remote.check() == "paddleocr-vl-tiny"
+            # Different sizes: llama-cpp-python's prompt cache keys on tokens, not on the image.
+            images = [document_image(300, 200, 1), document_image(180, 260, 2)]
+            results = [remote.submit(image, "OCR:", MAX_TOKENS).result(timeout=300) for image in images]
+    finally:
+        stop(process)
+    for result in results:
+        assert result.error is None, result.error
+        assert result.text.strip() and result.finish_reason in ("stop", "length")
+        assert 0 < result.n_output_tokens <= MAX_TOKENS
+        assert (result.n_output_tokens == MAX_TOKENS) == (result.finish_reason == "length")
+        assert result.n_image_tokens is None  # llama-cpp-python's usage has no image count
+    assert results[0].text != results[1].text  # the image reached the model
