@@ -13,23 +13,25 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hmac
 import json
+import re
 import threading
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Literal
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import InputError
 from .images import open_image
-from .language import Sampling
-
-DEFAULT_PORT = 7778
+from .language import GenerationResult, Sampling
 
 
 @dataclass
@@ -185,6 +187,95 @@ def _parse_prompt(body: ChatCompletionRequest) -> tuple[str, str]:
     return url, text or "OCR:"
 
 
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+class Detokenizer:
+    """Streamed token ids to text pieces, each decode covering only the last few tokens.
+
+    The pieces joined equal ``decode`` of all the ids. A token's text can depend on its
+    neighbours: SentencePiece drops the leading space of a decode's first token, and a run of
+    byte-fallback tokens decodes as a whole (one character split over several tokens, or a
+    replacement character for every byte of an invalid run), with skipped special tokens
+    joining the runs on either side. So each decode starts at the previous piece, for context,
+    and a piece ends only after an ordinary token; byte, special and unknown ids wait for one.
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str], ordinary: frozenset[int]):
+        self._decode, self._ordinary = decode, ordinary
+        self._window: list[int] = []  # the last piece's tokens, then those not yet handed out
+        self._done = 0  # how many of the window's tokens have been handed out
+
+    def push(self, token: int) -> str:
+        """The text ``token`` completes ("" while it waits for an ordinary token)."""
+        self._window.append(token)
+        return self._piece() if token in self._ordinary else ""
+
+    def flush(self) -> str:
+        """The text of tokens still waiting, at the end of the answer."""
+        return self._piece() if self._done < len(self._window) else ""
+
+    def _piece(self) -> str:
+        known = len(self._decode(self._window[: self._done]))
+        piece = self._decode(self._window)[known:]
+        del self._window[: self._done]
+        self._done = len(self._window)
+        return piece
+
+
+def ordinary_token_ids(tokenizer) -> frozenset[int]:
+    """Ids whose text does not change with the tokens after them: neither bytes nor special tokens."""
+    special = set(tokenizer.all_special_ids)
+    return frozenset(i for token, i in tokenizer.get_vocab().items()
+                     if i not in special and not _BYTE_TOKEN.fullmatch(token))
+
+
+def _first_stop(text: str, stops: list[str]) -> int | None:
+    """Where to cut ``text``: before the stop string that completes first, as in generation order."""
+    found = [(at + len(stop), at) for stop in stops if stop and (at := text.find(stop)) >= 0]
+    return min(found)[1] if found else None
+
+
+def _apply_stops(text: str, stops: list[str]) -> tuple[str, bool]:
+    cut = _first_stop(text, stops)
+    return (text, False) if cut is None else (text[:cut], True)
+
+
+class StopScanner:
+    """Cuts streamed text at the first stop string, seeing each character about once.
+
+    The tail that could be the start of a stop string is held back until the next piece shows
+    whether it is one, so no text past a stop is ever sent and a stop string split over pieces
+    is found.
+    """
+
+    def __init__(self, stops: list[str]):
+        self._stops = [stop for stop in stops if stop]
+        self._held = ""
+
+    def feed(self, piece: str) -> tuple[str, bool]:
+        """The text that can be sent now, and whether a stop string ended the answer."""
+        text = self._held + piece
+        cut = _first_stop(text, self._stops)
+        if cut is not None:
+            self._held = ""
+            return text[:cut], True
+        keep = max((k for stop in self._stops for k in range(min(len(stop) - 1, len(text)), 0, -1)
+                    if text.endswith(stop[:k])), default=0)
+        self._held = text[len(text) - keep:]
+        return text[:len(text) - keep], False
+
+    def flush(self) -> str:
+        """The held-back tail, once the answer has ended without a stop string."""
+        held, self._held = self._held, ""
+        return held
+
+
+def _usage(n_prompt: int, n_image: int, n_completion: int) -> dict:
+    return {"prompt_tokens": n_prompt, "completion_tokens": n_completion, "total_tokens": n_prompt + n_completion,
+            "prompt_tokens_details": {"image_tokens": n_image, "text_tokens": n_prompt - n_image}}
+
+
 class OcrService:
     """The server's state: engine (vision, prompts), pool and limits."""
 
@@ -193,6 +284,7 @@ class OcrService:
         self._vision_lock = threading.Lock()
         self._admitted = 0
         self._admit_lock = threading.Lock()
+        self._ordinary = ordinary_token_ids(engine.prompts.tokenizer)
 
     def admit(self) -> None:
         with self._admit_lock:
@@ -204,6 +296,9 @@ class OcrService:
     def release(self) -> None:
         with self._admit_lock:
             self._admitted -= 1
+
+    def detokenizer(self) -> Detokenizer:
+        return Detokenizer(self.engine.prompts.decode, self._ordinary)
 
     def encode(self, image_data: bytes):
         try:
@@ -219,12 +314,59 @@ class OcrService:
                 raise ApiError(400, f"the image cannot be encoded: {exc}", param="image_url") from None
 
 
+class _EventStream(StreamingResponse):
+    """A server-sent-event response that owns a decode and a queue slot.
+
+    ``close`` runs however the response ends: finished, client gone mid-stream, or client gone
+    before the body was ever iterated, when the generator's own ``finally`` would never run.
+    """
+
+    def __init__(self, events: AsyncIterator[str], close: Callable[[], None]):
+        super().__init__(events, media_type="text/event-stream")
+        self._close = close
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            try:
+                await self.body_iterator.aclose()
+            finally:
+                self._close()
+
+
+async def _client_gone(receive) -> None:
+    """Return when the client disconnects; the request body has already been read."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _result_unless_client_leaves(pool, future: Future, receive) -> GenerationResult | None:
+    """The decode's result, or None once the client has hung up and the decode was cancelled.
+
+    Waits for the cancelled decode to end, so its queue slot is held until its sequence is free.
+    """
+    outcome = asyncio.wrap_future(future)
+    gone = asyncio.ensure_future(_client_gone(receive))
+    try:
+        await asyncio.wait({outcome, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if outcome.done():
+            return outcome.result()
+    finally:
+        gone.cancel()
+        if not outcome.done():  # the client left, or this handler is being cancelled
+            pool.cancel(future)
+    await asyncio.wait({outcome})
+    return None
+
+
 def create_app(engine, pool, settings: ServerSettings) -> FastAPI:
     """The FastAPI application over a loaded engine and a worker pool."""
     app = FastAPI(title="ocrbatch", version="0.1.0")
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     service = OcrService(engine, pool, settings)
     app.state.service = service
+    expected_authorization = None if settings.api_key is None else f"Bearer {settings.api_key}".encode()
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):
@@ -245,10 +387,12 @@ def create_app(engine, pool, settings: ServerSettings) -> FastAPI:
         return ApiError(500, f"internal error: {type(exc).__name__}: {exc}", type_="server_error").response()
 
     def authorised(request: Request) -> None:
-        if settings.api_key is None:
+        if expected_authorization is None:
             return
-        header = request.headers.get("authorization", "")
-        if header != f"Bearer {settings.api_key}":
+        # Starlette decodes header values as latin-1; encoding back gives the bytes sent, and
+        # comparing bytes in constant time does not tell a guesser how much of a key was right.
+        given = request.headers.get("authorization", "").encode("latin-1")
+        if not hmac.compare_digest(given, expected_authorization):
             raise ApiError(401, "invalid or missing API key (send Authorization: Bearer KEY)",
                            code="invalid_api_key")
 
@@ -262,7 +406,7 @@ def create_app(engine, pool, settings: ServerSettings) -> FastAPI:
             {"id": settings.model_name, "object": "model", "created": 0, "owned_by": "ocrbatch"}]}
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorised)])
-    async def chat_completions(body: ChatCompletionRequest):
+    async def chat_completions(body: ChatCompletionRequest, http: Request):
         if body.model and body.model != settings.model_name:
             raise ApiError(404, f"model {body.model!r} does not exist; this server serves {settings.model_name!r}",
                            code="model_not_found", param="model")
@@ -272,109 +416,101 @@ def create_app(engine, pool, settings: ServerSettings) -> FastAPI:
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         url, text = _parse_prompt(body)
         image_data = await asyncio.to_thread(_image_bytes, url, settings)
-        service.admit()
-        try:
-            encoded = await asyncio.to_thread(service.encode, image_data)
-        except BaseException:
-            service.release()
-            raise
         sampling = Sampling(temperature=body.temperature, top_p=body.top_p, seed=body.seed)
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(
-                _stream(service, encoded, text, max_tokens, sampling, stops, completion_id, created,
-                        include_usage),
-                media_type="text/event-stream")
+        service.admit()
+        slot_handed_over = False
         try:
-            future = pool.submit(engine.request(encoded, text, max_tokens, sampling))
-            result = await asyncio.wrap_future(future)
+            encoded = await asyncio.to_thread(service.encode, image_data)
+            if body.stream:
+                loop = asyncio.get_running_loop()
+                tokens: asyncio.Queue = asyncio.Queue()
+                request_ = engine.request(encoded, text, max_tokens, sampling,
+                                          on_token=lambda token: loop.call_soon_threadsafe(tokens.put_nowait, token))
+                future = pool.submit(request_)
+                future.add_done_callback(lambda _: loop.call_soon_threadsafe(tokens.put_nowait, None))
+
+                def close() -> None:
+                    if not future.done():
+                        pool.cancel(future)
+                    service.release()
+
+                include_usage = bool(body.stream_options and body.stream_options.include_usage)
+                events = _events(service, request_, future, tokens, stops, completion_id, created, include_usage)
+                response = _EventStream(events, close)
+                slot_handed_over = True
+                return response
+            request_ = engine.request(encoded, text, max_tokens, sampling)
+            result = await _result_unless_client_leaves(pool, pool.submit(request_), http.receive)
         finally:
-            service.release()
+            if not slot_handed_over:
+                service.release()
+        if result is None:
+            return Response(status_code=499)  # nginx's "client closed request", for the access log
         if result.error:
             raise ApiError(400, result.error)
         token_ids = list(result.token_ids)
-        content = engine.prompts.decode(token_ids)
-        finish = result.finish_reason
-        content, stopped = _apply_stops(content, stops)
-        if stopped:
-            finish = "stop"
+        content, stopped = _apply_stops(engine.prompts.decode(token_ids), stops)
+        prompt = request_.prompt
         return {
             "id": completion_id, "object": "chat.completion", "created": created, "model": settings.model_name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
-                         "finish_reason": finish, "logprobs": None}],
-            "usage": {"prompt_tokens": result.n_prompt_tokens, "completion_tokens": len(token_ids),
-                      "total_tokens": result.n_prompt_tokens + len(token_ids)},
-            "ocrbatch": {"token_ids": token_ids, "n_image_tokens": encoded.n_tokens,
+                         "finish_reason": "stop" if stopped else result.finish_reason, "logprobs": None}],
+            "usage": _usage(prompt.n_prompt_tokens, prompt.n_image_tokens, len(token_ids)),
+            "ocrbatch": {"token_ids": token_ids, "n_image_tokens": prompt.n_image_tokens,
                          "prefill_s": result.prefill_s, "decode_s": result.decode_s},
         }
 
     return app
 
 
-def _apply_stops(text: str, stops: list[str]) -> tuple[str, bool]:
-    cut = min((text.find(s) for s in stops if s and s in text), default=-1)
-    return (text[:cut], True) if cut >= 0 else (text, False)
+async def _events(service: OcrService, request_, future: Future, tokens: asyncio.Queue, stops, completion_id,
+                  created, include_usage) -> AsyncIterator[str]:
+    """Server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``.
 
-
-async def _stream(service: OcrService, encoded, text, max_tokens, sampling, stops, completion_id, created,
-                  include_usage):
-    """Server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``."""
-    engine, pool, model = service.engine, service.pool, service.settings.model_name
-    loop = asyncio.get_running_loop()
-    tokens: asyncio.Queue = asyncio.Queue()
-    future = None
+    ``tokens`` receives each token id, then None once ``future`` is done.
+    """
+    model = service.settings.model_name
 
     def chunk(delta: dict, finish: str | None = None) -> str:
         payload = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
         return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
-    try:
-        request_ = engine.request(encoded, text, max_tokens, sampling,
-                                  on_token=lambda token: loop.call_soon_threadsafe(tokens.put_nowait, token))
-        future = pool.submit(request_)
-        future.add_done_callback(lambda f: loop.call_soon_threadsafe(tokens.put_nowait, None))
-        yield chunk({"role": "assistant", "content": ""})
-        ids: list[int] = []
-        sent = ""
-        finish = None
-        while True:
-            token = await tokens.get()
-            if token is None:
-                break
-            ids.append(token)
-            decoded = engine.prompts.decode(ids)
-            if decoded.endswith("\ufffd"):
-                continue  # a multi-byte character is not complete yet
-            decoded, stopped = _apply_stops(decoded, stops)
-            if len(decoded) > len(sent):
-                yield chunk({"content": decoded[len(sent):]})
-                sent = decoded
-            if stopped:
-                finish = "stop"
-                pool.cancel(future)
-                break
-        result = await asyncio.wrap_future(future) if finish is None else None
-        if result is not None and result.error:
-            yield f"data: {json.dumps({'error': {'message': result.error, 'type': 'invalid_request_error'}})}\n\n"
-        else:
-            final = engine.prompts.decode(ids)
-            final, _ = _apply_stops(final, stops)
-            if len(final) > len(sent):
-                yield chunk({"content": final[len(sent):]})
-            yield chunk({}, finish or result.finish_reason)
-            if include_usage:
-                prompt_tokens = result.n_prompt_tokens if result else 0
-                usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(ids),
-                         "total_tokens": prompt_tokens + len(ids)}
-                payload = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
-                           "model": model, "choices": [], "usage": usage}
-                yield f"data: {json.dumps(payload)}\n\n"
-        yield "data: [DONE]\n\n"
-    finally:
-        # Also reached when the client disconnects mid-stream: free the sequence.
-        if future is not None and not future.done():
-            pool.cancel(future)
-        service.release()
+    def error(message: str, type_: str) -> str:
+        return f"data: {json.dumps({'error': {'message': message, 'type': type_}}, ensure_ascii=False)}\n\n"
+
+    yield chunk({"role": "assistant", "content": ""})
+    text, scanner = service.detokenizer(), StopScanner(stops)
+    n_tokens, stopped = 0, False
+    while not stopped and (token := await tokens.get()) is not None:
+        n_tokens += 1
+        piece, stopped = scanner.feed(text.push(token))
+        if piece:
+            yield chunk({"content": piece})
+    if stopped:
+        finish = "stop"
+    else:
+        try:
+            result = future.result()
+        except Exception as exc:  # the pool failed or shut down: say so rather than cut the stream
+            yield error(f"{type(exc).__name__}: {exc}", "server_error")
+            yield "data: [DONE]\n\n"
+            return
+        if result.error:
+            yield error(result.error, "invalid_request_error")
+            yield "data: [DONE]\n\n"
+            return
+        piece, stopped = scanner.feed(text.flush())
+        piece += "" if stopped else scanner.flush()
+        if piece:
+            yield chunk({"content": piece})
+        finish = "stop" if stopped else result.finish_reason
+    yield chunk({}, finish)
+    if include_usage:
+        prompt = request_.prompt
+        payload = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                   "choices": [], "usage": _usage(prompt.n_prompt_tokens, prompt.n_image_tokens, n_tokens)}
+        yield f"data: {json.dumps(payload)}\n\n"
+    yield "data: [DONE]\n\n"

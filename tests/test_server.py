@@ -1,19 +1,29 @@
-"""``ocrbatch serve``: a real server on a loopback port, driven by the openai SDK and httpx."""
+"""``ocrbatch serve``: real servers on loopback ports, driven by the openai SDK, httpx and raw sockets.
 
+Most tests run ``ocrbatch serve`` as a subprocess. Those that must see inside the server (its
+pool's futures, cancels and queue slots) run the same app under uvicorn in this process.
+"""
+
+import asyncio
 import base64
 import io
 import json
+import random
 import socket
 import subprocess
 import sys
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import CancelledError, ThreadPoolExecutor
+from types import SimpleNamespace
 
 import httpx
 import pytest
 from helpers import document_image, write_png_claiming_size
 
 MAX = 16
+# A decode this long is never waited for: with end-of-sentence ignored, only a cancel ends it in time.
+LONG = 2000
 
 
 def free_port() -> int:
@@ -96,6 +106,9 @@ def test_openai_sdk_plain_matches_engine(server, tiny_model, test_images, engine
         assert completion.choices[0].finish_reason == ("length" if len(expected.token_ids) == MAX else "stop")
         assert completion.usage.completion_tokens == len(expected.token_ids)
         assert completion.usage.prompt_tokens == expected.n_prompt_tokens
+        details = completion.usage.prompt_tokens_details
+        assert details.image_tokens == expected.n_image_tokens > 0
+        assert details.text_tokens == expected.n_prompt_tokens - expected.n_image_tokens > 0
         assert completion.id.startswith("chatcmpl-") and completion.object == "chat.completion"
 
 
@@ -117,6 +130,8 @@ def test_openai_sdk_streaming(server, test_images, engine_f32):
     assert "".join(pieces) == expected.text
     assert len([p for p in pieces if p]) > 1  # really streamed, not one lump
     assert finish in ("stop", "length") and usage.completion_tokens == len(expected.token_ids)
+    assert usage.prompt_tokens == expected.n_prompt_tokens
+    assert usage.prompt_tokens_details.image_tokens == expected.n_image_tokens > 0
 
 
 @pytest.mark.slow
@@ -183,26 +198,12 @@ def test_bad_requests_get_openai_errors_and_the_server_stays_up(server, test_ima
 
 
 @pytest.mark.slow
-def test_client_disconnecting_mid_stream_is_cleaned_up(server, test_images):
-    body = {"messages": messages(data_uri(test_images[2])), "max_tokens": 4000, "stream": True}
-    with httpx.stream("POST", server + "/v1/chat/completions", json=body, timeout=60) as response:
-        for index, _ in enumerate(response.iter_lines()):
-            if index > 3:
-                break  # hang up
-    deadline = time.monotonic() + 30
-    while httpx.get(server + "/health").json()["queued"] and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert httpx.get(server + "/health").json()["queued"] == 0  # the sequence was cancelled
-    ok = _post(server, {"messages": messages(data_uri(test_images[0])), "max_tokens": 2})
-    assert ok.status_code == 200
-
-
-@pytest.mark.slow
 def test_api_key_queue_and_body_limits(guarded_server, test_images):
     uri = data_uri(test_images[0])
     assert _post(guarded_server, {"messages": messages(uri)}).status_code == 401
-    wrong = _post(guarded_server, {"messages": messages(uri)}, headers={"Authorization": "Bearer nope"})
-    assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
+    for key in ("nope", "sesam", "sesamex", "sésame"):
+        wrong = _post(guarded_server, {"messages": messages(uri)}, headers={"Authorization": f"Bearer {key}".encode()})
+        assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key", (key, wrong.text)
     client = openai_client(guarded_server, key="sesame")
     assert client.models.list().data
     big = _post(guarded_server, content=b"x" * (2 * 1024 * 1024),
@@ -244,3 +245,242 @@ def test_stop_strings_and_seeded_sampling(server, test_images, engine_f32):
     hot = {"messages": messages(data_uri(image)), "max_tokens": MAX, "temperature": 1.5, "seed": 11}
     first, again = (_post(server, hot).json()["ocrbatch"]["token_ids"] for _ in range(2))
     assert first == again and first != greedy.token_ids
+
+
+# -- inside a running server ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def live(engine_f32):
+    """The app under uvicorn in this process, on a real socket, with its own worker pool."""
+    import uvicorn
+
+    from ocrbatch.pool import WorkerPool
+    from ocrbatch.server import ServerSettings, create_app
+
+    pool = WorkerPool(engine_f32.gguf_path, n_seq_max=2, n_ctx=engine_f32.context_size(2, LONG))
+    app = create_app(engine_f32, pool, ServerSettings(model_name="tiny", max_queue=2, max_tokens_limit=LONG))
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()  # connections queue here until uvicorn accepts them: no start-up wait
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
+    thread.start()
+    host, port = listener.getsockname()
+    yield SimpleNamespace(url=f"http://{host}:{port}", address=(host, port), engine=engine_f32, pool=pool,
+                          service=app.state.service)
+    server.should_exit = True
+    thread.join(timeout=30)
+    pool.close()
+    listener.close()
+
+
+@pytest.fixture
+def watched(live, monkeypatch):
+    """``live`` with end-of-sentence ignored, recording decodes submitted and cancelled and slots released."""
+    seen = SimpleNamespace(submitted=[], cancelled=[], released=threading.Event(), first_token=threading.Event())
+    monkeypatch.setattr(live.engine, "stop_ids", ())  # only max_tokens or a cancel ends a decode
+    submit, cancel, release = live.pool.submit, live.pool.cancel, live.service.release
+
+    def submitting(request):
+        on_token = request.on_token
+
+        def token(token_id):
+            seen.first_token.set()
+            if on_token is not None:
+                on_token(token_id)
+
+        request.on_token = token  # also for plain requests: tells the test their decode is running
+        future = submit(request)
+        seen.submitted.append(future)
+        return future
+
+    def cancelling(future):
+        seen.cancelled.append(future)
+        cancel(future)
+
+    def releasing():
+        release()
+        seen.released.set()
+
+    monkeypatch.setattr(live.pool, "submit", submitting)
+    monkeypatch.setattr(live.pool, "cancel", cancelling)
+    monkeypatch.setattr(live.service, "release", releasing)
+    return seen
+
+
+def ending(future) -> tuple[str, int]:
+    """How a decode ended and how many tokens it made (one cancelled while queued made none)."""
+    try:
+        result = future.result(timeout=120)
+    except CancelledError:
+        return "cancelled", 0
+    return result.finish_reason, len(result.token_ids)
+
+
+def assert_slots_free(service):
+    """All ``max_queue`` requests can be admitted: no path left a slot taken."""
+    admitted = 0
+    try:
+        for _ in range(service.settings.max_queue):
+            service.admit()  # ApiError 503 if a slot leaked
+            admitted += 1
+    finally:
+        for _ in range(admitted):
+            service.release()
+
+
+def assert_cancelled_by_the_hang_up(seen, live):
+    assert seen.released.wait(60), "the request's queue slot was never released"
+    [future] = seen.submitted
+    assert seen.cancelled == [future]
+    reason, n_tokens = ending(future)
+    assert reason == "cancelled" and n_tokens < LONG, (reason, n_tokens)
+    assert live.pool.pending == 0
+    assert_slots_free(live.service)
+
+
+def stream_pieces(url: str, body: dict) -> list[str]:
+    pieces = []
+    with httpx.stream("POST", url + "/v1/chat/completions", json={**body, "stream": True}, timeout=120) as response:
+        assert response.status_code == 200, response.read()
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                pieces += [c["delta"].get("content") or "" for c in json.loads(line[6:])["choices"]]
+    return pieces
+
+
+@pytest.mark.slow
+def test_streamed_pieces_join_to_the_answer_each_decoding_a_few_tokens(watched, live, test_images, monkeypatch):
+    n_tokens = 150
+    lengths = []
+    decode = live.engine.prompts.decode
+    monkeypatch.setattr(live.engine.prompts, "decode", lambda ids: lengths.append(len(ids)) or decode(ids))
+    body = {"messages": messages(data_uri(test_images[0])), "max_tokens": n_tokens}
+    pieces = stream_pieces(live.url, body)
+    streamed_lengths = list(lengths)
+    whole = httpx.post(live.url + "/v1/chat/completions", json=body, timeout=120).json()
+    assert whole["usage"]["completion_tokens"] == n_tokens  # a long answer: end-of-sentence is ignored
+    assert "".join(pieces) == whole["choices"][0]["message"]["content"]
+    assert len([p for p in pieces if p]) > n_tokens // 4  # piece by piece, not one lump at the end
+    # Re-decoding the answer so far for every token would reach n_tokens here.
+    assert max(streamed_lengths) <= 16, streamed_lengths
+
+
+def test_detokenizer_pieces_join_to_the_full_decode(engine_f32):
+    from ocrbatch.server import Detokenizer, ordinary_token_ids
+
+    prompts = engine_f32.prompts
+    tokenizer = prompts.tokenizer
+    vocab = tokenizer.get_vocab()
+    ordinary = ordinary_token_ids(tokenizer)
+    byte = [vocab[f"<0x{b:02X}>"] for b in range(256)]
+    kinds = [sorted(ordinary), byte, byte, list(tokenizer.all_special_ids), [len(vocab) + 7]]
+    rng = random.Random(0)
+    word = tokenizer(" ok", add_special_tokens=False)["input_ids"]
+    answers = [tokenizer("a é 世界 ok", add_special_tokens=False)["input_ids"],  # characters split over byte tokens
+               [*word, vocab["<0xC3>"], vocab["<0xA9>"], vocab["<0xA9>"], *word],  # a valid run turned invalid
+               [*word, vocab["<0xC3>"], tokenizer.all_special_ids[0], vocab["<0xA9>"], *word]]  # a run across a skip
+    answers += [[rng.choice(rng.choice(kinds)) for _ in range(rng.randrange(1, 40))] for _ in range(400)]
+    for ids in answers:
+        text = Detokenizer(prompts.decode, ordinary)
+        pieces = [text.push(token) for token in ids] + [text.flush()]
+        assert "".join(pieces) == prompts.decode(ids), ids
+
+
+def test_stop_strings_are_found_across_pieces_and_never_leak():
+    from ocrbatch.server import StopScanner, _apply_stops
+
+    scanner = StopScanner(["ab"])
+    assert scanner.feed("xa") == ("x", False)  # "a" may start the stop string: held back
+    assert scanner.feed("bc") == ("", True)
+    scanner = StopScanner(["ab"])
+    assert scanner.feed("xa") == ("x", False) and scanner.flush() == "a"
+    # Generation meets "b" before "abc" is complete: both paths cut there.
+    assert StopScanner(["abc", "b"]).feed("abc") == ("a", True)
+    assert _apply_stops("abc", ["abc", "b"]) == ("a", True)
+
+
+def http_post(body: dict) -> bytes:
+    payload = json.dumps(body).encode()
+    return (b"POST /v1/chat/completions HTTP/1.1\r\nHost: ocrbatch\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(payload)) + payload
+
+
+@pytest.mark.slow
+def test_client_hanging_up_on_a_plain_request_cancels_its_decode(watched, live, test_images):
+    body = {"messages": messages(data_uri(test_images[0])), "max_tokens": LONG}
+    with socket.create_connection(live.address) as client:
+        client.sendall(http_post(body))
+        assert watched.first_token.wait(120)  # decoding, with no answer before LONG tokens
+    assert_cancelled_by_the_hang_up(watched, live)
+
+
+@pytest.mark.slow
+def test_client_hanging_up_mid_stream_cancels_its_decode(watched, live, test_images):
+    body = {"messages": messages(data_uri(test_images[2])), "max_tokens": LONG, "stream": True}
+    with httpx.stream("POST", live.url + "/v1/chat/completions", json=body, timeout=60) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+                break  # text is flowing: hang up
+    assert_cancelled_by_the_hang_up(watched, live)
+
+
+async def hang_up_before_the_body(app, body: bytes, spec_version: str) -> None:
+    """Call ``app`` as a server whose client leaves before the response starts.
+
+    Under ASGI spec 2.3 the server reports the disconnect and sending never completes; under
+    2.4 sending fails. Either way the streaming body is never iterated.
+    """
+    requests = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive():
+        return requests.pop() if requests else {"type": "http.disconnect"}
+
+    async def send(message):
+        if spec_version >= "2.4":
+            raise OSError("connection lost")
+        await asyncio.Event().wait()
+
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": spec_version}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
+             "root_path": "", "query_string": b"", "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 80),
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
+    await app(scope, receive, send)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec_version", ["2.3", "2.4"])
+def test_stream_that_never_starts_frees_its_slot_and_decode(watched, live, test_images, spec_version):
+    from starlette.requests import ClientDisconnect
+
+    from ocrbatch.server import ServerSettings, create_app
+
+    app = create_app(live.engine, live.pool, ServerSettings(model_name="tiny", max_queue=1, max_tokens_limit=LONG))
+    body = json.dumps({"messages": messages(data_uri(test_images[0])), "max_tokens": LONG, "stream": True}).encode()
+
+    async def scenario():
+        try:
+            await hang_up_before_the_body(app, body, spec_version)
+        except ClientDisconnect:
+            assert spec_version >= "2.4"
+        # Token callbacks target this loop: let the decode end before the loop closes.
+        await asyncio.to_thread(ending, watched.submitted[0])
+
+    asyncio.run(scenario())
+    [future] = watched.submitted
+    assert watched.cancelled == [future] and ending(future)[0] == "cancelled"
+    assert_slots_free(app.state.service)
+
+
+@pytest.mark.slow
+def test_a_failed_encode_frees_its_slot(live, test_images, monkeypatch):
+    def out_of_memory(images):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(live.engine.vision, "encode", out_of_memory)
+    body = {"messages": messages(data_uri(test_images[0])), "max_tokens": 2}
+    for _ in range(live.service.settings.max_queue + 1):  # a leaked slot turns the last ones into 503s
+        response = httpx.post(live.url + "/v1/chat/completions", json=body, timeout=60)
+        assert response.status_code == 400 and "cannot be encoded" in response.json()["error"]["message"]
+    assert_slots_free(live.service)
