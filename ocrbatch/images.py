@@ -1,6 +1,6 @@
 """Loading images from files with clear, one-line errors.
 
-PIL opens files lazily; :func:`load_image` forces a full decode so that a
+PIL opens files lazily; :func:`open_image` forces a full decode so that a
 truncated file fails here, naming the file, rather than deep inside the model.
 A pixel cap guards against decompression bombs.
 """

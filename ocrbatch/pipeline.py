@@ -225,6 +225,7 @@ def _process(recorder: Recorder, engine, decoder: LocalDecoder, plan: Plan, max_
     in_flight: dict[Future, PageImage] = {}
     max_in_flight = options.workers * (options.seqs_per_worker + 1) + options.batch_size
     rendering = True
+    failure: StageFailed | None = None
 
     def handle(future: Future, vision_s: float) -> None:
         page = in_flight.pop(future)
@@ -276,7 +277,7 @@ def _process(recorder: Recorder, engine, decoder: LocalDecoder, plan: Plan, max_
             batch, end = next_batch(pages, options.batch_size, options.max_batch_patches,
                                     engine.vision.n_patches_for, wait_s=0.5)
             if isinstance(end, StageFailed):
-                raise PipelineError(f"the {end.stage} stage failed: {end.error}; unfinished pages stay pending")
+                failure = end  # pages already rendered and in flight still finish
             rendering = end is None
             for page in batch:
                 if page.error:
@@ -301,6 +302,8 @@ def _process(recorder: Recorder, engine, decoder: LocalDecoder, plan: Plan, max_
                 decoder.cancel(future)
             if in_flight:
                 log.warning("stopped with %d pages unfinished; they stay pending for the next run", len(in_flight))
+        if failure is not None:
+            raise PipelineError(f"the {failure.stage} stage failed: {failure.error}; unfinished pages stay pending")
     finally:
         halt.set()
         renderer.join(timeout=10)

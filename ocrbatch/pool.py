@@ -27,6 +27,7 @@ from __future__ import annotations
 import itertools
 import logging
 import multiprocessing
+import queue
 import threading
 import time
 from collections import deque
@@ -98,6 +99,7 @@ def _worker_main(conn, settings: WorkerSettings) -> None:
                     scheduler.cancel(message[1])
                     continue
                 key, request, stream = message
+                conn.send(("received", key, None))  # starts the request's clock in the pool
                 if stream:
                     request.on_token = lambda token, key=key: conn.send(("token", key, token))
                 scheduler.submit(key, request)
@@ -117,6 +119,12 @@ def _worker_main(conn, settings: WorkerSettings) -> None:
         model.close()
 
 
+def _cancel(future: Future) -> None:
+    """Cancel a queued future so that ``concurrent.futures.wait`` sees it too."""
+    if future.cancel():
+        future.set_running_or_notify_cancel()
+
+
 @dataclass
 class _Job:
     request: GenerationRequest
@@ -124,6 +132,7 @@ class _Job:
     attempts: int = 0  # deaths of a worker that ran this request alone
     suspect: bool = False  # held by a worker that died: run alone until it succeeds
     sent_at: float | None = None
+    received_at: float | None = None  # when the worker took it: the page timeout counts from here
     timed_out: bool = False
 
 
@@ -135,6 +144,29 @@ class _Worker:
     ready: bool = False
     killed_by_pool: bool = False
     stuck_since: float | None = None
+    outbox: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+
+    def start_sender(self) -> None:
+        """Send the outbox's messages on a thread of their own.
+
+        A request is megabytes and a pipe holds 64 KB, so a send waits until the
+        worker reads; a hung worker never does. Only this thread waits then, never
+        the dispatcher, which must stay free to time the request out and kill the worker.
+        """
+        threading.Thread(target=self._send_all, name="ocrbatch-pool-send", daemon=True).start()
+
+    def _send_all(self) -> None:
+        """Send until the closing ``None`` or a dead pipe, then close the pipe: it is this thread's."""
+        try:
+            while True:
+                message = self.outbox.get()
+                self.conn.send(message)
+                if message is None:
+                    return
+        except (BrokenPipeError, OSError):
+            return  # the worker is gone; the dispatcher sees its sentinel
+        finally:
+            self.conn.close()
 
 
 class WorkerPool:
@@ -142,16 +174,19 @@ class WorkerPool:
 
     def __init__(self, gguf_path: str | Path, workers: int = 1, n_seq_max: int = 4, n_ctx: int = 8192,
                  threads: int | None = None, max_retries: int = 2, queue_per_worker: int | None = None,
-                 request_timeout: float | None = None, worker_main: Callable = _worker_main):
+                 request_timeout: float | None = None, stuck_grace_s: float = STUCK_GRACE_S,
+                 worker_main: Callable = _worker_main):
         """Start ``workers`` processes, each decoding up to ``n_seq_max`` requests at once.
 
-        ``request_timeout`` bounds the seconds from a request reaching a worker
-        to its result. ``worker_main(conn, settings)`` is the worker process's
+        ``request_timeout`` bounds the seconds from a worker taking a request
+        to its result; a worker that has not dropped a timed-out request
+        ``stuck_grace_s`` later is killed. ``worker_main(conn, settings)`` is the worker process's
         body; tests pass one that misbehaves on purpose.
         """
         self.settings = WorkerSettings(Path(gguf_path), n_ctx, n_seq_max, threads)
         self.max_retries = max_retries
         self.request_timeout = request_timeout
+        self.stuck_grace_s = stuck_grace_s
         # Keep a little more than the worker's slots queued, so it never idles between requests.
         self.queue_per_worker = queue_per_worker or n_seq_max + 1
         self._worker_main = worker_main
@@ -195,7 +230,7 @@ class WorkerPool:
                 for index, (_, job) in enumerate(waiting):
                     if job.future is future:
                         del waiting[index]
-                        future.cancel()
+                        _cancel(future)
                         return
             for worker in self._workers:
                 for key, job in worker.jobs.items():
@@ -223,16 +258,12 @@ class WorkerPool:
         self._wake.send(b"")
         self._thread.join(timeout=30)
         for worker in self._workers:
-            try:
-                worker.conn.send(None)
-            except (BrokenPipeError, OSError):
-                pass
+            worker.outbox.put(None)
         for worker in self._workers:
             worker.process.join(timeout=10)
             if worker.process.is_alive():
                 worker.process.kill()
                 worker.process.join()
-            worker.conn.close()
         with self._lock:
             waiting = [job for _, job in (*self._queue, *self._suspects)]
             running = [job for w in self._workers for job in w.jobs.values()]
@@ -241,7 +272,7 @@ class WorkerPool:
             for worker in self._workers:
                 worker.jobs.clear()
         for job in waiting:
-            job.future.cancel()
+            _cancel(job.future)
         for job in running:
             if not job.future.done():
                 job.future.set_exception(PoolFailed("the worker pool was closed before this request finished"))
@@ -262,19 +293,17 @@ class WorkerPool:
                                         name="ocrbatch-worker", daemon=True)
         process.start()
         child_conn.close()
-        return _Worker(process, parent_conn)
+        worker = _Worker(process, parent_conn)
+        worker.start_sender()
+        return worker
 
-    def _send(self, worker: _Worker, key: int, job: _Job) -> bool:
+    @staticmethod
+    def _send(worker: _Worker, key: int, job: _Job) -> None:
         if not job.future.running() and not job.future.set_running_or_notify_cancel():
-            return True  # cancelled while queued: nothing to send
-        request = replace(job.request, on_token=None)
-        try:
-            worker.conn.send((key, request, job.request.on_token is not None))
-        except (BrokenPipeError, OSError):
-            return False
+            return  # cancelled while queued: nothing to send
+        worker.outbox.put((key, replace(job.request, on_token=None), job.request.on_token is not None))
         job.sent_at = time.monotonic()
         worker.jobs[key] = job
-        return True
 
     def _assign(self) -> None:
         with self._lock:
@@ -284,48 +313,53 @@ class WorkerPool:
             draining = min(ready, key=lambda w: len(w.jobs)) if self._suspects and ready else None
             for worker in ready:
                 if self._suspects and not worker.jobs:
-                    key, job = self._suspects.popleft()
-                    if not self._send(worker, key, job):
-                        self._suspects.appendleft((key, job))
+                    self._send(worker, *self._suspects.popleft())
                     continue
                 if worker is draining or any(job.suspect for job in worker.jobs.values()):
                     continue
                 while self._queue and len(worker.jobs) < self.queue_per_worker:
-                    key, job = self._queue.popleft()
-                    if not self._send(worker, key, job):
-                        self._queue.appendleft((key, job))
-                        break
+                    self._send(worker, *self._queue.popleft())
 
-    def _send_cancel(self, worker: _Worker, key: int) -> None:
-        try:
-            worker.conn.send(("cancel", key))
-        except (BrokenPipeError, OSError):
-            pass  # a dead worker is replaced by the dispatcher
+    @staticmethod
+    def _send_cancel(worker: _Worker, key: int) -> None:
+        worker.outbox.put(("cancel", key))
 
     def _check_timeouts(self) -> None:
-        """Fail requests past the timeout; kill workers that do not let go of them."""
+        """Fail requests past the timeout; kill workers that stop responding.
+
+        A worker is stuck when it does not drop a timed-out request within
+        ``stuck_grace_s``, or when it has not even taken a request off its pipe
+        within the timeout. Killing it sends its requests through the same
+        retry-alone path as a crash (see :meth:`_replace`).
+        """
         if self.request_timeout is None:
             return
         now = time.monotonic()
         expired = []
         with self._lock:
             for worker in self._workers:
+                if worker.killed_by_pool:
+                    continue
+                unread = False
                 for key, job in worker.jobs.items():
-                    if not job.timed_out and job.sent_at is not None and now - job.sent_at > self.request_timeout:
+                    if job.received_at is None:
+                        unread = unread or (job.sent_at is not None and now - job.sent_at > self.request_timeout)
+                    elif not job.timed_out and now - job.received_at > self.request_timeout:
                         job.timed_out = True
                         expired.append(job)
                         self._send_cancel(worker, key)
                         worker.stuck_since = worker.stuck_since or now
-                stuck = worker.stuck_since is not None and now - worker.stuck_since > STUCK_GRACE_S
-                if stuck and not worker.killed_by_pool and worker.process.is_alive():
-                    log.warning("llama.cpp worker %s did not stop a timed-out request within %.0f s; "
-                                "killing it", worker.process.pid, STUCK_GRACE_S)
+                ignored_cancel = worker.stuck_since is not None and now - worker.stuck_since > self.stuck_grace_s
+                if (ignored_cancel or unread) and worker.process.is_alive():
+                    log.warning("llama.cpp worker %s stopped responding; killing it", worker.process.pid)
                     worker.killed_by_pool = True
                     worker.process.kill()
         for job in expired:
             if not job.future.done():
-                job.future.set_exception(RequestTimedOut(
-                    f"no result after {self.request_timeout:.0f} s on a llama.cpp worker (page timeout)"))
+                job.future.set_exception(RequestTimedOut(self._timeout_message()))
+
+    def _timeout_message(self) -> str:
+        return f"no result after {self.request_timeout:.0f} s on a llama.cpp worker (page timeout)"
 
     def _fail_all(self, message: str) -> None:
         with self._lock:
@@ -344,7 +378,7 @@ class WorkerPool:
         """Retry a dead worker's requests as the module docstring says, and start a fresh worker."""
         worker.process.join(timeout=5)
         exitcode = worker.process.exitcode
-        worker.conn.close()
+        worker.outbox.put(None)  # ends its sender thread, which closes the pipe
         if not worker.ready:
             self._startup_failures += 1
             if self._startup_failures >= MAX_STARTUP_FAILURES:
@@ -359,30 +393,33 @@ class WorkerPool:
             live = [(key, job) for key, job in worker.jobs.items() if not job.future.done()]
             worker.jobs.clear()
             if worker.killed_by_pool:
-                log.warning("retrying the %d other request(s) of the stuck worker on a fresh one", len(live))
-                self._queue.extendleft(reversed(live))
+                cause = "stopped responding"
             else:
                 self.crashes += 1
-                log.warning("llama.cpp worker %s died (exit code %s) holding %d request(s)",
-                            worker.process.pid, exitcode, len(live))
-                if len(live) == 1:
-                    self._charge(*live[0], exitcode)
-                else:  # which one did it is unknown: each runs alone next
-                    for key, job in live:
-                        job.suspect = True
-                    self._suspects.extend(live)
+                cause = f"died (exit code {exitcode})"
+            log.warning("llama.cpp worker %s %s holding %d request(s)", worker.process.pid, cause, len(live))
+            if len(live) == 1:
+                key, job = live[0]
+                job.attempts += 1
+                if job.attempts > self.max_retries:
+                    job.future.set_exception(self._gave_up(job.attempts, worker.killed_by_pool, exitcode))
+                else:
+                    job.suspect = True
+                    self._suspects.appendleft((key, job))
+            else:  # which one did it is unknown: each runs alone next
+                for key, job in live:
+                    job.suspect = True
+                self._suspects.extend(live)
             index = self._workers.index(worker)
             self._workers[index] = self._spawn()
 
-    def _charge(self, key: int, job: _Job, exitcode) -> None:
-        job.attempts += 1
-        if job.attempts > self.max_retries:
-            job.future.set_exception(WorkerCrashed(
-                f"llama.cpp worker process crashed (exit code {exitcode}) {job.attempts} times "
-                "running this page alone"))
-        else:
-            job.suspect = True
-            self._suspects.appendleft((key, job))
+    def _gave_up(self, attempts: int, stuck: bool, exitcode) -> OcrbatchError:
+        """The error of a request that brought its worker down alone more than ``max_retries`` times."""
+        if stuck:
+            return RequestTimedOut(f"{self._timeout_message()}; its worker stopped responding {attempts} times "
+                                   "on this page alone")
+        return WorkerCrashed(f"llama.cpp worker process crashed (exit code {exitcode}) {attempts} times "
+                             "running this page alone")
 
     def _dispatch(self) -> None:
         try:
@@ -413,6 +450,7 @@ class WorkerPool:
                     # Take the results it sent before dying, then retry the rest.
                     self._receive(worker)
                     if self._fatal:
+                        worker.outbox.put(None)
                         with self._lock:
                             self._workers.remove(worker)
                     elif worker in self._workers:
@@ -425,12 +463,19 @@ class WorkerPool:
                 kind, key, payload = worker.conn.recv()
                 if kind == "ready":
                     worker.ready = True
+                elif kind == "received":
+                    job = worker.jobs.get(key)
+                    if job is not None:
+                        job.received_at = time.monotonic()
                 elif kind == "fatal":
                     self._fail_all(f"llama.cpp worker could not start: {payload}")
                 elif kind == "token":
                     job = worker.jobs.get(key)
                     if job is not None and job.request.on_token is not None:
-                        job.request.on_token(payload)
+                        try:
+                            job.request.on_token(payload)
+                        except Exception:  # a caller's callback must not take the pool down
+                            log.exception("token callback failed")
                 elif kind == "done":
                     with self._lock:
                         job = worker.jobs.pop(key, None)

@@ -11,6 +11,7 @@ image start ``s``; text after the image resumes at ``s + max(rows, cols)``.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -29,6 +30,8 @@ TASK_PROMPTS = {
 }
 # Tasks only PaddleOCR-VL 1.5 and later were trained on.
 LATER_TASKS = ("seal", "spotting")
+# Distinct prompt texts whose token ids are kept (the batch job uses one; server clients may send many).
+PROMPT_CACHE_SIZE = 256
 TASKS = tuple(TASK_PROMPTS)
 
 
@@ -85,7 +88,8 @@ class PromptBuilder:
         self.checkpoint_path = Path(checkpoint_path)
         self.image_token_id = image_token_id
         self.merge_size = merge_size
-        self._parts_cache: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+        # Prompt texts come from clients (the server): remember a bounded number of them.
+        self.text_parts = functools.lru_cache(maxsize=PROMPT_CACHE_SIZE)(self._text_parts)
 
     @cached_property
     def tokenizer(self):
@@ -126,17 +130,15 @@ class PromptBuilder:
             raise OcrbatchError(f"task {task!r} needs a PaddleOCR-VL 1.5+ checkpoint; {self.checkpoint_path} is 1.0")
         return TASK_PROMPTS[task]
 
-    def text_parts(self, text: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    def _text_parts(self, text: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """Token ids before and after the single image placeholder of the rendered prompt."""
-        if text not in self._parts_cache:
-            ids = self.tokenizer(self.render(text), add_special_tokens=False)["input_ids"]
-            spots = [i for i, token in enumerate(ids) if token == self.image_token_id]
-            if len(spots) != 1:
-                raise OcrbatchError(
-                    f"{self.checkpoint_path}: chat template gives {len(spots)} image placeholders, expected 1"
-                )
-            self._parts_cache[text] = (tuple(ids[: spots[0]]), tuple(ids[spots[0] + 1 :]))
-        return self._parts_cache[text]
+        ids = self.tokenizer(self.render(text), add_special_tokens=False)["input_ids"]
+        spots = [i for i, token in enumerate(ids) if token == self.image_token_id]
+        if len(spots) != 1:
+            raise OcrbatchError(
+                f"{self.checkpoint_path}: chat template gives {len(spots)} image placeholders, expected 1"
+            )
+        return tuple(ids[: spots[0]]), tuple(ids[spots[0] + 1 :])
 
     def build(self, text: str, grid_thw: tuple[int, int, int]) -> ImagePrompt:
         prefix, suffix = self.text_parts(text)

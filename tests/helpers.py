@@ -92,3 +92,117 @@ def good_documents(folder) -> dict[str, int]:
     frames[0].save(folder / "fax.tiff", save_all=True, append_images=frames[1:])
     return {"two-pages.pdf": 2, "sub/one-page.pdf": 1, "scan.png": 1, "photo.jpg": 1, "shot.webp": 1,
             "old.bmp": 1, "fax.tiff": 2}
+
+
+def settle(folder, age_s: float = 3600) -> None:
+    """Date every file under ``folder`` back by ``age_s``: written long ago, not still being written."""
+    import os
+    import time
+    from pathlib import Path
+
+    past = time.time() - age_s
+    for path in Path(folder).rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            os.utime(path, (past, past))
+
+
+def write_lying_pdf(path, kids: int = 1, count: int = 3) -> None:
+    """A PDF whose page tree says ``count`` pages but holds ``kids``: PyMuPDF reports ``count``
+    and raises IndexError loading the others, as real files with a stale /Count do."""
+    objects = [b"<< /Type /Catalog /Pages 2 0 R >>",
+               b"<< /Type /Pages /Kids [" + b" ".join(b"%d 0 R" % (3 + i) for i in range(kids))
+               + b"] /Count %d >>" % count]
+    for i in range(kids):
+        objects.append(b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 300 200] /Contents %d 0 R /Resources "
+                       b"<< /Font << /F1 << /Type /Font /Subtype /Type1 /BaseFont /Helvetica >> >> >> >>"
+                       % (3 + kids + i))
+    for i in range(kids):
+        stream = b"BT /F1 18 Tf 30 100 Td (Page %d of a lying tree) Tj ET" % (i + 1)
+        objects.append(b"<< /Length %d >>\nstream\n" % len(stream) + stream + b"\nendstream")
+    body, offsets = b"%PDF-1.4\n", []
+    for number, obj in enumerate(objects, start=1):
+        offsets.append(len(body))
+        body += b"%d 0 obj\n" % number + obj + b"\nendobj\n"
+    xref = len(body)
+    body += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
+    body += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
+    body += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
+    path.write_bytes(body)
+
+
+# -- misbehaving processes, for the reliability tests --------------------------------------
+# They run in spawned children, which import this module by name (the tests folder is on
+# sys.path there too). The page to misbehave on is the one whose image has
+# $OCRBATCH_TEST_POISON_TOKENS image tokens: a page size no other test page has.
+
+def _is_poison(message) -> bool:
+    import os
+
+    wanted = os.environ.get("OCRBATCH_TEST_POISON_TOKENS")
+    request = message[1] if isinstance(message, tuple) and len(message) == 3 else None
+    return bool(wanted) and request is not None and request.prompt.n_image_tokens == int(wanted)
+
+
+class _Tripwire:
+    """A worker's pipe that calls ``action`` when the poison request arrives."""
+
+    def __init__(self, conn, action):
+        self.conn, self.action = conn, action
+
+    def recv(self):
+        message = self.conn.recv()
+        if _is_poison(message):
+            self.action()
+        return message
+
+    def __getattr__(self, name):
+        return getattr(self.conn, name)
+
+
+def crashing_worker_main(conn, settings) -> None:
+    """A llama.cpp worker that dies of a segmentation fault whenever it receives the poison page."""
+    import ctypes
+
+    from ocrbatch.pool import _worker_main
+
+    _worker_main(_Tripwire(conn, lambda: ctypes.string_at(0)), settings)
+
+
+def hanging_worker_main(conn, settings) -> None:
+    """A llama.cpp worker that hangs (never reads its pipe again) on the poison page."""
+    import time
+
+    from ocrbatch.pool import _worker_main
+
+    _worker_main(_Tripwire(conn, lambda: time.sleep(3600)), settings)
+
+
+def failing_prefill_worker_main(conn, settings) -> None:
+    """A llama.cpp worker whose llama_decode fails for the poison page's prefill only."""
+    import os
+
+    from ocrbatch.errors import OcrbatchError
+    from ocrbatch.language import LanguageModel
+    from ocrbatch.pool import _worker_main
+
+    wanted = int(os.environ["OCRBATCH_TEST_POISON_TOKENS"])
+    prefill = LanguageModel._prefill
+
+    def failing(self, seq):
+        if seq.request.prompt.n_image_tokens == wanted:
+            raise OcrbatchError("llama_decode failed with status 1")
+        return prefill(self, seq)
+
+    LanguageModel._prefill = failing
+    _worker_main(conn, settings)
+
+
+def segfaulting_renderer(document, pages, dpi, max_pixels):
+    """Renders pages as usual, but crashes the render process on files named *segfault*."""
+    import ctypes
+
+    from ocrbatch.rasterize import iter_pages
+
+    if "segfault" in document.path.name:
+        ctypes.string_at(0)
+    return iter_pages(document, pages, dpi, max_pixels)

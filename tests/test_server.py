@@ -484,3 +484,15 @@ def test_a_failed_encode_frees_its_slot(live, test_images, monkeypatch):
         response = httpx.post(live.url + "/v1/chat/completions", json=body, timeout=60)
         assert response.status_code == 400 and "cannot be encoded" in response.json()["error"]["message"]
     assert_slots_free(live.service)
+
+
+
+def test_prompt_cache_is_bounded(tiny_model):
+    from ocrbatch.checkpoint import Checkpoint
+    from ocrbatch.prompt import PROMPT_CACHE_SIZE, PromptBuilder
+
+    builder = PromptBuilder(tiny_model, Checkpoint.open(tiny_model).config.image_token_id, merge_size=2)
+    for i in range(PROMPT_CACHE_SIZE + 50):  # distinct texts, as clients of the server may send
+        builder.text_parts(f"client prompt {i}")
+    assert builder.text_parts.cache_info().currsize == PROMPT_CACHE_SIZE
+    assert builder.build("client prompt 1", (1, 4, 4)).n_image_tokens == 4

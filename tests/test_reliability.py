@@ -1,0 +1,468 @@
+"""The batch job on real inboxes: bad files, crashes, hangs, signals, kills and full disks.
+
+Each test here failed on the pipeline before these guarantees were built; the
+events they provoke (a kill, a crash, a signal) are checked to have landed
+mid-run, not at a harmless moment.
+"""
+
+import json
+import os
+import random
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers import (crashing_worker_main, failing_prefill_worker_main, hanging_worker_main, segfaulting_renderer,
+                     settle, write_lying_pdf, write_pdf)
+
+from ocrbatch.options import JobOptions
+from ocrbatch.pipeline import PipelineError, run_job
+from ocrbatch.pool import PoolFailed, WorkerPool
+from ocrbatch.store import checkpoint_path_for
+
+
+def options(tiny_model, paths, out, **overrides) -> JobOptions:
+    settings = dict(paths=[Path(p) for p in paths], out=Path(out), model=str(tiny_model), quant="F32",
+                    max_tokens=8, workers=1, seqs_per_worker=2, dpi=72, progress=False, min_file_age=0)
+    settings.update(overrides)
+    return JobOptions(**settings)
+
+
+def cli(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "ocrbatch", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def read_rows(path: Path) -> list[dict]:
+    if path.suffix == ".jsonl":
+        return [json.loads(line) for line in path.read_text().splitlines()]
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path).to_pylist()
+
+
+def page_states(out: Path) -> dict[str, int]:
+    """Page counts by status in the job's checkpoint (read-only, safe while a run writes it)."""
+    with sqlite3.connect(f"file:{checkpoint_path_for(out)}?mode=ro", uri=True) as db:
+        return dict(db.execute("SELECT status, count(*) FROM pages GROUP BY status").fetchall())
+
+
+def wait_for_ok_pages(out: Path, process: subprocess.Popen, at_least: int, deadline_s: float = 180) -> int:
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            ok = page_states(out).get("ok", 0)
+        except sqlite3.Error:
+            ok = 0
+        if ok >= at_least:
+            return ok
+        time.sleep(0.05)
+    raise AssertionError(f"the run never finished {at_least} pages (exit code {process.poll()})")
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model):
+    from ocrbatch.engine import Engine
+
+    return Engine(tiny_model, quant="F32", max_tokens=8, with_language=False)
+
+
+def image_tokens_of_pdf_page(engine, path: Path, dpi: float = 72) -> int:
+    from ocrbatch.discover import Document
+    from ocrbatch.rasterize import iter_pages
+
+    [page] = iter_pages(Document(path, "x"), [1], dpi=dpi)
+    return engine.vision.n_tokens_for(*page.image.size)
+
+
+def pool_for(engine, worker_main, **settings) -> WorkerPool:
+    settings = {"workers": 1, "n_seq_max": 2, "max_retries": 1, **settings}
+    return WorkerPool(engine.gguf_path, n_ctx=engine.context_size(settings["n_seq_max"]), worker_main=worker_main,
+                      **settings)
+
+
+@pytest.fixture
+def docs(tmp_path):
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    for i in range(3):
+        write_pdf(folder / f"doc{i}.pdf", 2, text=f"Document {i}")
+    settle(folder)
+    return folder
+
+
+# -- bad documents ------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_a_pdf_whose_page_tree_lies_fails_its_missing_pages_and_the_run_goes_on(tiny_model, docs, tmp_path):
+    write_lying_pdf(docs / "doc1-liar.pdf", kids=1, count=3)  # between doc1 and doc2 in discovery order
+    settle(docs)
+    out = tmp_path / "out.parquet"
+    result = cli("run", docs, "--out", out, "--model", tiny_model, "--quant", "F32", "--max-tokens", "6",
+                 "--dpi", "72")
+    assert result.returncode == 1, result.stderr
+    rows = {(Path(r["path"]).name, r["page"]): r for r in read_rows(out)}
+    good = {(f"doc{i}.pdf", p) for i in range(3) for p in (1, 2)}
+    assert good <= rows.keys() and all(rows[key]["status"] == "ok" for key in good)
+    assert rows[("doc1-liar.pdf", 1)]["status"] == "ok"
+    for page in (2, 3):
+        row = rows[("doc1-liar.pdf", page)]
+        assert row["status"] == "failed"
+        assert f"doc1-liar.pdf page {page}: cannot render (IndexError" in row["error"]
+    assert len(rows) == 9
+    assert "6 already done" not in result.stderr and "(7 ok, 2 failed)" in result.stderr
+
+
+@pytest.mark.slow
+def test_a_document_that_crashes_the_renderer_twice_is_quarantined(tiny_model, engine, docs, tmp_path):
+    write_pdf(docs / "doc1-segfault.pdf", 2)
+    settle(docs)
+    out = tmp_path / "out.parquet"
+    summary = run_job(options(tiny_model, [docs], out), engine=engine, render_pages=segfaulting_renderer)
+    assert summary.render_crashes == 2
+    rows = {(Path(r["path"]).name, r["page"]): r for r in read_rows(out)}
+    assert len(rows) == 8
+    assert all(rows[(f"doc{i}.pdf", p)]["status"] == "ok" for i in range(3) for p in (1, 2))
+    for page in (1, 2):
+        error = rows[("doc1-segfault.pdf", page)]["error"]
+        assert "render process died on this document 2 times (killed by SIGSEGV); quarantined" in error
+    assert summary.exit_code == 1
+
+
+@pytest.mark.slow
+def test_a_broken_stage_is_a_fatal_error_not_the_end_of_input(tiny_model, engine, docs, tmp_path, monkeypatch):
+    from ocrbatch.render import RenderStage
+
+    render_document = RenderStage._render_document
+
+    def breaks_on_the_second_document(self, job, process):
+        if job.document.path.name == "doc1.pdf":
+            raise RuntimeError("simulated bug in the render stage")
+        return render_document(self, job, process)
+
+    monkeypatch.setattr(RenderStage, "_render_document", breaks_on_the_second_document)
+    out = tmp_path / "out.parquet"
+    with pytest.raises(PipelineError, match="render stage failed: RuntimeError: simulated bug"):
+        run_job(options(tiny_model, [docs], out), engine=engine)
+    states = page_states(out)
+    assert states.get("pending", 0) == 4 and states.get("failed", 0) == 0  # doc1 and doc2: left for the next run
+    monkeypatch.undo()
+    summary = run_job(options(tiny_model, [docs], out), engine=engine)
+    assert summary.pages_ok == 4 and summary.exit_code == 0
+    assert len(read_rows(out)) == 6
+
+
+def test_planning_errors_fail_the_document_alone(tiny_model, docs, tmp_path, monkeypatch):
+    from ocrbatch import plan as plan_module
+
+    count_pages = plan_module.count_pages
+
+    def corrupt_tiff_like(document):
+        if document.path.name == "doc1.pdf":
+            raise OSError("-2: decoder error")  # what PIL's n_frames raised on a corrupt TIFF
+        return count_pages(document)
+
+    monkeypatch.setattr(plan_module, "count_pages", corrupt_tiff_like)
+    plan = plan_module.plan_job(options(tiny_model, [docs], tmp_path / "o.parquet"), None)
+    assert [item.document.path.name for item in plan.work] == ["doc0.pdf", "doc2.pdf"]
+    [(document, error)] = plan.unreadable
+    assert document.path.name == "doc1.pdf" and "cannot be planned (OSError: -2: decoder error)" in error
+
+
+# -- the same content twice ----------------------------------------------------------------
+
+@pytest.mark.slow
+def test_overlapping_paths_and_copies_are_decoded_once(tiny_model, engine, docs, tmp_path):
+    (docs / "sub").mkdir()
+    write_pdf(docs / "sub" / "inner.pdf", 1, text="Inner")
+    shutil.copy(docs / "doc0.pdf", docs / "sub" / "copy-of-doc0.pdf")
+    settle(docs)
+    out = tmp_path / "out.jsonl"
+    summary = run_job(options(tiny_model, [docs, docs / "sub"], out), engine=engine)
+    assert summary.pages_ok == 7  # 3 documents x 2 pages + inner: each content decoded once
+    keys = [(r["path"], r["page"]) for r in read_rows(out)]
+    assert len(keys) == len(set(keys)) == 7
+    assert not any("copy-of-doc0" in path for path, _ in keys)
+    assert (str(docs / "doc0.pdf"), 1) in keys
+
+
+# -- llama.cpp workers ---------------------------------------------------------------------
+
+@pytest.fixture
+def poison_docs(docs, engine, monkeypatch):
+    """The sample docs plus one page of a size no other page has; its token count marks it."""
+    poison = docs / "doc0-poison.pdf"
+    write_pdf(poison, 1, width=420, height=260, text="Poison")
+    settle(docs)
+    tokens = image_tokens_of_pdf_page(engine, poison)
+    assert tokens != image_tokens_of_pdf_page(engine, docs / "doc0.pdf")
+    monkeypatch.setenv("OCRBATCH_TEST_POISON_TOKENS", str(tokens))
+    return docs
+
+
+@pytest.mark.slow
+def test_a_page_that_crashes_its_worker_fails_alone(tiny_model, engine, poison_docs, tmp_path):
+    pool = pool_for(engine, crashing_worker_main, max_retries=1)
+    try:
+        out = tmp_path / "out.parquet"
+        summary = run_job(options(tiny_model, [poison_docs], out, max_tokens=200, ignore_eos=True), engine=engine,
+                          pool=pool)
+        crashes = pool.crashes
+    finally:
+        pool.close()
+    rows = {(Path(r["path"]).name, r["page"]): r for r in read_rows(out)}
+    assert rows[("doc0-poison.pdf", 1)]["status"] == "failed"
+    assert "crashed (exit code -11) 2 times running this page alone" in rows[("doc0-poison.pdf", 1)]["error"]
+    assert all(r["status"] == "ok" for key, r in rows.items() if key[0] != "doc0-poison.pdf")
+    assert summary.pages_ok == 6 and summary.worker_crashes == crashes
+    # One crash while the worker also held good pages (which were not charged), then two alone.
+    assert crashes == 3
+
+
+@pytest.mark.slow
+def test_a_llama_cpp_error_fails_one_page_and_the_worker_goes_on(tiny_model, engine, poison_docs, tmp_path):
+    pool = pool_for(engine, failing_prefill_worker_main)
+    try:
+        pids = pool.worker_pids
+        summary = run_job(options(tiny_model, [poison_docs], tmp_path / "out.parquet"), engine=engine, pool=pool)
+        assert pool.worker_pids == pids and pool.crashes == 0
+    finally:
+        pool.close()
+    rows = {(Path(r["path"]).name, r["page"]): r for r in read_rows(tmp_path / "out.parquet")}
+    assert "prefill failed: llama_decode failed with status 1" in rows[("doc0-poison.pdf", 1)]["error"]
+    assert summary.pages_ok == 6 and summary.pages_failed == 1
+
+
+@pytest.mark.slow
+def test_a_hung_worker_times_out_its_page_and_is_replaced(tiny_model, engine, poison_docs, tmp_path):
+    pool = pool_for(engine, hanging_worker_main, request_timeout=4, stuck_grace_s=2)
+    try:
+        first_pids = pool.worker_pids
+        summary = run_job(options(tiny_model, [poison_docs], tmp_path / "out.parquet"), engine=engine, pool=pool)
+        assert pool.worker_pids != first_pids  # the stuck worker was killed and replaced
+    finally:
+        pool.close()
+    rows = {(Path(r["path"]).name, r["page"]): r for r in read_rows(tmp_path / "out.parquet")}
+    assert "no result after 4 s on a llama.cpp worker (page timeout)" in rows[("doc0-poison.pdf", 1)]["error"]
+    assert summary.pages_ok == 6 and summary.pages_failed == 1
+
+
+@pytest.mark.slow
+def test_a_pool_that_cannot_load_its_model_leaves_pages_pending(tiny_model, engine, docs, tmp_path):
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + os.urandom(4096))
+    out = tmp_path / "out.parquet"
+    pool = WorkerPool(broken, workers=1, n_seq_max=2, n_ctx=engine.context_size(2))
+    try:
+        with pytest.raises(PoolFailed, match="could not start"):
+            run_job(options(tiny_model, [docs], out), engine=engine, pool=pool)
+    finally:
+        pool.close()
+    assert page_states(out) == {"pending": 6}
+    assert not out.exists()
+    summary = run_job(options(tiny_model, [docs], out), engine=engine)  # no --retry-failed needed
+    assert summary.pages_ok == 6 and summary.pages_skipped == 0
+    assert len(read_rows(out)) == 6
+
+
+def test_close_resolves_every_future(engine):
+    import numpy as np
+
+    from ocrbatch.language import GenerationRequest
+
+    pool = WorkerPool(engine.gguf_path, workers=1, n_seq_max=1, n_ctx=engine.context_size(1))
+    prompt = engine.prompts.build(engine.prompt_text("ocr"), (1, 4, 4))
+    embeddings = np.zeros((prompt.n_image_tokens, engine.checkpoint.config.text_config.hidden_size), np.float32)
+    futures = [pool.submit(GenerationRequest(prompt, embeddings, max_tokens=8, stop_ids=()))
+               for _ in range(3)]
+    pool.close()
+    assert all(future.done() for future in futures)
+    assert all(future.cancelled() or isinstance(future.exception(), PoolFailed) for future in futures)
+
+
+# -- files still being written -------------------------------------------------------------
+
+def test_files_still_being_written_are_deferred(tmp_path, monkeypatch):
+    from ocrbatch import discover as discover_module
+
+    write_pdf(tmp_path / "old.pdf", 1)
+    settle(tmp_path)
+    write_pdf(tmp_path / "fresh.pdf", 1)
+    write_pdf(tmp_path / "growing.pdf", 1)
+    os.utime(tmp_path / "growing.pdf", (time.time() - 60, time.time() - 60))
+    hash_file = discover_module.hash_file
+
+    def hash_while_it_grows(path):
+        digest = hash_file(path)
+        if path.name == "growing.pdf":
+            with open(path, "ab") as handle:
+                handle.write(b"% more bytes arriving\n")
+        return digest
+
+    monkeypatch.setattr(discover_module, "hash_file", hash_while_it_grows)
+    found = {d.path.name: d for d in discover_module.discover([tmp_path], min_file_age=5)}
+    assert found["old.pdf"].doc_id and not found["old.pdf"].deferred
+    assert "(--min-file-age 5)" in found["fresh.pdf"].deferred
+    assert found["growing.pdf"].deferred == "changed while being read"
+
+
+@pytest.mark.slow
+def test_a_fresh_file_is_picked_up_by_the_next_run(tiny_model, engine, docs, tmp_path):
+    write_pdf(docs / "arriving.pdf", 1)
+    out = tmp_path / "out.parquet"
+    first = run_job(options(tiny_model, [docs], out, min_file_age=30), engine=engine)
+    assert first.deferred_files == 1 and first.pages_ok == 6
+    assert not any("arriving" in r["path"] for r in read_rows(out))
+    settle(docs)
+    second = run_job(options(tiny_model, [docs], out, min_file_age=30), engine=engine)
+    assert second.pages_ok == 1 and second.pages_skipped == 6
+    assert len(read_rows(out)) == 7
+
+
+# -- signals and kills ---------------------------------------------------------------------
+
+@pytest.fixture
+def many_pages(tmp_path):
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(6):
+        write_pdf(folder / f"doc{i}.pdf", 4, text=f"Document {i}")
+    settle(folder)
+    return folder
+
+
+def slow_run_args(tiny_model, folder, out, tokens=300):
+    """Pages slow enough (forced long outputs, one at a time) that a signal lands mid-decode."""
+    return ["run", folder, "--out", out, "--model", tiny_model, "--quant", "F32", "--max-tokens", str(tokens),
+            "--ignore-eos", "--seqs-per-worker", "1", "--batch-size", "1", "--dpi", "72"]
+
+
+def popen(args):
+    return subprocess.Popen([sys.executable, "-m", "ocrbatch", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_stops_the_run_cleanly_and_the_next_run_resumes(tiny_model, many_pages, tmp_path, signum, code):
+    out = tmp_path / "out.jsonl"
+    args = slow_run_args(tiny_model, many_pages, out)
+    process = popen(args)
+    wait_for_ok_pages(out, process, at_least=2)
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == code, stderr
+    assert "stopped early by a signal" in stderr
+    states = page_states(out)
+    assert states.get("pending", 0) > 0 and states.get("failed", 0) == 0  # it landed mid-run
+    rows = read_rows(out)  # the output was written, with every page finished so far
+    assert len(rows) == states["ok"]
+    final = cli(*args)
+    assert final.returncode == 0, final.stderr
+    keys = [(Path(r["path"]).name, r["page"]) for r in read_rows(out)]
+    assert len(keys) == len(set(keys)) == 24
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_stops_at_once_and_stays_resumable(tiny_model, docs, tmp_path):
+    out = tmp_path / "out.jsonl"
+    args = slow_run_args(tiny_model, docs, out, tokens=2000)
+    process = popen([*args, "--stop-grace", "300"])
+    wait_for_ok_pages(out, process, at_least=1)
+    process.send_signal(signal.SIGINT)
+    time.sleep(1)
+    assert process.poll() is None  # still finishing the page in flight (2000 tokens, 300 s of grace)
+    second = time.monotonic()
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert time.monotonic() - second < 20
+    assert "Stopped at once by a second signal" in stderr
+    assert page_states(out).get("pending", 0) > 0
+    final = cli(*args)
+    assert final.returncode == 0, final.stderr
+    keys = [(Path(r["path"]).name, r["page"]) for r in read_rows(out)]
+    assert len(keys) == len(set(keys)) == 6
+
+
+@pytest.mark.slow
+def test_kill_9_at_20_random_moments_then_every_page_exactly_once(tiny_model, many_pages, tmp_path):
+    clean_out = tmp_path / "clean.jsonl"
+    out = tmp_path / "out.jsonl"
+    clean = cli(*slow_run_args(tiny_model, many_pages, clean_out, tokens=120))
+    assert clean.returncode == 0, clean.stderr
+    reference = {(Path(r["path"]).name, r["page"]): (r["status"], r["text"]) for r in read_rows(clean_out)}
+    assert len(reference) == 24
+
+    rng = random.Random(20)
+    mid_decode = 0
+    for _ in range(20):
+        before = page_states(out).get("ok", 0) if checkpoint_path_for(out).exists() else 0
+        if before == 24:
+            break
+        process = popen(slow_run_args(tiny_model, many_pages, out, tokens=120))
+        try:
+            wait_for_ok_pages(out, process, at_least=before + 1)  # decoding is under way
+            time.sleep(rng.uniform(0, 0.8))
+        except AssertionError:
+            pass  # it finished first; counted as not mid-decode below
+        killed_while_running = process.poll() is None
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        states = page_states(out)
+        if killed_while_running and states.get("ok", 0) > before and states.get("pending", 0):
+            mid_decode += 1
+        time.sleep(0.3)  # orphaned workers see their pipe close and exit
+    assert mid_decode >= 12, f"only {mid_decode} kills landed mid-decode"
+    final = cli(*slow_run_args(tiny_model, many_pages, out, tokens=120))
+    assert final.returncode == 0, final.stderr
+    rows = read_rows(out)
+    keys = [(Path(r["path"]).name, r["page"]) for r in rows]
+    assert len(keys) == len(set(keys)) == 24
+    assert {key: (r["status"], r["text"]) for key, r in zip(keys, rows)} == reference
+    assert not list(tmp_path.glob(".out.jsonl.*.partial"))
+
+
+# -- output failures -----------------------------------------------------------------------
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 256 KiB tmpfs, filled to the last byte."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], check=True)
+    filler = mount / "filler"
+    with open(filler, "wb") as handle:
+        try:
+            while True:
+                handle.write(b"\0" * 4096)
+                handle.flush()
+        except OSError:
+            pass
+    yield mount, filler
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.mark.slow
+def test_a_full_disk_exits_3_and_a_rerun_writes_everything(tiny_model, docs, tmp_path, tiny_disk):
+    mount, filler = tiny_disk
+    out = mount / "out.jsonl"
+    checkpoint = tmp_path / "job.db"
+    args = ["run", docs, "--out", out, "--checkpoint", checkpoint, "--model", tiny_model, "--quant", "F32",
+            "--max-tokens", "6", "--dpi", "72"]
+    failed = cli(*args)
+    assert failed.returncode == 3, failed.stderr
+    assert "cannot write the output (No space left on device); the checkpoint is intact" in failed.stderr
+    with sqlite3.connect(checkpoint) as db:
+        assert dict(db.execute("SELECT status, count(*) FROM pages GROUP BY status").fetchall()) == {"ok": 6}
+    assert not out.exists()
+    filler.unlink()
+    again = cli(*args)
+    assert again.returncode == 0, again.stderr
+    assert "0 pages processed (0 ok, 0 failed), 6 already done" in again.stderr  # nothing decoded twice
+    assert len(read_rows(out)) == 6
