@@ -14,6 +14,7 @@ from .gguf_convert import QUANTS
 from .options import PAGE_TIMEOUT_BASE_S, PAGE_TIMEOUT_PER_TOKEN_S, JobOptions
 from .options import default as job_default
 from .prompt import TASKS
+from .textlayer import PDF_TEXT_MODES
 from .vision import DTYPES as VISION_DTYPES
 
 DEFAULT_MODEL = job_default("model")
@@ -214,6 +215,12 @@ def _setup_logging(quiet: bool, log_file: str | None) -> None:
 @model_options
 @click.option("--task", "-t", type=click.Choice(TASKS), default=job_default("task"), show_default=True,
               help="Recognition task.")
+@click.option("--pdf-text", type=click.Choice(PDF_TEXT_MODES), default=job_default("pdf_text"), show_default=True,
+              help="PDF pages from their text layer: never (all through the model), auto (pages whose layer is "
+                   "good are taken from it, the rest go to the model), only (text layer only; pages without a "
+                   "good one fail). Task ocr only.")
+@click.option("--trust-ocr-layer", is_flag=True, help="With --pdf-text, take an invisible OCR text layer over a "
+              "scan as good (by default such pages go to the model).")
 @click.option("--max-tokens", type=click.IntRange(1), default=job_default("max_tokens"), show_default=True,
               help="Most tokens generated per page.")
 @click.option("--page-timeout", type=click.FloatRange(min=1), show_default=(
@@ -241,7 +248,7 @@ def _setup_logging(quiet: bool, log_file: str | None) -> None:
 @click.option("--log-file", type=click.Path(dir_okay=False), help="Also log to this file.")
 def run(paths, out, output_format, checkpoint, include, exclude, dry_run, retry_failed, max_retries,
         max_page_error_rate, min_file_age, model, quant, gguf, vision_dtype, device, threads, cache_dir, task,
-        max_tokens, page_timeout, stop_grace, workers, seqs_per_worker, dpi, max_pixels, batch_size,
+        pdf_text, trust_ocr_layer, max_tokens, page_timeout, stop_grace, workers, seqs_per_worker, dpi, max_pixels, batch_size,
         max_batch_patches, markdown_dir, ignore_eos, quiet, log_file):
     """OCR every PDF and image under PATHS into one row per page in OUT.
 
@@ -260,14 +267,17 @@ def run(paths, out, output_format, checkpoint, include, exclude, dry_run, retry_
         paths=list(paths), out=out, output_format=output_format, checkpoint=checkpoint, include=list(include),
         exclude=list(exclude), retry_failed=retry_failed, max_retries=max_retries,
         max_page_error_rate=max_page_error_rate, min_file_age=min_file_age, model=model, quant=quant, gguf=gguf,
-        task=task, max_tokens=max_tokens, page_timeout=page_timeout, stop_grace=stop_grace, workers=workers,
+        task=task, pdf_text=pdf_text, trust_ocr_layer=trust_ocr_layer, max_tokens=max_tokens,
+        page_timeout=page_timeout, stop_grace=stop_grace, workers=workers,
         seqs_per_worker=seqs_per_worker, dpi=dpi, max_pixels=max_pixels, batch_size=batch_size,
         max_batch_patches=max_batch_patches, vision_dtype=vision_dtype, device=device, threads=threads,
         cache_dir=cache_dir, markdown_dir=markdown_dir, ignore_eos=ignore_eos, progress=not quiet)
+    if pdf_text != "never" and task != "ocr":
+        raise click.BadParameter(f"the text layer stands in for OCR only, not task {task!r}", param_hint="--pdf-text")
     if dry_run:
         plan = plan_only(options)
         for item in sorted(plan.work, key=lambda item: str(item.document.path)):
-            click.echo(f"{len(item.pages)}\t{item.document.path}")
+            click.echo(f"{len(item.pages)}\t{item.document.path}{_routes(item, options)}")
         for document, error in sorted(plan.unreadable, key=lambda entry: str(entry[0].path)):
             click.echo(f"unreadable\t{document.path}\t{error}")
         for document in plan.deferred:
@@ -294,6 +304,23 @@ def run(paths, out, output_format, checkpoint, include, exclude, dry_run, retry_
         sys.exit(EXIT_FATAL)
     click.echo(summary.line(out), err=True)
     sys.exit(summary.exit_code)
+
+
+def _routes(item, options: JobOptions) -> str:
+    """``--dry-run``'s note of which pages of a PDF the text layer would give, and why the others not."""
+    if options.pdf_text == "never" or item.document.kind != "pdf":
+        return ""
+    from .textlayer import route
+
+    try:
+        routes = route(item.document.path, item.pages, options.pdf_text, options.trust_ocr_layer)
+    except Exception as exc:  # the run itself reports the document's problem
+        return f"\troutes unknown ({type(exc).__name__}: {exc})"
+    notes = []
+    for number, chosen in sorted(routes.items()):
+        where = "failed" if chosen.error else chosen.source
+        notes.append(f"p{number} {where} ({chosen.verdict.reason})")
+    return "\t" + "; ".join(notes)
 
 
 @main.command()

@@ -36,6 +36,8 @@ class JobOptions:
     quant: str = "Q4_K_M"
     gguf: str | None = None
     task: str = "ocr"
+    pdf_text: str = "never"  # never, auto, only: see ocrbatch.textlayer
+    trust_ocr_layer: bool = False
     max_tokens: int = 1024
     page_timeout: float | None = None  # None: page_timeout_for(max_tokens)
     stop_grace: float = 20.0

@@ -36,6 +36,7 @@ SCHEMA = pa.schema([
     ("vision_s", pa.float64()),
     ("prefill_s", pa.float64()),
     ("decode_s", pa.float64()),
+    ("source", pa.string()),
     ("created_at", pa.timestamp("us", tz="UTC")),
 ])
 COLUMNS = SCHEMA.names

@@ -36,7 +36,7 @@ from .output import open_output
 from .plan import Plan, plan_job
 from .rasterize import PageImage
 from .record import JobSummary, OutputError, Recorder
-from .render import RenderJob, RenderStage, StageFailed, iter_pages
+from .render import RenderJob, RenderStage, StageFailed, TextLayerSettings, iter_pages
 from .store import Store
 
 log = logging.getLogger("ocrbatch")
@@ -219,7 +219,8 @@ def _process(recorder: Recorder, engine, decoder: LocalDecoder, plan: Plan, max_
     pages: queue.Queue = queue.Queue(maxsize=max(2, options.batch_size * 2))
     halt = threading.Event()
     renderer = RenderStage([RenderJob(item.document, item.pages, item.page_count) for item in plan.work],
-                           options.dpi, max_pixels, pages, halt, render_pages)
+                           options.dpi, max_pixels, pages, halt, render_pages,
+                           TextLayerSettings(options.pdf_text, options.trust_ocr_layer))
     renderer.start()
     finished: queue.Queue = queue.Queue()
     in_flight: dict[Future, PageImage] = {}
@@ -252,7 +253,7 @@ def _process(recorder: Recorder, engine, decoder: LocalDecoder, plan: Plan, max_
             "finish_reason": result.finish_reason, "width": width, "height": height,
             "model": recorder.model_name, "quant": recorder.quant, "render_s": page.render_s,
             "vision_s": vision_s, "prefill_s": result.prefill_s, "decode_s": result.decode_s,
-            "created_at": datetime.now(timezone.utc).isoformat(),
+            "source": "model", "created_at": datetime.now(timezone.utc).isoformat(),
         })
 
     def take_finished(wait_s: float) -> None:
@@ -282,7 +283,9 @@ def _process(recorder: Recorder, engine, decoder: LocalDecoder, plan: Plan, max_
             for page in batch:
                 if page.error:
                     recorder.page_failed(page.document, page.page, page.page_count, page.error)
-            for encoded in encode_pages(engine.vision, [p for p in batch if not p.error]):
+                elif page.text_layer is not None:
+                    recorder.text_layer_page(page)
+            for encoded in encode_pages(engine.vision, [p for p in batch if p.image is not None]):
                 page = encoded.page
                 if encoded.error:
                     recorder.page_failed(page.document, page.page, page.page_count, encoded.error)

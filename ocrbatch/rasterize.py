@@ -34,6 +34,8 @@ class PageImage:
     # Kept after the image is dropped, once the page is encoded.
     image_size: tuple[int, int] | None = None
     n_image_tokens: int = 0
+    # Set instead of ``image`` for a page taken from its PDF text layer (``--pdf-text``).
+    text_layer: str | None = None
 
 
 def pdf_zoom(width_pt: float, height_pt: float, dpi: float, max_pixels: int) -> float:

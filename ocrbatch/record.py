@@ -35,6 +35,7 @@ class OutputError(OcrbatchError):
 @dataclass
 class JobSummary:
     pages_ok: int = 0
+    pages_text_layer: int = 0  # of the ok pages, those taken from a PDF text layer
     pages_failed: int = 0
     pages_skipped: int = 0
     pages_left: int = 0  # planned but neither ok nor failed when the run ended
@@ -67,7 +68,8 @@ class JobSummary:
             extras.append(f"{self.render_crashes} render process crashes")
         if self.stopped_by is not None:
             extras.append("stopped early by a signal: run again to resume")
-        return (f"ocrbatch: {done} pages processed ({self.pages_ok} ok, {self.pages_failed} failed), "
+        source = f"; {self.pages_text_layer} from the text layer" if self.pages_text_layer else ""
+        return (f"ocrbatch: {done} pages processed ({self.pages_ok} ok, {self.pages_failed} failed{source}), "
                 f"{self.pages_skipped} already done, {self.documents} documents, "
                 + "".join(f"{extra}, " for extra in extras)
                 + f"{self.elapsed_s:.1f} s, {rate:.1f} pages/min -> {out}")
@@ -146,6 +148,17 @@ class Recorder:
             self.store.finish_document(document.doc_id, self.options.max_page_error_rate)
             if self.options.markdown_dir:
                 self.markdown(document.doc_id)
+
+    def text_layer_page(self, page) -> None:
+        """A PDF page taken from its text layer (``--pdf-text``): no tokens, no model time."""
+        width, height = page.image_size
+        self.summary.pages_text_layer += 1
+        self.page_done(page.document, page.page, {
+            "page": page.page, "page_count": page.page_count, "task": self.options.task, "text": page.text_layer,
+            "status": "ok", "error": None, "n_image_tokens": 0, "n_output_tokens": 0, "finish_reason": "stop",
+            "width": width, "height": height, "model": self.model_name, "quant": self.quant, "render_s": 0.0,
+            "vision_s": 0.0, "prefill_s": 0.0, "decode_s": 0.0, "source": "text-layer",
+            "created_at": datetime.now(timezone.utc).isoformat()})
 
     def page_failed(self, document: Document, page: int, page_count: int, error: str) -> None:
         row = failure_row(page, page_count, self.options.task, error, self.model_name, self.quant)

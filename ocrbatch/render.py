@@ -28,7 +28,7 @@ from PIL import Image
 
 from .discover import Document
 from .errors import InputError
-from .rasterize import PageImage, iter_pages
+from .rasterize import PageImage, iter_pages, pdf_zoom
 
 log = logging.getLogger("ocrbatch")
 
@@ -53,6 +53,14 @@ class RenderJob:
     page_count: int
 
 
+@dataclass(frozen=True)
+class TextLayerSettings:
+    """``--pdf-text`` and ``--trust-ocr-layer``: which PDF pages are read from their text layer."""
+
+    mode: str = "never"
+    trust_ocr_layer: bool = False
+
+
 @dataclass
 class StageFailed:
     """Put on a stage's queue instead of the end marker when the stage itself broke."""
@@ -61,7 +69,34 @@ class StageFailed:
     error: str
 
 
-def _render_main(conn, render_pages: RenderPages) -> None:
+def _text_layer_pages(conn, document: Document, pages: list[int], dpi: float, max_pixels: int,
+                      settings: TextLayerSettings) -> list[int]:
+    """Send the pages taken from the PDF's text layer (or failed for lack of one); return the rest."""
+    import pymupdf
+
+    from .textlayer import page_markdown, route
+
+    if settings.mode == "never" or document.kind != "pdf":
+        return pages
+    routes = route(document.path, pages, settings.mode, settings.trust_ocr_layer)
+    model_pages = []
+    with pymupdf.open(document.path, filetype="pdf") as pdf:  # page_markdown alters the document it reads
+        for number in pages:
+            chosen = routes[number]
+            if chosen.error:
+                conn.send(("error", number, pdf.page_count, f"{document.path} page {number}: {chosen.error}"))
+            elif chosen.source == "text-layer":
+                rect = pdf[number - 1].rect
+                zoom = pdf_zoom(rect.width, rect.height, dpi, max_pixels)
+                box = (rect * pymupdf.Matrix(zoom, zoom)).irect  # rounded as MuPDF sizes a render
+                size = (box.width, box.height)
+                conn.send(("text", number, pdf.page_count, size, page_markdown(pdf, number)))
+            else:
+                model_pages.append(number)
+    return model_pages
+
+
+def _render_main(conn, render_pages: RenderPages, text_layer: TextLayerSettings) -> None:
     """Child process: render the documents asked for on ``conn`` and send the pages back."""
     import signal
 
@@ -74,7 +109,8 @@ def _render_main(conn, render_pages: RenderPages) -> None:
                 return
             document, pages, dpi, max_pixels = message
             try:
-                for page in render_pages(document, pages, dpi, max_pixels):
+                pages = _text_layer_pages(conn, document, pages, dpi, max_pixels, text_layer)
+                for page in render_pages(document, pages, dpi, max_pixels) if pages else ():
                     if page.error:
                         conn.send(("error", page.page, page.page_count, page.error))
                     else:
@@ -92,11 +128,11 @@ def _render_main(conn, render_pages: RenderPages) -> None:
 class _RenderProcess:
     """One child render process and its pipe."""
 
-    def __init__(self, render_pages: RenderPages):
+    def __init__(self, render_pages: RenderPages, text_layer: TextLayerSettings):
         context = multiprocessing.get_context("spawn")
         self.conn, child = context.Pipe()
-        self.process = context.Process(target=_render_main, args=(child, render_pages), name="ocrbatch-render",
-                                       daemon=True)
+        self.process = context.Process(target=_render_main, args=(child, render_pages, text_layer),
+                                       name="ocrbatch-render", daemon=True)
         self.process.start()
         child.close()
 
@@ -128,10 +164,11 @@ class RenderStage:
     """Renders :class:`RenderJob`\\ s on a background thread into ``pages`` (a bounded queue)."""
 
     def __init__(self, jobs: list[RenderJob], dpi: float, max_pixels: int, pages: queue.Queue,
-                 stop: threading.Event, render_pages: RenderPages = iter_pages):
+                 stop: threading.Event, render_pages: RenderPages = iter_pages,
+                 text_layer: TextLayerSettings = TextLayerSettings()):
         self.jobs, self.dpi, self.max_pixels = jobs, dpi, max_pixels
         self.pages, self.stop = pages, stop
-        self.render_pages = render_pages
+        self.render_pages, self.text_layer = render_pages, text_layer
         self.crashes = 0
         self._thread = threading.Thread(target=self._run, name="ocrbatch-render", daemon=True)
 
@@ -171,7 +208,7 @@ class RenderStage:
         remaining = sorted(set(job.pages))
         crashes = 0
         while remaining and not self.stop.is_set():
-            process = process or _RenderProcess(self.render_pages)
+            process = process or _RenderProcess(self.render_pages, self.text_layer)
             try:
                 process.conn.send((job.document, remaining, self.dpi, self.max_pixels))
                 while True:
@@ -219,6 +256,9 @@ class RenderStage:
         if message[0] == "error":
             _, number, page_count, error = message
             return PageImage(job.document, number, page_count, error=error)
+        if message[0] == "text":
+            _, number, page_count, size, markdown = message
+            return PageImage(job.document, number, page_count, image_size=size, text_layer=markdown)
         _, number, page_count, size, data, render_s = message
         return PageImage(job.document, number, page_count, image=Image.frombytes("RGB", size, data),
                          render_s=render_s)
