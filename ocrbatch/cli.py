@@ -11,7 +11,7 @@ import click
 
 from .errors import OcrbatchError
 from .gguf_convert import QUANTS
-from .options import PAGE_TIMEOUT_BASE_S, PAGE_TIMEOUT_PER_TOKEN_S, JobOptions
+from .options import BACKENDS, PAGE_TIMEOUT_BASE_S, PAGE_TIMEOUT_PER_TOKEN_S, JobOptions
 from .options import default as job_default
 from .prompt import TASKS
 from .textlayer import PDF_TEXT_MODES
@@ -189,6 +189,7 @@ def _setup_logging(quiet: bool, log_file: str | None) -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
         root.addHandler(handler)
     root.propagate = False
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # it logs every request at INFO
 
 
 @main.command()
@@ -223,6 +224,14 @@ def _setup_logging(quiet: bool, log_file: str | None) -> None:
               "scan as good (by default such pages go to the model).")
 @click.option("--max-tokens", type=click.IntRange(1), default=job_default("max_tokens"), show_default=True,
               help="Most tokens generated per page.")
+@click.option("--backend", type=click.Choice(BACKENDS), default=job_default("backend"), show_default=True,
+              help="local: the models run here; openai: pages go to an OpenAI-compatible PaddleOCR-VL server "
+                   "(vLLM, llama-server, ocrbatch serve) and no model is loaded here.")
+@click.option("--base-url", help="The server's address for --backend openai, e.g. http://gpu-box:8000/v1.")
+@click.option("--api-key", envvar="OCRBATCH_API_KEY", help="Bearer key for the server [env: OCRBATCH_API_KEY].")
+@click.option("--remote-model", help="Model name on the server [default: the first it lists].")
+@click.option("--concurrency", type=click.IntRange(1), default=job_default("concurrency"), show_default=True,
+              help="Requests in flight to the server (--backend openai).")
 @click.option("--page-timeout", type=click.FloatRange(min=1), show_default=(
               f"{PAGE_TIMEOUT_BASE_S:g} + {PAGE_TIMEOUT_PER_TOKEN_S:g} x --max-tokens"),
               help="Seconds a page may take on a llama.cpp worker before it fails; a worker that does not "
@@ -248,8 +257,9 @@ def _setup_logging(quiet: bool, log_file: str | None) -> None:
 @click.option("--log-file", type=click.Path(dir_okay=False), help="Also log to this file.")
 def run(paths, out, output_format, checkpoint, include, exclude, dry_run, retry_failed, max_retries,
         max_page_error_rate, min_file_age, model, quant, gguf, vision_dtype, device, threads, cache_dir, task,
-        pdf_text, trust_ocr_layer, max_tokens, page_timeout, stop_grace, workers, seqs_per_worker, dpi, max_pixels, batch_size,
-        max_batch_patches, markdown_dir, ignore_eos, quiet, log_file):
+        pdf_text, trust_ocr_layer, max_tokens, backend, base_url, api_key, remote_model, concurrency, page_timeout,
+        stop_grace, workers, seqs_per_worker, dpi, max_pixels, batch_size, max_batch_patches, markdown_dir,
+        ignore_eos, quiet, log_file):
     """OCR every PDF and image under PATHS into one row per page in OUT.
 
     Resumable: finished pages are recorded in a SQLite checkpoint, so running
@@ -267,11 +277,14 @@ def run(paths, out, output_format, checkpoint, include, exclude, dry_run, retry_
         paths=list(paths), out=out, output_format=output_format, checkpoint=checkpoint, include=list(include),
         exclude=list(exclude), retry_failed=retry_failed, max_retries=max_retries,
         max_page_error_rate=max_page_error_rate, min_file_age=min_file_age, model=model, quant=quant, gguf=gguf,
-        task=task, pdf_text=pdf_text, trust_ocr_layer=trust_ocr_layer, max_tokens=max_tokens,
+        task=task, pdf_text=pdf_text, trust_ocr_layer=trust_ocr_layer, max_tokens=max_tokens, backend=backend,
+        base_url=base_url, api_key=api_key, remote_model=remote_model, concurrency=concurrency,
         page_timeout=page_timeout, stop_grace=stop_grace, workers=workers,
         seqs_per_worker=seqs_per_worker, dpi=dpi, max_pixels=max_pixels, batch_size=batch_size,
         max_batch_patches=max_batch_patches, vision_dtype=vision_dtype, device=device, threads=threads,
         cache_dir=cache_dir, markdown_dir=markdown_dir, ignore_eos=ignore_eos, progress=not quiet)
+    if backend == "openai" and not base_url:
+        raise click.BadParameter("--backend openai needs the server's address", param_hint="--base-url")
     if pdf_text != "never" and task != "ocr":
         raise click.BadParameter(f"the text layer stands in for OCR only, not task {task!r}", param_hint="--pdf-text")
     if dry_run:

@@ -1,4 +1,11 @@
-"""The decode stage: image embeddings → text, on a pool of llama.cpp worker processes."""
+"""The decode stage: page → text, by a backend with a small interface.
+
+:class:`LocalDecoder` runs the language model on this machine's worker pool
+and needs the page's image embeddings (the encode stage); :class:`RemoteDecoder`
+sends the page image to an OpenAI-compatible server and needs no model here.
+Both return futures, and turn a finished future into the row's columns with
+:meth:`outcome`.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +15,14 @@ from .language import GenerationResult
 from .pool import RequestTimedOut, WorkerCrashed, WorkerPool
 from .vision import EncodedImage
 
-# Failures that belong to one page; anything else the pool raises stops the run.
+# Failures that belong to one page; anything else a backend raises stops the run.
 PAGE_FAILURES = (WorkerCrashed, RequestTimedOut)
 
 
 class LocalDecoder:
     """Builds each page's language-model request and runs it on a :class:`WorkerPool`."""
+
+    takes_images = False  # it takes embeddings from the encode stage
 
     def __init__(self, engine, pool: WorkerPool, text: str, max_tokens: int, ignore_eos: bool = False):
         self.engine, self.pool = engine, pool
@@ -29,10 +38,41 @@ class LocalDecoder:
     def cancel(self, future: Future) -> None:
         self.pool.cancel(future)
 
-    def text_of(self, result: GenerationResult) -> str:
-        return self.engine.prompts.decode(result.token_ids)
+    def outcome(self, result: GenerationResult) -> tuple[str | None, dict]:
+        """``(error, columns)`` of a finished page."""
+        if result.error:
+            return result.error, {}
+        return None, {"text": self.engine.prompts.decode(result.token_ids), "n_output_tokens": len(result.token_ids),
+                      "finish_reason": result.finish_reason, "prefill_s": result.prefill_s,
+                      "decode_s": result.decode_s}
 
     @property
     def crashes(self) -> int:
         return self.pool.crashes
 
+
+class RemoteDecoder:
+    """Sends page images to an OpenAI-compatible server through a :class:`~ocrbatch.remote.RemoteRecognizer`."""
+
+    takes_images = True
+
+    def __init__(self, recognizer, text: str, max_tokens: int):
+        self.recognizer, self.text, self.max_tokens = recognizer, text, max_tokens
+
+    def submit(self, image) -> Future:
+        """Queue one page image (blocks while the recognizer's queue is full: backpressure)."""
+        return self.recognizer.submit(image, self.text, self.max_tokens)
+
+    def cancel(self, future: Future) -> None:
+        future.cancel()  # a request already sent finishes on the server; its answer is dropped
+
+    @staticmethod
+    def outcome(result) -> tuple[str | None, dict]:
+        """``(error, columns)`` of a finished page; token counts are the server's ``usage``, if any."""
+        if result.error:
+            return result.error, {}
+        return None, {"text": result.text, "n_output_tokens": result.n_output_tokens,
+                      "n_image_tokens": result.n_image_tokens, "finish_reason": result.finish_reason,
+                      "decode_s": result.elapsed_s}
+
+    crashes = 0

@@ -16,6 +16,9 @@ from .store import checkpoint_path_for
 # slower than any CPU decodes (about 2 tokens/s per sequence).
 PAGE_TIMEOUT_BASE_S = 300.0
 PAGE_TIMEOUT_PER_TOKEN_S = 0.5
+# Page render cap with a remote backend (no local image processor to ask): PaddleOCR-VL's own max_pixels.
+REMOTE_MAX_PIXELS = 1003520
+BACKENDS = ("local", "openai")
 
 
 @dataclass
@@ -39,6 +42,11 @@ class JobOptions:
     pdf_text: str = "never"  # never, auto, only: see ocrbatch.textlayer
     trust_ocr_layer: bool = False
     max_tokens: int = 1024
+    backend: str = "local"  # local (this machine's models) or openai (a server: see ocrbatch.remote)
+    base_url: str | None = None
+    api_key: str | None = None
+    remote_model: str | None = None  # None: the first model the server lists
+    concurrency: int = 4  # requests in flight to the server
     page_timeout: float | None = None  # None: page_timeout_for(max_tokens)
     stop_grace: float = 20.0
     workers: int = 1

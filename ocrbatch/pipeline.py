@@ -28,10 +28,11 @@ import time
 from concurrent.futures import CancelledError, Future
 from datetime import datetime, timezone
 
-from .decode import PAGE_FAILURES, LocalDecoder
+from .decode import PAGE_FAILURES, LocalDecoder, RemoteDecoder
 from .encode import encode_pages, next_batch
 from .errors import OcrbatchError
-from .options import JobOptions
+from .options import REMOTE_MAX_PIXELS, JobOptions
+from .prompt import TASK_PROMPTS
 from .output import open_output
 from .plan import Plan, plan_job
 from .rasterize import PageImage
@@ -133,9 +134,23 @@ def _run_locked(options: JobOptions, store: Store, engine, pool, render_pages, s
     from .engine import Engine
     from .pool import WorkerPool
 
-    model_name, quant = str(options.model), options.quant.upper()
+    recognizer = None
+    if options.backend == "openai":
+        from .remote import RemoteRecognizer
+
+        # Before anything is planned or marked: an unreachable server is a fatal error.
+        recognizer = RemoteRecognizer(options.base_url, api_key=options.api_key, model=options.remote_model,
+                                      concurrency=options.concurrency, timeout_s=options.effective_page_timeout)
+        try:
+            model_name, quant = recognizer.check(), "remote"
+        except BaseException:
+            recognizer.close()
+            raise
+    else:
+        model_name, quant = str(options.model), options.quant.upper()
     store.check_settings({"task": options.task, "model": model_name, "quant": quant,
-                          "max_tokens": str(options.max_tokens)})
+                          "max_tokens": str(options.max_tokens), "backend": options.backend,
+                          "prompt": TASK_PROMPTS[options.task]})
     plan = plan_job(options, store)
     total = plan.pages + len(plan.unreadable)
     log.info("%d pages to process in %d documents (%d unreadable), %d already done",
@@ -165,7 +180,13 @@ def _run_locked(options: JobOptions, store: Store, engine, pool, render_pages, s
         for document, error in plan.unreadable:
             recorder.document_failed(document, error)
 
-        if plan.work and not stop.requested:
+        if plan.work and not stop.requested and recognizer is not None:
+            for item in plan.work:
+                recorder.expect(item.document, len(item.pages))
+            max_pixels = options.max_pixels or REMOTE_MAX_PIXELS
+            decoder = RemoteDecoder(recognizer, TASK_PROMPTS[options.task], options.max_tokens)
+            _process(recorder, None, decoder, plan, max_pixels, stop, render_pages)
+        elif plan.work and not stop.requested:
             if engine is None:
                 engine = Engine(options.model, quant=quant, gguf=options.gguf, vision_dtype=options.vision_dtype,
                                 device=options.device, max_tokens=options.max_tokens, threads=options.threads,
@@ -204,6 +225,8 @@ def _run_locked(options: JobOptions, store: Store, engine, pool, render_pages, s
     finally:
         if own_pool and pool is not None:
             pool.close()
+        if recognizer is not None:
+            recognizer.close()
         recorder.close()
     summary.stopped_by = stop.signum
     if summary.pages_left and not stop.requested:
@@ -212,9 +235,9 @@ def _run_locked(options: JobOptions, store: Store, engine, pool, render_pages, s
     return summary
 
 
-def _process(recorder: Recorder, engine, decoder: LocalDecoder, plan: Plan, max_pixels: int, stop: GracefulStop,
-             render_pages) -> None:
-    """Stream the planned pages through render, vision and the decoder until done or stopped."""
+def _process(recorder: Recorder, engine, decoder: LocalDecoder | RemoteDecoder, plan: Plan, max_pixels: int,
+             stop: GracefulStop, render_pages) -> None:
+    """Stream the planned pages through render, vision (for a local decoder) and the decoder until done or stopped."""
     options = recorder.options
     pages: queue.Queue = queue.Queue(maxsize=max(2, options.batch_size * 2))
     halt = threading.Event()
@@ -241,19 +264,18 @@ def _process(recorder: Recorder, engine, decoder: LocalDecoder, plan: Plan, max_
         # Anything else (the pool failed, the model cannot load) is not this page's fault: it propagates.
         if result.finish_reason == "cancelled":
             return  # stopped while decoding: stays pending
-        if result.error:
+        error, columns = decoder.outcome(result)
+        if error:
             recorder.page_failed(page.document, page.page, page.page_count,
-                                 f"{page.document.path} page {page.page}: {result.error}")
+                                 f"{page.document.path} page {page.page}: {error}")
             return
         width, height = page.image_size
         recorder.page_done(page.document, page.page, {
-            "page": page.page, "page_count": page.page_count, "task": options.task,
-            "text": decoder.text_of(result), "status": "ok", "error": None,
-            "n_image_tokens": page.n_image_tokens, "n_output_tokens": len(result.token_ids),
-            "finish_reason": result.finish_reason, "width": width, "height": height,
+            "page": page.page, "page_count": page.page_count, "task": options.task, "status": "ok",
+            "error": None, "n_image_tokens": page.n_image_tokens, "width": width, "height": height,
             "model": recorder.model_name, "quant": recorder.quant, "render_s": page.render_s,
-            "vision_s": vision_s, "prefill_s": result.prefill_s, "decode_s": result.decode_s,
-            "source": "model", "created_at": datetime.now(timezone.utc).isoformat(),
+            "vision_s": vision_s, "source": "model", "created_at": datetime.now(timezone.utc).isoformat(),
+            **columns,
         })
 
     def take_finished(wait_s: float) -> None:
@@ -276,7 +298,7 @@ def _process(recorder: Recorder, engine, decoder: LocalDecoder, plan: Plan, max_
                 take_finished(0.5)
                 continue
             batch, end = next_batch(pages, options.batch_size, options.max_batch_patches,
-                                    engine.vision.n_patches_for, wait_s=0.5)
+                                    engine.vision.n_patches_for if engine else _no_patches, wait_s=0.5)
             if isinstance(end, StageFailed):
                 failure = end  # pages already rendered and in flight still finish
             rendering = end is None
@@ -285,6 +307,15 @@ def _process(recorder: Recorder, engine, decoder: LocalDecoder, plan: Plan, max_
                     recorder.page_failed(page.document, page.page, page.page_count, page.error)
                 elif page.text_layer is not None:
                     recorder.text_layer_page(page)
+            if decoder.takes_images:
+                for page in batch:
+                    if page.image is not None:
+                        page.image_size, page.n_image_tokens = page.image.size, None
+                        future = decoder.submit(page.image)
+                        page.image = None
+                        in_flight[future] = page
+                        future.add_done_callback(lambda f: finished.put((f, None)))
+                continue
             for encoded in encode_pages(engine.vision, [p for p in batch if p.image is not None]):
                 page = encoded.page
                 if encoded.error:
@@ -311,6 +342,10 @@ def _process(recorder: Recorder, engine, decoder: LocalDecoder, plan: Plan, max_
         halt.set()
         renderer.join(timeout=10)
         recorder.summary.render_crashes = renderer.crashes
+
+
+def _no_patches(width: int, height: int) -> int:
+    return 0  # no local vision encoder: batches are bounded by --batch-size alone
 
 
 def dry_run(options: JobOptions) -> Plan:

@@ -1,0 +1,99 @@
+"""``ocrbatch run --backend openai``: the batch job in front of an OpenAI-compatible server."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers import settle, write_pdf
+from test_reliability import page_states, wait_for_ok_pages
+from test_remote import free_port, start, stop
+
+SAMPLE_DOCS = Path(__file__).parents[1] / "sample_docs"
+MAX_TOKENS = 24
+
+
+def rows_of(out: Path) -> dict:
+    return {(Path(r["path"]).name, r["page"]): r for r in map(json.loads, out.read_text().splitlines())}
+
+
+def ocrbatch(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "ocrbatch", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model, tmp_path_factory):
+    port = free_port()
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    process = start([sys.executable, "-m", "ocrbatch", "serve", "--model", str(tiny_model), "--quant", "F32",
+                     "--port", str(port), "--max-tokens", str(MAX_TOKENS), "--seqs-per-worker", "2"], port, log)
+    yield f"http://127.0.0.1:{port}/v1"
+    stop(process)
+
+
+@pytest.mark.slow
+def test_remote_backend_gives_the_local_engines_text(tiny_model, served, tmp_path):
+    common = ["--max-tokens", MAX_TOKENS, "--dpi", "50", "--min-file-age", "0"]
+    local = ocrbatch("run", SAMPLE_DOCS, "--out", tmp_path / "local.jsonl", "--model", tiny_model, "--quant", "F32",
+                     *common)
+    assert local.returncode == 0, local.stderr
+    remote = ocrbatch("run", SAMPLE_DOCS, "--out", tmp_path / "remote.jsonl", "--backend", "openai", "--base-url",
+                      served, "--concurrency", "2", *common)
+    assert remote.returncode == 0, remote.stderr
+    local_rows, remote_rows = rows_of(tmp_path / "local.jsonl"), rows_of(tmp_path / "remote.jsonl")
+    assert local_rows.keys() == remote_rows.keys() and len(local_rows) == 7
+    for key, row in remote_rows.items():
+        assert row["status"] == "ok" and row["text"] == local_rows[key]["text"], key
+        assert row["n_output_tokens"] == local_rows[key]["n_output_tokens"]
+        assert row["n_image_tokens"] == local_rows[key]["n_image_tokens"]
+        assert row["model"] == str(tiny_model) and row["quant"] == "remote" and row["vision_s"] is None
+
+
+def test_an_unreachable_server_is_fatal_before_any_page_is_marked(tmp_path):
+    out = tmp_path / "out.jsonl"
+    result = ocrbatch("run", SAMPLE_DOCS, "--out", out, "--backend", "openai", "--base-url",
+                      f"http://127.0.0.1:{free_port()}/v1", "--min-file-age", "0", timeout=120)
+    assert result.returncode == 3, result.stderr
+    assert "Error: http://127.0.0.1:" in result.stderr and "connection failed" in result.stderr
+    assert not out.exists()
+    with __import__("sqlite3").connect(out.with_name(out.name + ".ocrbatch.db")) as db:
+        assert db.execute("SELECT count(*) FROM pages").fetchone() == (0,)
+
+
+def test_a_checkpoint_cannot_mix_backends(tiny_model, tmp_path):
+    from ocrbatch.store import Store, checkpoint_path_for
+
+    out = tmp_path / "out.jsonl"
+    store = Store(checkpoint_path_for(out))
+    store.check_settings({"task": "ocr", "model": str(tiny_model), "quant": "F32", "max_tokens": "24",
+                          "backend": "local", "prompt": "OCR:"})
+    with pytest.raises(Exception, match="backend=local, not openai"):
+        store.check_settings({"backend": "openai"})
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_client_mid_run_then_every_page_exactly_once(served, tmp_path):
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    for i in range(5):
+        write_pdf(folder / f"doc{i}.pdf", 3, text=f"Document {i}")
+    settle(folder)
+    out = tmp_path / "out.jsonl"
+    args = ["run", folder, "--out", out, "--backend", "openai", "--base-url", served, "--concurrency", "1",
+            "--max-tokens", MAX_TOKENS, "--dpi", "72"]
+    process = subprocess.Popen([sys.executable, "-m", "ocrbatch", *map(str, args)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    wait_for_ok_pages(out, process, at_least=2)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    states = page_states(out)
+    assert states.get("ok", 0) >= 2 and states.get("pending", 0) > 0  # the kill landed mid-run
+    time.sleep(0.5)
+    final = ocrbatch(*args)
+    assert final.returncode == 0, final.stderr
+    keys = [(Path(r["path"]).name, r["page"]) for r in map(json.loads, out.read_text().splitlines())]
+    assert len(keys) == len(set(keys)) == 15
