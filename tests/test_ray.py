@@ -1,0 +1,462 @@
+"""``--engine ray``: the Parquet dataset as the record, and the job on a real two-node Ray cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from helpers import document_image, write_pdf
+
+from ocrbatch.dataset_record import DatasetRecord
+from ocrbatch.errors import OcrbatchError
+from ocrbatch.output import COLUMNS
+from ocrbatch.pipeline import JobOptions
+
+TESTS = Path(__file__).parent
+T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+
+
+def row(doc_id: str, page: int, status: str = "ok", path: str | None = None, minutes: int = 0, **extra) -> dict:
+    return {"path": path or f"/docs/{doc_id}.pdf", "doc_id": doc_id, "page": page, "page_count": 3,
+            "status": status, "error": None if status == "ok" else f"/docs/{doc_id}.pdf page {page}: broke",
+            "text": f"{doc_id}-{page}-{status}", "created_at": T0 + timedelta(minutes=minutes), **extra}
+
+
+def visible_rows(folder: Path) -> list[dict]:
+    """What a plain reader of the dataset sees: every row of every file, duplicates included."""
+    import pyarrow.dataset as ds
+
+    return ds.dataset(folder, format="parquet").to_table().to_pylist()
+
+
+def keys(rows) -> list[tuple[str, int]]:
+    return sorted((r["doc_id"], r["page"]) for r in rows)
+
+
+# -- the dataset as the record (no Ray) --------------------------------------------------------
+
+
+def test_files_are_written_whole_and_readers_see_exactly_the_output_columns(tmp_path):
+    import duckdb
+
+    record = DatasetRecord(tmp_path / "out", {"task": "ocr"})
+    record.write([row("a", 1), row("a", 2, "failed")], "part-1-00001.parquet")
+    record.write([row("b", 1)], "part-1-00002.parquet")
+    # What a writer killed mid-file leaves, and files that are not the dataset's.
+    (record.folder / ".part-1-00003.parquet.123.tmp").write_bytes(b"PAR1 half a file")
+    (record.folder / "_SUCCESS").write_text("")
+    assert [f.name for f in record.files()] == ["part-1-00001.parquet", "part-1-00002.parquet"]
+    [(count, failed)] = duckdb.sql(
+        f"SELECT count(*), count(*) FILTER (WHERE status = 'failed') FROM read_parquet('{record.folder}/*.parquet')"
+    ).fetchall()
+    assert (count, failed) == (3, 1)
+    rows = visible_rows(record.folder)
+    assert list(rows[0]) == COLUMNS and len(rows) == 3
+    with pytest.raises(OcrbatchError, match="never overwritten"):
+        record.write([row("c", 1)], "part-1-00001.parquet")
+
+
+def test_a_write_that_fails_leaves_no_file(tmp_path):
+    record = DatasetRecord(tmp_path)
+    with pytest.raises(pa.ArrowInvalid):
+        record.write([row("a", 1, page_count="three")], "part-1-00001.parquet")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_recover_keeps_one_row_per_page_ok_over_failed_then_newest(tmp_path):
+    record = DatasetRecord(tmp_path)
+    record.write([row("a", 1, "ok", minutes=0), row("a", 2, "failed", minutes=0), row("a", 3, minutes=0)],
+                 "part-1-00001.parquet")
+    record.write([row("a", 1, "failed", minutes=5), row("a", 2, "failed", minutes=5)], "part-2-00001.parquet")
+    record.write([row("a", 3, "ok", minutes=9)], "part-3-00001.parquet")
+    (tmp_path / ".part-4-00001.parquet.99.tmp").write_bytes(b"partial")
+    best = record.index()
+    assert best[("a", 1)].created_at == T0  # ok beats a newer failure
+    assert best[("a", 2)].created_at == T0 + timedelta(minutes=5)  # among failures, the newest
+    assert best[("a", 3)].created_at == T0 + timedelta(minutes=9)
+    assert record.table().num_rows == 3  # the de-duplicated view, before any repair
+
+    assert record.recover() == 3
+    rows = visible_rows(tmp_path)
+    assert keys(rows) == [("a", 1), ("a", 2), ("a", 3)]
+    assert {(r["page"], r["status"], r["created_at"]) for r in rows} == {
+        (1, "ok", T0), (2, "failed", T0 + timedelta(minutes=5)), (3, "ok", T0 + timedelta(minutes=9))}
+    assert [f.name for f in record.files()] == ["part-1-00001.parquet", "part-2-00001.parquet",
+                                                 "part-3-00001.parquet"]
+    assert not list(tmp_path.glob(".*.tmp"))
+    assert record.recover() == 0
+
+
+def test_a_crash_in_compaction_leaves_copies_that_recover_removes(tmp_path, monkeypatch):
+    record = DatasetRecord(tmp_path)
+    record.write([row("a", 1), row("a", 2)], "part-r1-00001.parquet")
+    record.write([row("b", 1, "failed")], "part-r1-00002.parquet")
+    record.write([row("c", 1)], "run-r0.parquet")
+
+    unlink = Path.unlink
+
+    def crash(self, missing_ok=False):
+        if self.name.startswith("part-"):  # killed after the merged file was renamed into place
+            raise KeyboardInterrupt
+        unlink(self, missing_ok)
+    monkeypatch.setattr(Path, "unlink", crash)
+    with pytest.raises(KeyboardInterrupt):
+        record.compact("r1")
+    monkeypatch.undo()
+    assert len(visible_rows(tmp_path)) == 3 + 3 + 1  # every part row twice, never zero times
+    assert record.recover() == 3
+    assert [f.name for f in record.files()] == ["run-r0.parquet", "run-r1.parquet"]
+    assert keys(visible_rows(tmp_path)) == [("a", 1), ("a", 2), ("b", 1), ("c", 1)]
+
+
+def test_compaction_merges_every_part_into_one_sorted_file(tmp_path):
+    record = DatasetRecord(tmp_path, {"task": "ocr", "quant": "F32"})
+    record.write([row("b", 2), row("b", 1)], "part-r1-00001.parquet")  # a killed run's
+    record.write([row("a", 1)], "part-r2-00001.parquet")
+    assert record.compact("r2") == tmp_path / "run-r2.parquet"
+    assert [f.name for f in record.files()] == ["run-r2.parquet"]
+    assert [(r["path"], r["page"]) for r in visible_rows(tmp_path)] == [
+        ("/docs/a.pdf", 1), ("/docs/b.pdf", 1), ("/docs/b.pdf", 2)]
+    assert record.stored_settings() == {"task": "ocr", "quant": "F32"}
+    assert record.compact("r3") is None
+
+
+def test_reconcile_follows_moves_and_edits_and_retries(tmp_path):
+    record = DatasetRecord(tmp_path)
+    record.write([row("moved", 1, path="/old/place.pdf"), row("moved", 2, "failed", path="/old/place.pdf"),
+                  row("edited", 1, path="/docs/report.pdf"), row("gone", 1, path="/docs/deleted.pdf"),
+                  row("flaky", 1, "failed"), row("flaky", 2)], "part-1-00001.parquet")
+    record.write([row("edited", 2, path="/docs/report.pdf")], "part-1-00002.parquet")
+    current = {"moved": "/new/place.pdf", "edited-v2": "/docs/report.pdf", "flaky": "/docs/flaky.pdf"}
+
+    before = {file: file.read_bytes() for file in record.files()}
+    preview = record.reconcile(current, retry_ids={"flaky"}, apply=False)
+    assert {file: file.read_bytes() for file in record.files()} == before  # a dry run changes nothing
+    changes, remaining = record.reconcile(current, retry_ids={"flaky"})
+    assert (changes, remaining) == preview
+    assert changes == {"moved": 2, "superseded": 2, "retried": 1}
+    assert sorted((e.doc_id, e.page, e.path) for e in remaining) == [
+        ("flaky", 2, "/docs/flaky.pdf"), ("gone", 1, "/docs/deleted.pdf"), ("moved", 1, "/new/place.pdf"),
+        ("moved", 2, "/new/place.pdf")]
+    rows = {(r["doc_id"], r["page"]): r for r in visible_rows(tmp_path)}
+    assert set(rows) == {("moved", 1), ("moved", 2), ("gone", 1), ("flaky", 2)}
+    assert rows[("moved", 1)]["path"] == rows[("moved", 2)]["path"] == "/new/place.pdf"
+    assert rows[("moved", 2)]["status"] == "failed"  # only retried documents lose their failures
+    assert rows[("gone", 1)]["path"] == "/docs/deleted.pdf"  # not found now: kept, as the local engine does
+    assert rows[("moved", 1)]["text"] == "moved-1-ok"
+    assert [f.name for f in record.files()] == ["part-1-00001.parquet"]  # the emptied file is gone
+    assert record.reconcile(current, retry_ids={"flaky"})[0] == {}
+
+
+def test_status_counts_and_failed_pages(tmp_path):
+    record = DatasetRecord(tmp_path)
+    record.write([row("a", 1), row("a", 2), row("a", 3, "failed"), row("b", 1, "failed"), row("b", 2)],
+                 "part-1-00001.parquet")
+    record.write([row("b", 1, "failed", minutes=1)], "part-2-00001.parquet")  # a duplicate counts once
+    assert record.counts() == {"pages": {"ok": 3, "failed": 2}, "documents": {"ok": 2}}
+    assert record.counts(max_page_error_rate=0.4) == {"pages": {"ok": 3, "failed": 2},
+                                                      "documents": {"ok": 1, "failed": 1}}
+    assert record.failed_pages() == [("/docs/a.pdf", 3, "/docs/a.pdf page 3: broke"),
+                                     ("/docs/b.pdf", 1, "/docs/b.pdf page 1: broke")]
+
+
+def test_a_dataset_made_with_other_settings_is_refused(tmp_path):
+    DatasetRecord(tmp_path, {"model": "m", "quant": "F32"}).write([row("a", 1)], "part-1-00001.parquet")
+    DatasetRecord(tmp_path, {"model": "m", "quant": "F32"}).check_settings()
+    with pytest.raises(OcrbatchError, match="made with quant=F32, not Q4_K_M"):
+        DatasetRecord(tmp_path, {"model": "m", "quant": "Q4_K_M"}).check_settings()
+
+
+def test_plan_skips_finished_pages_and_a_dry_run_changes_nothing(tmp_path):
+    from ocrbatch.discover import hash_file
+    from ocrbatch.ray_engine import plan_pages
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    write_pdf(docs / "a.pdf", 3)
+    write_pdf(docs / "b.pdf", 2, text="Other")
+    (docs / "zero.png").write_bytes(b"")
+    a = hash_file(docs / "a.pdf")
+    record = DatasetRecord(tmp_path / "out")
+    record.write([row(a, 1, path=str(docs / "a.pdf")), row(a, 2, "failed", path=str(docs / "before-a-move.pdf"))],
+                 "part-1-00001.parquet")
+    before = {file: file.read_bytes() for file in record.files()}
+
+    plan = plan_pages(JobOptions(paths=[docs], out=record.folder, retry_failed=True), record, dry_run=True)
+    assert sorted((Path(i["path"]).name, i["page"], i["page_count"]) for i in plan.manifest) == [
+        ("a.pdf", 2, 3), ("a.pdf", 3, 3), ("b.pdf", 1, 2), ("b.pdf", 2, 2)]
+    assert [(d.path.name, error) for d, error in plan.unreadable] == [("zero.png", f"{docs / 'zero.png'}: empty "
+                                                                                   "file (0 bytes)")]
+    assert (plan.skipped, plan.documents) == (1, 3)
+    assert {file: file.read_bytes() for file in record.files()} == before
+
+    plan = plan_pages(JobOptions(paths=[docs], out=record.folder), record)  # the failure stands without a retry
+    assert sorted((Path(i["path"]).name, i["page"]) for i in plan.manifest) == [("a.pdf", 3), ("b.pdf", 1),
+                                                                                ("b.pdf", 2)]
+    assert plan.skipped == 2
+    assert {r["path"] for r in visible_rows(record.folder)} == {str(docs / "a.pdf")}  # the move was applied
+
+
+def test_without_ray_the_error_says_how_to_install_it(tmp_path, monkeypatch):
+    from ocrbatch.ray_engine import run_ray_job
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if it were not installed
+    with pytest.raises(OcrbatchError, match=r"pip install 'ocrbatch\[ray\]'"):
+        run_ray_job(JobOptions(paths=[tmp_path], out=tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+# -- the job on Ray --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", autouse=True)
+def loopback_ray():
+    """Ray on this machine's loopback only, reporting nothing to its makers.
+
+    Without the first setting Ray advertises the machine's network address. Both are read by
+    Ray's processes when they start, and inherited by the subprocesses the tests start.
+    """
+    settings = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+    saved = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
+    yield
+    for name, value in saved.items():
+        if value is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = value
+
+
+@pytest.fixture(scope="module")
+def cluster(loopback_ray):
+    """A real Ray cluster of two nodes (two raylets, 2 logical CPUs each) on this machine."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "object_store_memory": 150 << 20,
+                                                            "include_dashboard": False})
+    cluster.add_node(num_cpus=2, object_store_memory=150 << 20)
+    cluster.wait_for_nodes()
+    yield cluster
+    ray_processes = ray_processes_of(os.getpid())
+    cluster.shutdown()
+    end(ray_processes)
+
+
+def ray_processes_of(pid: int) -> list:
+    """The Ray processes below ``pid``: its raylets, GCS, agents and workers."""
+    import psutil
+
+    found = []
+    for process in psutil.Process(pid).children(recursive=True):
+        try:
+            if "ray" in " ".join(process.cmdline()):
+                found.append(process)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+def end(processes, grace_s: float = 5.0) -> None:
+    """Kill what is left of ``processes``: workers can outlive raylets that are stopped first."""
+    import psutil
+
+    _, alive = psutil.wait_procs(processes, timeout=grace_s)
+    for process in alive:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def job_options(model, paths, out, **overrides) -> JobOptions:
+    settings = dict(paths=[Path(p) for p in paths], out=Path(out), model=str(model), quant="F32", max_tokens=8,
+                    workers=2, seqs_per_worker=2, batch_size=2, dpi=72, progress=False, max_retries=1)
+    settings.update(overrides)
+    return JobOptions(**settings)
+
+
+def poison_decoding():
+    """Ray worker setup hook: a decode actor dies, as in a llama.cpp abort, on a batch with a 'poison' page."""
+    from ocrbatch import ray_engine
+
+    original = ray_engine.decode_rows
+
+    def decode_rows(stage, rows):
+        if any("poison" in row["path"] for row in rows):
+            os._exit(1)
+        return original(stage, rows)
+
+    ray_engine.decode_rows = decode_rows
+
+
+POISON_ENV = {"env_vars": {"PYTHONPATH": str(TESTS)}, "worker_process_setup_hook": "test_ray.poison_decoding"}
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """The sample documents, some bad files, and a good image that kills decode actors when poisoned."""
+    from ocrbatch.samples import make_samples
+
+    folder = tmp_path_factory.mktemp("inputs")
+    make_samples(folder)
+    write_pdf(folder / "long.pdf", 6)  # enough pages that every actor of a pool gets some
+    (folder / "corrupt.pdf").write_bytes(b"%PDF-1.4\n" + os.urandom(300))
+    (folder / "zero.png").write_bytes(b"")
+    truncated = folder / "truncated.png"
+    document_image(300, 300, 9).save(truncated)
+    truncated.write_bytes(truncated.read_bytes()[:400])
+    document_image(280, 200, 11).save(folder / "poison.png")
+    bad = {"corrupt.pdf": "not a readable PDF", "zero.png": "empty file (0 bytes)",
+           "truncated.png": "corrupt or truncated image"}
+    return folder, bad
+
+
+def expected_tokens(engine, rows, max_tokens: int) -> dict:
+    """The local engine's token ids for each ok row's page, rendered the same way."""
+    from ocrbatch.discover import Document
+    from ocrbatch.rasterize import iter_pages
+
+    longest = engine.vision.image_processor.size.longest_edge
+    expected = {}
+    for r in rows:
+        [page] = iter_pages(Document(Path(r["path"]), r["doc_id"]), [r["page"]], 72, longest)
+        [result] = engine.ocr([page.image], max_tokens=max_tokens)
+        expected[(r["path"], r["page"])] = (result.token_ids, result.text)
+    return expected
+
+
+@pytest.mark.slow
+def test_two_node_cluster_run_matches_the_local_engine_then_retries_failed(cluster, tiny_model, engine_f32, inputs,
+                                                                           tmp_path):
+    from ocrbatch.discover import discover
+    from ocrbatch.rasterize import count_pages
+    from ocrbatch.ray_engine import RaySettings, run_ray_job
+
+    folder, bad = inputs
+    out = tmp_path / "dataset"
+    options = job_options(tiny_model, [folder], out)
+    settings = RaySettings(vision_actors=2, decode_actors=2, runtime_env=POISON_ENV)
+    seen = []
+    summary = run_ray_job(options, address=cluster.address, settings=settings, on_row=seen.append)
+
+    # Both pools worked on both nodes: every row names the node of each of its stages.
+    cluster_nodes = {node.node_id for node in cluster.list_all_nodes()}
+    assert len(cluster_nodes) == 2
+    assert set(summary.nodes["vision"]) == set(summary.nodes["decode"]) == cluster_nodes, summary.nodes
+
+    rows = visible_rows(out)
+    by_name = {}
+    for r in rows:
+        by_name.setdefault(Path(r["path"]).name, []).append(r)
+    pages = {d.path.name: count_pages(d) for d in discover([folder]) if d.path.name not in bad}
+    assert len(rows) == len(seen) == sum(pages.values()) + len(bad)
+    assert len({(r["path"], r["page"]) for r in rows}) == len(rows)
+    for name, reason in bad.items():
+        [failed] = by_name[name]
+        assert failed["status"] == "failed" and reason in failed["error"] and name in failed["error"], failed
+    [poisoned] = by_name["poison.png"]
+    assert poisoned["status"] == "failed" and "lost with its Ray actor, also when run alone" in poisoned["error"]
+    assert summary.lost_pages >= 1
+
+    ok = [r for r in seen if r["status"] == "ok"]
+    assert {Path(r["path"]).name for r in ok} == set(pages) - {"poison.png"}
+    assert all(r["page_count"] == pages[Path(r["path"]).name] and r["n_output_tokens"] > 0 for r in ok)
+    expected = expected_tokens(engine_f32, ok, max_tokens=8)
+    assert {(r["path"], r["page"]): (r["token_ids"], r["text"]) for r in ok} == expected
+
+    before = {(r["path"], r["page"]): r for r in rows}
+    retried = run_ray_job(job_options(tiny_model, [folder], out, retry_failed=True), address=cluster.address,
+                          settings=RaySettings(vision_actors=2, decode_actors=2))
+    # Every failed page was tried again: the poisoned one now decodes, the bad files fail again.
+    assert (retried.pages_ok, retried.pages_failed) == (1, len(bad))
+    assert retried.pages_skipped == len(rows) - len(bad) - 1
+    after = {(r["path"], r["page"]): r for r in visible_rows(out)}
+    assert after.keys() == before.keys()
+    for key, r in after.items():
+        if before[key]["status"] == "ok":
+            assert r["created_at"] == before[key]["created_at"]  # not redone
+        else:
+            assert r["created_at"] > before[key]["created_at"]
+    assert after[(poisoned["path"], poisoned["page"])]["status"] == "ok"
+    assert DatasetRecord(out).counts()["pages"] == {"ok": len(rows) - len(bad), "failed": len(bad)}
+
+
+@pytest.mark.slow
+def test_an_actor_that_cannot_start_fails_the_run_with_its_reason(cluster, tiny_model, tmp_path):
+    from ocrbatch.ray_engine import RaySettings, run_ray_job
+
+    write_pdf(tmp_path / "a.pdf", 1)
+    options = job_options(tiny_model, [tmp_path / "a.pdf"], tmp_path / "out", vision_dtype="int8", device="cuda")
+    with pytest.raises(OcrbatchError, match="the Ray job failed: .*int8 vision runs on the CPU only"):
+        run_ray_job(options, address=cluster.address, settings=RaySettings(actor_start_timeout_s=120))
+    assert DatasetRecord(tmp_path / "out").files() == []
+
+
+# Runs the job as `ocrbatch run --engine ray` would, in a process the test can kill.
+DRIVER = """
+import json, sys
+from pathlib import Path
+from ocrbatch.pipeline import JobOptions
+from ocrbatch.ray_engine import run_ray_job
+
+options = json.loads(sys.argv[1])
+run_ray_job(JobOptions(**{**options, "paths": [Path(p) for p in options["paths"]], "out": Path(options["out"])}))
+"""
+
+
+def rows_in(folder: Path) -> int:
+    return sum(pq.ParquetFile(file).metadata.num_rows for file in DatasetRecord(folder).files())
+
+
+@pytest.mark.slow
+def test_kill9_of_the_driver_then_rerun_gives_every_page_once(tiny_model, engine_f32, tmp_path):
+    import psutil
+
+    from ocrbatch.ray_engine import run_ray_job
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(4):
+        write_pdf(docs / f"doc{i}.pdf", 3, text=f"Document {i}")
+    out = tmp_path / "dataset"
+    # One page per file and one page at a time, so the kill can land between pages.
+    settings = dict(paths=[str(docs)], out=str(out), model=str(tiny_model), quant="F32", max_tokens=30, workers=1,
+                    seqs_per_worker=1, batch_size=1, dpi=72, progress=False, flush_rows=1)
+    with open(tmp_path / "driver.log", "w") as log:
+        driver = subprocess.Popen([sys.executable, "-c", DRIVER, json.dumps(settings)], stdout=log, stderr=log)
+    deadline = time.monotonic() + 300
+    while driver.poll() is None and time.monotonic() < deadline and rows_in(out) == 0:
+        time.sleep(0.2)
+    assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
+    # The local Ray instance is the driver's: its processes are ended with it.
+    ray_processes = psutil.Process(driver.pid).children(recursive=True)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    end(ray_processes)
+    at_kill = rows_in(out)
+    assert 0 < at_kill < 12  # the kill landed after some pages were written and before all
+    assert len(set(keys(visible_rows(out)))) == at_kill  # never a page twice, even now
+
+    seen = []
+    summary = run_ray_job(JobOptions(**{**settings, "paths": [docs], "out": out}), on_row=seen.append)
+    assert (summary.pages_skipped, summary.pages_ok, summary.pages_failed) == (at_kill, 12 - at_kill, 0)
+    rows = visible_rows(out)
+    assert sorted((Path(r["path"]).name, r["page"]) for r in rows) == sorted(
+        (f"doc{i}.pdf", page) for i in range(4) for page in (1, 2, 3))
+    expected = expected_tokens(engine_f32, rows, max_tokens=30)
+    assert {(r["path"], r["page"]): r["text"] for r in rows} == {key: text for key, (_, text) in expected.items()}
+    assert {(r["path"], r["page"]): r["token_ids"] for r in seen} == {
+        (r["path"], r["page"]): expected[(r["path"], r["page"])][0] for r in seen}
+    # The killed run's part files were merged with the re-run's into one file; nothing partial is left.
+    assert [f.name.split("-")[0] for f in DatasetRecord(out).files()] == ["run"]
+    assert not list(out.glob(".*.tmp"))
+    assert DatasetRecord(out).counts() == {"pages": {"ok": 12}, "documents": {"ok": 4}}
