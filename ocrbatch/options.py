@@ -39,6 +39,8 @@ class JobOptions:
     quant: str = "Q4_K_M"
     gguf: str | None = None
     task: str = "ocr"
+    layout: str = "cdla"  # cdla, pp-doclayout, none: see ocrbatch.layout
+    layout_model: str | None = None  # PP-DocLayout checkpoint for --layout pp-doclayout
     pdf_text: str = "never"  # never, auto, only: see ocrbatch.textlayer
     trust_ocr_layer: bool = False
     max_tokens: int = 1024

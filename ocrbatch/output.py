@@ -37,6 +37,13 @@ SCHEMA = pa.schema([
     ("prefill_s", pa.float64()),
     ("decode_s", pa.float64()),
     ("source", pa.string()),
+    ("layout_s", pa.float64()),
+    ("blocks", pa.list_(pa.struct([
+        ("order", pa.int32()), ("label", pa.string()), ("score", pa.float32()),
+        ("x0", pa.float32()), ("y0", pa.float32()), ("x1", pa.float32()), ("y1", pa.float32()),
+        ("prompt", pa.string()), ("text", pa.string()), ("n_image_tokens", pa.int32()),
+        ("n_output_tokens", pa.int32()), ("finish_reason", pa.string()),
+    ]))),
     ("created_at", pa.timestamp("us", tz="UTC")),
 ])
 COLUMNS = SCHEMA.names
@@ -69,7 +76,7 @@ def format_for(path: str | Path, explicit: str | None = None) -> str:
 
 
 def _normalise(row: dict) -> dict:
-    return {column: row.get(column) for column in COLUMNS}
+    return {column: row.get(column, [] if column == "blocks" else None) for column in COLUMNS}
 
 
 class _PartialFile:

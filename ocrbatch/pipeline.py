@@ -26,18 +26,18 @@ import signal
 import threading
 import time
 from concurrent.futures import CancelledError, Future
-from datetime import datetime, timezone
 
+from .assemble import PageWork, Unit
 from .decode import PAGE_FAILURES, LocalDecoder, RemoteDecoder
-from .encode import encode_pages, next_batch
+from .encode import encode_units, next_batch
 from .errors import OcrbatchError
 from .options import REMOTE_MAX_PIXELS, JobOptions
-from .prompt import TASK_PROMPTS
 from .output import open_output
 from .plan import Plan, plan_job
+from .prompt import TASK_PROMPTS
 from .rasterize import PageImage
 from .record import JobSummary, OutputError, Recorder
-from .render import RenderJob, RenderStage, StageFailed, TextLayerSettings, iter_pages
+from .render import LayoutSettings, RenderJob, RenderStage, StageFailed, TextLayerSettings, iter_pages
 from .store import Store
 
 log = logging.getLogger("ocrbatch")
@@ -150,7 +150,8 @@ def _run_locked(options: JobOptions, store: Store, engine, pool, render_pages, s
         model_name, quant = str(options.model), options.quant.upper()
     store.check_settings({"task": options.task, "model": model_name, "quant": quant,
                           "max_tokens": str(options.max_tokens), "backend": options.backend,
-                          "prompt": TASK_PROMPTS[options.task]})
+                          "prompt": TASK_PROMPTS[options.task], "layout": options.layout,
+                          "layout_model": options.layout_model or ""})
     plan = plan_job(options, store)
     total = plan.pages + len(plan.unreadable)
     log.info("%d pages to process in %d documents (%d unreadable), %d already done",
@@ -184,7 +185,7 @@ def _run_locked(options: JobOptions, store: Store, engine, pool, render_pages, s
             for item in plan.work:
                 recorder.expect(item.document, len(item.pages))
             max_pixels = options.max_pixels or REMOTE_MAX_PIXELS
-            decoder = RemoteDecoder(recognizer, TASK_PROMPTS[options.task], options.max_tokens)
+            decoder = RemoteDecoder(recognizer, options.max_tokens)
             _process(recorder, None, decoder, plan, max_pixels, stop, render_pages)
         elif plan.work and not stop.requested:
             if engine is None:
@@ -199,8 +200,7 @@ def _run_locked(options: JobOptions, store: Store, engine, pool, render_pages, s
                 pool = WorkerPool(engine.gguf_path, workers=options.workers, n_seq_max=options.seqs_per_worker,
                                   n_ctx=engine.context_size(options.seqs_per_worker), threads=threads,
                                   max_retries=options.max_retries, request_timeout=options.effective_page_timeout)
-            decoder = LocalDecoder(engine, pool, engine.prompt_text(options.task), options.max_tokens,
-                                   options.ignore_eos)
+            decoder = LocalDecoder(engine, pool, options.max_tokens, options.ignore_eos)
             for item in plan.work:
                 recorder.expect(item.document, len(item.pages))
             _process(recorder, engine, decoder, plan, max_pixels, stop, render_pages)
@@ -237,59 +237,67 @@ def _run_locked(options: JobOptions, store: Store, engine, pool, render_pages, s
 
 def _process(recorder: Recorder, engine, decoder: LocalDecoder | RemoteDecoder, plan: Plan, max_pixels: int,
              stop: GracefulStop, render_pages) -> None:
-    """Stream the planned pages through render, vision (for a local decoder) and the decoder until done or stopped."""
+    """Stream the planned pages through render (+ layout), vision (for a local decoder) and the decoder."""
     options = recorder.options
     pages: queue.Queue = queue.Queue(maxsize=max(2, options.batch_size * 2))
     halt = threading.Event()
     renderer = RenderStage([RenderJob(item.document, item.pages, item.page_count) for item in plan.work],
                            options.dpi, max_pixels, pages, halt, render_pages,
-                           TextLayerSettings(options.pdf_text, options.trust_ocr_layer))
+                           TextLayerSettings(options.pdf_text, options.trust_ocr_layer),
+                           LayoutSettings(options.layout, options.layout_model, options.threads))
     renderer.start()
     finished: queue.Queue = queue.Queue()
-    in_flight: dict[Future, PageImage] = {}
+    in_flight: dict[Future, tuple[PageWork, Unit]] = {}
     max_in_flight = options.workers * (options.seqs_per_worker + 1) + options.batch_size
+    prompt = TASK_PROMPTS[options.task]
     rendering = True
     failure: StageFailed | None = None
 
-    def handle(future: Future, vision_s: float) -> None:
-        page = in_flight.pop(future)
+    def fail(work: PageWork, error: str) -> None:
+        if not work.failed:
+            work.failed = True
+            page = work.page
+            recorder.page_failed(page.document, page.page, page.page_count, error)
+
+    def handle(future: Future) -> None:
+        work, unit = in_flight.pop(future)
+        page = work.page
+        where = f"{page.document.path} page {page.page}" + (f" block {unit.block.order}" if unit.block else "")
         try:
             result = future.result()
         except CancelledError:
-            return  # stopped before it ran: stays pending
+            return  # stopped before it ran: the page stays pending
         except PAGE_FAILURES as exc:
-            recorder.page_failed(page.document, page.page, page.page_count,
-                                 f"{page.document.path} page {page.page}: {exc}")
+            fail(work, f"{where}: {exc}")
             return
         # Anything else (the pool failed, the model cannot load) is not this page's fault: it propagates.
-        if result.finish_reason == "cancelled":
-            return  # stopped while decoding: stays pending
+        if result.finish_reason == "cancelled" or work.failed:
+            return  # stopped while decoding (the page stays pending), or a sibling block failed it
         error, columns = decoder.outcome(result)
         if error:
-            recorder.page_failed(page.document, page.page, page.page_count,
-                                 f"{page.document.path} page {page.page}: {error}")
+            fail(work, f"{where}: {error}")
             return
-        width, height = page.image_size
-        recorder.page_done(page.document, page.page, {
-            "page": page.page, "page_count": page.page_count, "task": options.task, "status": "ok",
-            "error": None, "n_image_tokens": page.n_image_tokens, "width": width, "height": height,
-            "model": recorder.model_name, "quant": recorder.quant, "render_s": page.render_s,
-            "vision_s": vision_s, "source": "model", "created_at": datetime.now(timezone.utc).isoformat(),
-            **columns,
-        })
+        unit.columns = columns
+        if work.done:
+            recorder.page_done(page.document, page.page, work.row(options.task, recorder.model_name, recorder.quant))
 
     def take_finished(wait_s: float) -> None:
         try:
-            future, vision_s = finished.get(timeout=wait_s) if wait_s else finished.get_nowait()
+            future = finished.get(timeout=wait_s) if wait_s else finished.get_nowait()
         except queue.Empty:
             return
-        handle(future, vision_s)
+        handle(future)
         while True:
             try:
-                future, vision_s = finished.get_nowait()
+                future = finished.get_nowait()
             except queue.Empty:
                 return
-            handle(future, vision_s)
+            handle(future)
+
+    def submit(work: PageWork, unit: Unit, payload) -> None:
+        future = decoder.submit(payload, unit.prompt, unit.loop_guard)
+        in_flight[future] = (work, unit)
+        future.add_done_callback(finished.put)
 
     try:
         while (rendering or in_flight) and not stop.requested:
@@ -302,31 +310,38 @@ def _process(recorder: Recorder, engine, decoder: LocalDecoder | RemoteDecoder, 
             if isinstance(end, StageFailed):
                 failure = end  # pages already rendered and in flight still finish
             rendering = end is None
+            works = []
             for page in batch:
                 if page.error:
                     recorder.page_failed(page.document, page.page, page.page_count, page.error)
                 elif page.text_layer is not None:
                     recorder.text_layer_page(page)
+                else:
+                    work = _page_work(recorder, page, prompt)
+                    if work is not None:
+                        works.append(work)
+            units = [(work, unit) for work in works for unit in work.units]
+            for work in works:
+                work.page.image_size = work.page.image.size
+                work.page.image = None  # the units' images are all that is needed now
+                if not work.units:  # a layout page with nothing to recognise (blank, or pictures only)
+                    recorder.page_done(work.page.document, work.page.page,
+                                       work.row(options.task, recorder.model_name, recorder.quant))
             if decoder.takes_images:
-                for page in batch:
-                    if page.image is not None:
-                        page.image_size, page.n_image_tokens = page.image.size, None
-                        future = decoder.submit(page.image)
-                        page.image = None
-                        in_flight[future] = page
-                        future.add_done_callback(lambda f: finished.put((f, None)))
+                for work, unit in units:
+                    unit.n_image_tokens = unit.vision_s = None
+                    submit(work, unit, unit.image)
+                    unit.image = None
                 continue
-            for encoded in encode_pages(engine.vision, [p for p in batch if p.image is not None]):
-                page = encoded.page
+            for (work, unit), encoded in zip(units, encode_units(engine.vision, [u for _, u in units],
+                                                                   options.max_batch_patches)):
                 if encoded.error:
-                    recorder.page_failed(page.document, page.page, page.page_count, encoded.error)
+                    fail(work, f"{work.page.document.path} page {work.page.page}: {encoded.error}")
                     continue
-                page.image_size = page.image.size
-                page.n_image_tokens = encoded.encoded.n_tokens
-                page.image = None  # the embeddings are all that is needed now
-                future = decoder.submit(encoded.encoded)
-                in_flight[future] = page
-                future.add_done_callback(lambda f, v=encoded.vision_s: finished.put((f, v)))
+                if work.failed:
+                    continue
+                unit.n_image_tokens, unit.vision_s, unit.image = encoded.encoded.n_tokens, encoded.vision_s, None
+                submit(work, unit, encoded.encoded)
         if stop.requested:
             halt.set()
             deadline = time.monotonic() + options.stop_grace
@@ -335,13 +350,30 @@ def _process(recorder: Recorder, engine, decoder: LocalDecoder | RemoteDecoder, 
             for future in list(in_flight):
                 decoder.cancel(future)
             if in_flight:
-                log.warning("stopped with %d pages unfinished; they stay pending for the next run", len(in_flight))
+                log.warning("stopped with %d pages unfinished; they stay pending for the next run",
+                            len({id(work) for work, _ in in_flight.values()}))
         if failure is not None:
             raise PipelineError(f"the {failure.stage} stage failed: {failure.error}; unfinished pages stay pending")
     finally:
         halt.set()
         renderer.join(timeout=10)
         recorder.summary.render_crashes = renderer.crashes
+
+
+def _page_work(recorder: Recorder, page: PageImage, prompt: str) -> PageWork | None:
+    """The page's units, or None after failing the page (a degenerate layout box)."""
+    options = recorder.options
+    images = None
+    if options.markdown_dir is not None and page.blocks is not None:
+        images = options.markdown_dir / f"{page.document.path.stem}-{page.document.doc_id[:8]}-images"
+    try:
+        return PageWork.of(page, prompt, images)
+    except ValueError as exc:
+        recorder.page_failed(page.document, page.page, page.page_count,
+                             f"{page.document.path} page {page.page}: {exc}")
+    except OSError as exc:
+        raise OutputError(f"{images}: cannot save a picture crop ({exc.strerror or exc})") from None
+    return None
 
 
 def _no_patches(width: int, height: int) -> int:

@@ -36,6 +36,9 @@ class PageImage:
     n_image_tokens: int = 0
     # Set instead of ``image`` for a page taken from its PDF text layer (``--pdf-text``).
     text_layer: str | None = None
+    # The page's layout blocks in reading order (``--layout``); None: the page is one unit.
+    blocks: list | None = None
+    layout_s: float = 0.0
 
 
 def pdf_zoom(width_pt: float, height_pt: float, dpi: float, max_pixels: int) -> float:

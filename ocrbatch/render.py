@@ -61,6 +61,24 @@ class TextLayerSettings:
     trust_ocr_layer: bool = False
 
 
+@dataclass(frozen=True)
+class LayoutSettings:
+    """``--layout`` and ``--layout-model``: the layout detector run on each rendered page."""
+
+    name: str = "none"
+    model: str | None = None
+    threads: int | None = None
+
+    def load(self):
+        from .layout import load_layout
+
+        return load_layout(self.name, self.model, threads=self.threads)
+
+
+class LayoutUnavailable(Exception):
+    """The render process could not load the layout model: the stage fails, the pages stay pending."""
+
+
 @dataclass
 class StageFailed:
     """Put on a stage's queue instead of the end marker when the stage itself broke."""
@@ -96,12 +114,18 @@ def _text_layer_pages(conn, document: Document, pages: list[int], dpi: float, ma
     return model_pages
 
 
-def _render_main(conn, render_pages: RenderPages, text_layer: TextLayerSettings) -> None:
-    """Child process: render the documents asked for on ``conn`` and send the pages back."""
+def _render_main(conn, render_pages: RenderPages, text_layer: TextLayerSettings, layout: LayoutSettings) -> None:
+    """Child process: render the documents asked for on ``conn``, find their layout, send the pages back."""
     import signal
+    import time
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the job decides when to stop; EOF ends us
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        detector = layout.load()
+    except Exception as exc:
+        conn.send(("fatal", f"cannot load the layout model: {type(exc).__name__}: {exc}"))
+        return
     try:
         while True:
             message = conn.recv()
@@ -113,9 +137,17 @@ def _render_main(conn, render_pages: RenderPages, text_layer: TextLayerSettings)
                 for page in render_pages(document, pages, dpi, max_pixels) if pages else ():
                     if page.error:
                         conn.send(("error", page.page, page.page_count, page.error))
-                    else:
-                        conn.send(("page", page.page, page.page_count, page.image.size, page.image.tobytes(),
-                                   page.render_s))
+                        continue
+                    blocks, started = None, time.perf_counter()
+                    if detector is not None:
+                        try:
+                            blocks = detector.detect(page.image)
+                        except Exception as exc:  # the page fails; the next one may do better
+                            conn.send(("error", page.page, page.page_count, f"{document.path} page {page.page}: "
+                                       f"layout analysis failed ({type(exc).__name__}: {exc})"))
+                            continue
+                    conn.send(("page", page.page, page.page_count, page.image.size, page.image.tobytes(),
+                               page.render_s, blocks, time.perf_counter() - started))
             except InputError as exc:
                 conn.send(("document", str(exc)))
             except Exception as exc:
@@ -128,10 +160,10 @@ def _render_main(conn, render_pages: RenderPages, text_layer: TextLayerSettings)
 class _RenderProcess:
     """One child render process and its pipe."""
 
-    def __init__(self, render_pages: RenderPages, text_layer: TextLayerSettings):
+    def __init__(self, render_pages: RenderPages, text_layer: TextLayerSettings, layout: LayoutSettings):
         context = multiprocessing.get_context("spawn")
         self.conn, child = context.Pipe()
-        self.process = context.Process(target=_render_main, args=(child, render_pages, text_layer),
+        self.process = context.Process(target=_render_main, args=(child, render_pages, text_layer, layout),
                                        name="ocrbatch-render", daemon=True)
         self.process.start()
         child.close()
@@ -165,10 +197,10 @@ class RenderStage:
 
     def __init__(self, jobs: list[RenderJob], dpi: float, max_pixels: int, pages: queue.Queue,
                  stop: threading.Event, render_pages: RenderPages = iter_pages,
-                 text_layer: TextLayerSettings = TextLayerSettings()):
+                 text_layer: TextLayerSettings = TextLayerSettings(), layout: LayoutSettings = LayoutSettings()):
         self.jobs, self.dpi, self.max_pixels = jobs, dpi, max_pixels
         self.pages, self.stop = pages, stop
-        self.render_pages, self.text_layer = render_pages, text_layer
+        self.render_pages, self.text_layer, self.layout = render_pages, text_layer, layout
         self.crashes = 0
         self._thread = threading.Thread(target=self._run, name="ocrbatch-render", daemon=True)
 
@@ -208,7 +240,7 @@ class RenderStage:
         remaining = sorted(set(job.pages))
         crashes = 0
         while remaining and not self.stop.is_set():
-            process = process or _RenderProcess(self.render_pages, self.text_layer)
+            process = process or _RenderProcess(self.render_pages, self.text_layer, self.layout)
             try:
                 process.conn.send((job.document, remaining, self.dpi, self.max_pixels))
                 while True:
@@ -216,6 +248,8 @@ class RenderStage:
                     kind = message[0]
                     if kind == "done":
                         break
+                    if kind == "fatal":
+                        raise LayoutUnavailable(message[1])
                     if kind == "document":
                         for number in remaining:
                             if not self._put(PageImage(job.document, number, job.page_count, error=message[1])):
@@ -259,6 +293,6 @@ class RenderStage:
         if message[0] == "text":
             _, number, page_count, size, markdown = message
             return PageImage(job.document, number, page_count, image_size=size, text_layer=markdown)
-        _, number, page_count, size, data, render_s = message
+        _, number, page_count, size, data, render_s, blocks, layout_s = message
         return PageImage(job.document, number, page_count, image=Image.frombytes("RGB", size, data),
-                         render_s=render_s)
+                         render_s=render_s, blocks=blocks, layout_s=layout_s)

@@ -113,24 +113,32 @@ class VisionEncoder:
         self.projector = projector.to(self.device, self.dtype).eval()
         self._compiled_blocks = _compile_int8_blocks(self.visual, self.projector) if dtype == "int8" else []
 
-    def n_patches_for(self, width: int, height: int) -> int:
-        """Encoder patches for an image of this size after the processor's resize."""
+    def n_patches_for(self, width: int, height: int, pixel_bounds: tuple[int, int] | None = None) -> int:
+        """Encoder patches for an image of this size after the processor's resize (within ``pixel_bounds``)."""
+        if pixel_bounds:
+            bounds = {"min_pixels": pixel_bounds[0], "max_pixels": pixel_bounds[1]}
+            return self.image_processor.get_number_of_image_patches(height, width, images_kwargs=bounds)
         return self.image_processor.get_number_of_image_patches(height, width)
 
     def n_tokens_for(self, width: int, height: int) -> int:
         """Language-model tokens for an image of this size."""
         return self.n_patches_for(width, height) // (self.merge_size ** 2)
 
-    def preprocess(self, images: Sequence):
-        return self.image_processor(images=list(images), return_tensors="pt")
+    def preprocess(self, images: Sequence, pixel_bounds: tuple[int, int] | None = None):
+        size = {"shortest_edge": pixel_bounds[0], "longest_edge": pixel_bounds[1]} if pixel_bounds else None
+        return self.image_processor(images=list(images), return_tensors="pt", **({"size": size} if size else {}))
 
-    def encode(self, images: Sequence) -> list[EncodedImage]:
-        """Encode PIL images (any sizes) in one batched forward pass."""
+    def encode(self, images: Sequence, pixel_bounds: tuple[int, int] | None = None) -> list[EncodedImage]:
+        """Encode PIL images (any sizes) in one batched forward pass.
+
+        ``pixel_bounds`` (min, max pixels) replaces the processor's own resize
+        bounds: layout blocks are resized within the pipeline's block bounds.
+        """
         import torch
 
         if not images:
             return []
-        inputs = self.preprocess(images)
+        inputs = self.preprocess(images, pixel_bounds)
         grid_thw = inputs["image_grid_thw"].to(self.device)
         pixel_values = inputs["pixel_values"].to(self.device, self.dtype).unsqueeze(0)
         with torch.inference_mode():

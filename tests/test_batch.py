@@ -25,7 +25,7 @@ from ocrbatch.store import Store, checkpoint_path_for
 
 def options(tiny_model, paths, out, **overrides) -> JobOptions:
     settings = dict(paths=[Path(p) for p in paths], out=Path(out), model=str(tiny_model), quant="F32",
-                    max_tokens=8, workers=1, seqs_per_worker=2, dpi=72, progress=False, min_file_age=0)
+                    max_tokens=8, workers=1, seqs_per_worker=2, dpi=72, progress=False, min_file_age=0, layout="none")
     settings.update(overrides)
     return JobOptions(**settings)
 
@@ -86,7 +86,7 @@ def test_mixed_folder_end_to_end(tiny_model, mixed_folder, tmp_path):
     folder, expected, bad = mixed_folder
     out = tmp_path / "results.parquet"
     result = cli("run", folder, "--out", out, "--model", tiny_model, "--quant", "F32", "--max-tokens", "6",
-                 "--dpi", "72")
+                 "--dpi", "72", "--layout", "none")
     assert result.returncode == 1, result.stderr  # some failed
     rows = read_rows(out)
     by_file = {}
@@ -154,7 +154,8 @@ def test_crashed_worker_pages_are_retried_on_a_fresh_worker(tiny_model, pages_fo
     out = tmp_path / "out.parquet"
     process = subprocess.Popen(
         [sys.executable, "-m", "ocrbatch", "run", pages_folder, "--out", out, "--model", tiny_model, "--quant",
-         "F32", "--max-tokens", "400", "--seqs-per-worker", "2", "--dpi", "72", "--max-retries", "2"],
+         "F32", "--max-tokens", "400", "--seqs-per-worker", "2", "--dpi", "72", "--max-retries", "2", "--layout",
+         "none"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert _kill_a_worker_when_busy(process, out, time.monotonic() + 120)
     _, stderr = process.communicate(timeout=600)
@@ -233,7 +234,8 @@ def test_config_precedence(tiny_model, pages_folder, tmp_path):
     config.write_text('max-tokens = 3\ndpi = 40\ntask = "table"\n')
     out = tmp_path / "out.jsonl"
     result = CliRunner().invoke(main, ["run", str(pages_folder / "doc0.pdf"), "--out", str(out), "--model",
-                                       str(tiny_model), "--quant", "F32", "--config", str(config), "--dpi", "60"])
+                                       str(tiny_model), "--quant", "F32", "--config", str(config), "--dpi", "60",
+                                       "--layout", "none"])
     assert result.exit_code == 0, result.output
     rows = read_rows(out)
     assert all(r["n_output_tokens"] <= 3 and r["task"] == "table" for r in rows)  # from the config
@@ -328,7 +330,7 @@ def test_page_error_budget(tmp_path):
 def test_log_file_and_quiet(tiny_model, pages_folder, tmp_path):
     log = tmp_path / "job.log"
     result = cli("run", pages_folder / "doc0.pdf", "--out", tmp_path / "o.jsonl", "--model", tiny_model,
-                 "--quant", "F32", "--max-tokens", "4", "--quiet", "--log-file", log)
+                 "--quant", "F32", "--max-tokens", "4", "--quiet", "--log-file", log, "--layout", "none")
     assert result.returncode == 0, result.stderr
     assert result.stderr.strip().splitlines() == [result.stderr.strip().splitlines()[-1]]  # the summary alone
     assert "ocrbatch: 3 pages processed (3 ok, 0 failed)" in result.stderr

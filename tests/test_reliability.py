@@ -28,7 +28,7 @@ from ocrbatch.store import checkpoint_path_for
 
 def options(tiny_model, paths, out, **overrides) -> JobOptions:
     settings = dict(paths=[Path(p) for p in paths], out=Path(out), model=str(tiny_model), quant="F32",
-                    max_tokens=8, workers=1, seqs_per_worker=2, dpi=72, progress=False, min_file_age=0)
+                    max_tokens=8, workers=1, seqs_per_worker=2, dpi=72, progress=False, min_file_age=0, layout="none")
     settings.update(overrides)
     return JobOptions(**settings)
 
@@ -104,7 +104,7 @@ def test_a_pdf_whose_page_tree_lies_fails_its_missing_pages_and_the_run_goes_on(
     settle(docs)
     out = tmp_path / "out.parquet"
     result = cli("run", docs, "--out", out, "--model", tiny_model, "--quant", "F32", "--max-tokens", "6",
-                 "--dpi", "72")
+                 "--dpi", "72", "--layout", "none")
     assert result.returncode == 1, result.stderr
     rows = {(Path(r["path"]).name, r["page"]): r for r in read_rows(out)}
     good = {(f"doc{i}.pdf", p) for i in range(3) for p in (1, 2)}
@@ -339,7 +339,7 @@ def many_pages(tmp_path):
 def slow_run_args(tiny_model, folder, out, tokens=300):
     """Pages slow enough (forced long outputs, one at a time) that a signal lands mid-decode."""
     return ["run", folder, "--out", out, "--model", tiny_model, "--quant", "F32", "--max-tokens", str(tokens),
-            "--ignore-eos", "--seqs-per-worker", "1", "--batch-size", "1", "--dpi", "72"]
+            "--ignore-eos", "--seqs-per-worker", "1", "--batch-size", "1", "--dpi", "72", "--layout", "none"]
 
 
 def popen(args):
@@ -454,7 +454,7 @@ def test_a_full_disk_exits_3_and_a_rerun_writes_everything(tiny_model, docs, tmp
     out = mount / "out.jsonl"
     checkpoint = tmp_path / "job.db"
     args = ["run", docs, "--out", out, "--checkpoint", checkpoint, "--model", tiny_model, "--quant", "F32",
-            "--max-tokens", "6", "--dpi", "72"]
+            "--max-tokens", "6", "--dpi", "72", "--layout", "none"]
     failed = cli(*args)
     assert failed.returncode == 3, failed.stderr
     assert "cannot write the output (No space left on device); the checkpoint is intact" in failed.stderr

@@ -84,7 +84,7 @@ def test_kill_9_of_the_client_mid_run_then_every_page_exactly_once(served, tmp_p
     settle(folder)
     out = tmp_path / "out.jsonl"
     args = ["run", folder, "--out", out, "--backend", "openai", "--base-url", served, "--concurrency", "1",
-            "--max-tokens", MAX_TOKENS, "--dpi", "72"]
+            "--max-tokens", MAX_TOKENS, "--dpi", "72", "--layout", "none"]
     process = subprocess.Popen([sys.executable, "-m", "ocrbatch", *map(str, args)], stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     wait_for_ok_pages(out, process, at_least=2)

@@ -1,0 +1,121 @@
+"""Pages as units of recognition, and a finished page's row from its units.
+
+A page is recognised as one or more units, each an image with a prompt: in
+whole-page mode (``--layout none``) the page itself with the task's prompt;
+in layout mode one crop per layout block that goes to the model, with the
+block's prompt. A page is finished, and recorded once, when all its units
+are; a unit that fails fails the page. Layout pages become Markdown in
+reading order (:mod:`.markdown`) and keep every block, headers and footers
+included, in the ``blocks`` column.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from PIL import Image
+
+from .layout import BLOCK_MAX_PIXELS, BLOCK_MIN_PIXELS, Block, crop
+from .markdown import image_filename, page_markdown
+from .rasterize import PageImage
+from .repetition import PROSE, TABLE, TABLE_PROMPT, LoopSettings
+
+BLOCK_PIXEL_BOUNDS = (BLOCK_MIN_PIXELS, BLOCK_MAX_PIXELS)
+# When several blocks of a page end differently, the page reports the most telling reason.
+FINISH_PRIORITY = ("repetition", "length", "stop")
+
+
+@dataclass
+class Unit:
+    """One image and prompt of a page for the model."""
+
+    block: Block | None  # None: the whole page
+    image: Image.Image | None
+    prompt: str
+    pixel_bounds: tuple[int, int] | None  # None: the processor's own
+    n_image_tokens: int | None = 0
+    vision_s: float | None = 0.0
+    columns: dict | None = None  # the decoder's columns, once done
+
+    @property
+    def loop_guard(self) -> LoopSettings | None:
+        """Layout blocks are cut when they loop; whole pages decode as the model alone would."""
+        if self.block is None:
+            return None
+        return TABLE if self.prompt == TABLE_PROMPT else PROSE
+
+
+@dataclass
+class PageWork:
+    """A rendered page on its way through the model: its units and what came back."""
+
+    page: PageImage
+    units: list[Unit]
+    image_links: dict[int, str] = field(default_factory=dict)  # block order -> saved crop, for Markdown
+    failed: bool = False
+
+    @classmethod
+    def of(cls, page: PageImage, prompt: str, images_folder: Path | None = None) -> "PageWork":
+        """Units of a rendered page; in layout mode, pictures are saved to ``images_folder`` if given.
+
+        Raises ``ValueError`` for a block with no pixels on the page (a degenerate box).
+        """
+        if page.blocks is None:
+            return cls(page, [Unit(None, page.image, prompt, None)])
+        units, links = [], {}
+        for block in page.blocks:
+            region = crop(page.image, block)
+            if block.prompt is not None:
+                units.append(Unit(block, region, block.prompt, BLOCK_PIXEL_BOUNDS))
+            elif images_folder is not None:
+                images_folder.mkdir(parents=True, exist_ok=True)
+                name = image_filename(page.page, block)
+                region.save(images_folder / name)
+                links[block.order] = f"{images_folder.name}/{name}"
+        return cls(page, units, links)
+
+    @property
+    def done(self) -> bool:
+        return all(unit.columns is not None for unit in self.units)
+
+    def row(self, task: str, model: str, quant: str) -> dict:
+        """The output row of the finished page."""
+        page = self.page
+        width, height = page.image_size
+        row = {"page": page.page, "page_count": page.page_count, "task": task, "status": "ok", "error": None,
+               "width": width, "height": height, "model": model, "quant": quant, "render_s": page.render_s,
+               "source": "model", "created_at": datetime.now(timezone.utc).isoformat()}
+        if page.blocks is None:
+            [unit] = self.units
+            return {**row, "n_image_tokens": unit.n_image_tokens, "vision_s": unit.vision_s, "blocks": [],
+                    **unit.columns}
+        by_order = {unit.block.order: unit for unit in self.units}
+        blocks, texts = [], []
+        for block in page.blocks:
+            unit = by_order.get(block.order)
+            columns = unit.columns if unit else {}
+            text = columns.get("text", "")
+            texts.append((block, text, self.image_links.get(block.order)))
+            blocks.append({"order": block.order, "label": block.label, "score": block.score, "x0": block.x0,
+                           "y0": block.y0, "x1": block.x1, "y1": block.y1, "prompt": unit.prompt if unit else "",
+                           "text": text, "n_image_tokens": unit.n_image_tokens if unit else 0,
+                           "n_output_tokens": columns.get("n_output_tokens", 0),
+                           "finish_reason": columns.get("finish_reason", "")})
+        reasons = {unit.columns.get("finish_reason") for unit in self.units}
+        return {**row, "text": page_markdown(texts), "blocks": blocks,
+                "n_image_tokens": _total(unit.n_image_tokens for unit in self.units),
+                "n_output_tokens": _total(unit.columns.get("n_output_tokens") for unit in self.units),
+                "finish_reason": next((reason for reason in FINISH_PRIORITY if reason in reasons), "stop"),
+                "vision_s": _total(unit.vision_s for unit in self.units),
+                "prefill_s": _total(unit.columns.get("prefill_s") for unit in self.units),
+                "decode_s": _total(unit.columns.get("decode_s") for unit in self.units),
+                "layout_s": page.layout_s}
+
+
+def _total(values):
+    """A sum of per-block figures; None when no block has the figure (a remote server that does not say)."""
+    values = list(values)
+    known = [value for value in values if value is not None]
+    return sum(known) if known else (None if values else 0)

@@ -1,0 +1,215 @@
+"""Layout mode in the batch job: layout → blocks → prompts → Markdown, exactly once per page."""
+
+import json
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from helpers import settle
+from test_reliability import page_states, wait_for_ok_pages
+
+from ocrbatch.options import JobOptions
+from ocrbatch.pipeline import run_job
+
+SAMPLE_DOCS = Path(__file__).parents[1] / "sample_docs"
+
+
+def options(tiny_model, paths, out, **overrides) -> JobOptions:
+    settings = dict(paths=[Path(p) for p in paths], out=Path(out), model=str(tiny_model), quant="F32",
+                    max_tokens=12, dpi=110, progress=False, min_file_age=0, layout="cdla")
+    settings.update(overrides)
+    return JobOptions(**settings)
+
+
+@pytest.fixture(scope="module")
+def cdla_run(tiny_model, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cdla")
+    out = folder / "out.parquet"
+    for name in ("purchase-order-table.pdf", "two-column-article.pdf"):
+        shutil.copy(SAMPLE_DOCS / name, folder / name)
+    settle(folder)
+    summary = run_job(options(tiny_model, [folder], out, markdown_dir=folder / "md"))
+    rows = {Path(r["path"]).name: r for r in pq.read_table(out).to_pylist()}
+    return summary, rows, folder
+
+
+@pytest.mark.slow
+def test_cdla_blocks_prompts_and_markdown(cdla_run):
+    summary, rows, folder = cdla_run
+    assert summary.pages_ok == 2 and summary.pages_failed == 0
+    order = rows["purchase-order-table.pdf"]
+    tables = [b for b in order["blocks"] if b["label"] == "table"]
+    assert len(tables) == 1 and tables[0]["prompt"] == "Table Recognition:"
+    assert tables[0]["x1"] > tables[0]["x0"] and tables[0]["n_image_tokens"] > 0
+    assert order["n_image_tokens"] == sum(b["n_image_tokens"] for b in order["blocks"])
+    assert order["n_output_tokens"] == sum(b["n_output_tokens"] for b in order["blocks"])
+
+    article = rows["two-column-article.pdf"]
+    blocks = article["blocks"]
+    assert [b["order"] for b in blocks] == list(range(len(blocks)))
+    body = [b for b in blocks if b["label"] == "text"]
+    middle = (min(b["x0"] for b in body) + max(b["x1"] for b in body)) / 2
+    columns = ["left" if b["x1"] <= middle else "right" for b in body]
+    # The left column is read to its end before the right one starts.
+    assert columns == sorted(columns) and columns[0] == "left" and columns[-1] == "right"
+    furniture = [b for b in blocks if b["label"] in ("header", "footer")]
+    assert furniture and all(b["n_output_tokens"] > 0 for b in furniture)  # recognised, kept in blocks ...
+    for block in furniture:
+        if block["text"].strip():
+            assert block["text"].strip() not in article["text"]  # ... but not in the page's Markdown
+    for block in body:
+        assert " ".join(block["text"].split()) in " ".join(article["text"].split())
+    markdown = next((folder / "md").glob("two-column-article-*.md")).read_text()
+    assert markdown.startswith("<!-- page 1 -->")
+
+
+@pytest.mark.slow
+def test_blocks_in_jsonl_and_duckdb(cdla_run, tiny_model, tmp_path):
+    import duckdb
+
+    _, rows, folder = cdla_run
+    out = folder / "out.parquet"
+    [(labels,)] = duckdb.sql(f"SELECT count(*) FROM (SELECT unnest(blocks) AS b FROM read_parquet('{out}')) "
+                             "WHERE b.label = 'table'").fetchall()
+    assert labels == 1
+    jsonl = tmp_path / "out.jsonl"
+    run_job(options(tiny_model, [folder / "purchase-order-table.pdf"], jsonl))
+    [row] = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    same = ("order", "label", "prompt", "text", "n_image_tokens", "n_output_tokens", "finish_reason")
+    assert [{k: b[k] for k in same} for b in row["blocks"]] == \
+        [{k: b[k] for k in same} for b in rows["purchase-order-table.pdf"]["blocks"]]
+
+
+@pytest.mark.slow
+def test_pp_doclayout_with_a_tiny_random_checkpoint(tiny_model, tmp_path):
+    from ocrbatch.devlayout import make_layout_model
+
+    checkpoint = make_layout_model(tmp_path / "layout", seed=1)
+    out = tmp_path / "out.jsonl"
+    summary = run_job(options(tiny_model, [SAMPLE_DOCS / "report.pdf"], out, layout="pp-doclayout",
+                              layout_model=str(checkpoint)))
+    [row] = [json.loads(line) for line in out.read_text().splitlines()]
+    assert summary.pages_ok == 1 and row["status"] == "ok"
+    assert row["blocks"], "the seed-1 checkpoint finds blocks on every sample page"
+    assert all(b["prompt"] == "Table Recognition:" for b in row["blocks"] if b["label"] == "table")
+    assert [b["order"] for b in row["blocks"]] == list(range(len(row["blocks"])))
+
+
+@pytest.mark.slow
+def test_a_page_without_blocks_and_a_layout_model_that_fails(tiny_model, tmp_path):
+    import pymupdf
+
+    from ocrbatch.devlayout import make_layout_model
+
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    with pymupdf.open() as document:
+        document.new_page()
+        document.save(folder / "blank.pdf")
+    settle(folder)
+    out = tmp_path / "blank.jsonl"
+    summary = run_job(options(tiny_model, [folder], out))
+    [row] = [json.loads(line) for line in out.read_text().splitlines()]
+    assert summary.pages_ok == 1 and row["blocks"] == [] and row["text"] == "" and row["n_output_tokens"] == 0
+
+    broken = make_layout_model(tmp_path / "broken", seed=1)
+    config = json.loads((broken / "preprocessor_config.json").read_text())
+    config["size"] = {"height": 0, "width": 0}  # loads, then fails on every page
+    (broken / "preprocessor_config.json").write_text(json.dumps(config))
+    out = tmp_path / "broken.jsonl"
+    summary = run_job(options(tiny_model, [SAMPLE_DOCS / "report.pdf"], out, layout="pp-doclayout",
+                              layout_model=str(broken)))
+    [row] = [json.loads(line) for line in out.read_text().splitlines()]
+    assert summary.pages_failed == 1 and "report.pdf page 1: layout analysis failed" in row["error"]
+
+
+def test_a_degenerate_box_fails_its_page_with_the_reason():
+    from PIL import Image
+
+    from ocrbatch.assemble import PageWork
+    from ocrbatch.discover import Document
+    from ocrbatch.layout import Block
+    from ocrbatch.rasterize import PageImage
+
+    page = PageImage(Document(Path("x.pdf"), "d"), 1, 1, image=Image.new("RGB", (200, 100), "white"),
+                     blocks=[Block(0, "text", 0.9, 250, 10, 300, 50)])
+    with pytest.raises(ValueError, match="block 0 \\(text\\) has no pixels"):
+        PageWork.of(page, "OCR:")
+
+
+def test_the_scheduler_cuts_a_block_where_its_repetition_guard_says(engine_f32, test_images, monkeypatch):
+    """The guard's loop detection is tested in test_markdown.py; here, that decoding obeys it.
+
+    The tiny random checkpoint does not loop, so a guard that reports a loop
+    after its 30th token stands in for one that found it.
+    """
+    from ocrbatch import language
+    from ocrbatch.repetition import PROSE
+
+    class LoopAfter30:
+        def __init__(self, settings):
+            assert settings is PROSE
+            self.seen = 0
+
+        def push(self, token):
+            self.seen += 1
+            return 25 if self.seen == 30 else None  # keep 25 tokens: the text before the loop, one turn
+
+    [encoded] = engine_f32.vision.encode([test_images[0]])
+    request = engine_f32.request(encoded, "OCR:", max_tokens=200)
+    request.stop_ids = ()
+    [free] = engine_f32.language.generate([request])
+    monkeypatch.setattr(language, "RepetitionGuard", LoopAfter30)
+    request.loop_guard = PROSE
+    [guarded, unguarded] = engine_f32.language.generate([request, engine_f32.request(encoded, "OCR:", 200)])
+    assert free.finish_reason == "length" and len(free.token_ids) == 200
+    assert guarded.finish_reason == "repetition" and guarded.token_ids == free.token_ids[:25]
+    assert unguarded.finish_reason != "repetition"  # requests without a guard are never cut
+
+
+@pytest.mark.slow
+def test_kill_9_mid_run_in_layout_mode_then_every_page_once_with_the_same_blocks(tiny_model, tmp_path):
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    for copy in range(3):
+        for name in ("minutes-3-pages.pdf", "two-column-article.pdf"):
+            target = folder / f"{copy}-{name}"
+            target.write_bytes((SAMPLE_DOCS / name).read_bytes() + b"\n%% copy %d\n" % copy)  # distinct content
+    settle(folder)
+    args = ["run", folder, "--model", tiny_model, "--quant", "F32", "--max-tokens", "40", "--ignore-eos",
+            "--seqs-per-worker", "2", "--dpi", "110", "--layout", "cdla"]
+    clean_out, out = tmp_path / "clean.jsonl", tmp_path / "out.jsonl"
+    clean = subprocess.run([sys.executable, "-m", "ocrbatch", *map(str, args), "--out", clean_out],
+                           capture_output=True, text=True, timeout=900)
+    assert clean.returncode == 0, clean.stderr
+    reference = {(Path(r["path"]).name, r["page"]): (r["text"], r["blocks"])
+                 for r in map(json.loads, clean_out.read_text().splitlines())}
+    assert len(reference) == 12
+
+    rng = random.Random(11)
+    landed = 0
+    for _ in range(3):
+        before = page_states(out).get("ok", 0) if out.with_name(out.name + ".ocrbatch.db").exists() else 0
+        process = subprocess.Popen([sys.executable, "-m", "ocrbatch", *map(str, args), "--out", out],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_ok_pages(out, process, at_least=before + 1)
+        time.sleep(rng.uniform(0, 1.0))
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        states = page_states(out)
+        landed += states.get("pending", 0) > 0
+        time.sleep(0.3)
+    assert landed >= 2
+    final = subprocess.run([sys.executable, "-m", "ocrbatch", *map(str, args), "--out", out],
+                           capture_output=True, text=True, timeout=900)
+    assert final.returncode == 0, final.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    got = {(Path(r["path"]).name, r["page"]): (r["text"], r["blocks"]) for r in rows}
+    assert len(rows) == len(got) == 12
+    assert got == reference
