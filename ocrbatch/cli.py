@@ -83,12 +83,17 @@ def main():
 @click.option("--max-tokens", type=click.IntRange(1), default=job_default("max_tokens"), show_default=True,
               help="Most tokens generated per image.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per image.")
-def ocr(images, model, quant, gguf, vision_dtype, device, threads, cache_dir, task, prompt, max_tokens, as_json):
+@click.option("--layout", type=click.Choice(LAYOUTS), default="none", show_default=True,
+              help="Layout analysis first, each block recognised with its own prompt, Markdown out (see run).")
+@click.option("--layout-model", help="PP-DocLayout checkpoint for --layout pp-doclayout.")
+def ocr(images, model, quant, gguf, vision_dtype, device, threads, cache_dir, task, prompt, max_tokens, as_json,
+        layout, layout_model):
     """OCR IMAGES one by one and print the text (exit 1 if any image failed)."""
     from .engine import Engine
 
     engine = Engine(model=model, quant=quant, gguf=gguf, vision_dtype=vision_dtype, device=device,
-                    max_tokens=max_tokens, threads=threads, cache_dir=cache_dir)
+                    max_tokens=max_tokens, threads=threads, cache_dir=cache_dir, layout=layout,
+                    layout_model=layout_model)
     engine.prompt_text(task, prompt)  # an unsupported task fails before any work
     failed = 0
     for image in images:

@@ -37,6 +37,7 @@ class OcrResult:
     finish_reason: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
     error: str | None = None
+    blocks: list[dict] = field(default_factory=list)  # layout mode: each block with its text
 
     @property
     def ok(self) -> bool:
@@ -62,6 +63,8 @@ class Engine:
         threads: int | None = None,
         cache_dir: str | Path | None = None,
         with_language: bool = True,
+        layout: str = "none",
+        layout_model: str | None = None,
     ):
         """Load ``model`` (checkpoint folder or Hub id) and its language model as a GGUF.
 
@@ -69,6 +72,9 @@ class Engine:
         instead of converting the checkpoint; it is re-quantized only if
         ``quant`` differs from its type. ``with_language=False`` skips loading
         the language model here, for callers that decode in a :class:`WorkerPool`.
+        ``layout`` (``cdla``, ``pp-doclayout`` with ``layout_model``, or ``none``)
+        makes :meth:`ocr` recognise each layout block with its own prompt and
+        return the page's Markdown.
         """
         if threads:
             import torch
@@ -89,6 +95,9 @@ class Engine:
                 f"{self.gguf_path}: language model width {info.n_embd} does not match "
                 f"the checkpoint's {config.text_config.hidden_size}"
             )
+        from .layout import load_layout
+
+        self.layout = load_layout(layout, layout_model, device=device, threads=threads)
         self.language = None
         if with_language:
             self.language = LanguageModel(self.gguf_path, n_ctx=n_ctx or self.context_size(n_seq_max),
@@ -172,6 +181,10 @@ class Engine:
                 result.error = str(exc)
         if not loaded:
             return results
+        if self.layout is not None:
+            for result, image in loaded:
+                self._ocr_blocks(result, image, max_tokens, sampling)
+            return results
         started = time.perf_counter()
         encoded = self.vision.encode([image for _, image in loaded])
         vision_s = (time.perf_counter() - started) / len(loaded)
@@ -182,6 +195,35 @@ class Engine:
             result.path = path
             result.timings = {"vision_s": vision_s, **output.timings}
         return results
+
+    def _ocr_blocks(self, result: OcrResult, image, max_tokens: int | None, sampling: Sampling) -> None:
+        """Layout mode: detect the blocks, recognise each with its prompt, assemble the Markdown."""
+        from .assemble import BLOCK_PIXEL_BOUNDS
+        from .layout import crop
+        from .markdown import page_markdown
+        from .repetition import PROSE, TABLE, TABLE_PROMPT
+
+        started = time.perf_counter()
+        blocks = self.layout.detect(image)
+        layout_s = time.perf_counter() - started
+        recognised = [block for block in blocks if block.prompt is not None]
+        encoded = self.vision.encode([crop(image, block) for block in recognised], BLOCK_PIXEL_BOUNDS)
+        requests = [self.request(enc, block.prompt, max_tokens, sampling) for enc, block in zip(encoded, recognised)]
+        for request, block in zip(requests, recognised):
+            request.loop_guard = TABLE if block.prompt == TABLE_PROMPT else PROSE
+        generated = dict(zip((block.order for block in recognised), self.language.generate(requests)))
+        texts = {order: self.prompts.decode(out.token_ids) for order, out in generated.items()}
+        result.text = page_markdown([(block, texts.get(block.order, "")) for block in blocks])
+        result.blocks = [{"order": block.order, "label": block.label, "score": block.score,
+                          "box": [block.x0, block.y0, block.x1, block.y1], "prompt": block.prompt or "",
+                          "text": texts.get(block.order, ""),
+                          "finish_reason": generated[block.order].finish_reason if block.order in generated else ""}
+                         for block in blocks]
+        result.n_image_tokens = sum(enc.n_tokens for enc in encoded)
+        result.token_ids = [token for out in generated.values() for token in out.token_ids]
+        errors = [f"block {order}: {out.error}" for order, out in generated.items() if out.error]
+        result.error = "; ".join(errors) or None
+        result.timings = {"layout_s": layout_s, "total_s": time.perf_counter() - started}
 
     def close(self) -> None:
         if self.language is not None:

@@ -213,3 +213,22 @@ def test_kill_9_mid_run_in_layout_mode_then_every_page_once_with_the_same_blocks
     got = {(Path(r["path"]).name, r["page"]): (r["text"], r["blocks"]) for r in rows}
     assert len(rows) == len(got) == 12
     assert got == reference
+
+
+@pytest.mark.slow
+def test_ocr_command_with_layout(tiny_model, tmp_path):
+    from click.testing import CliRunner
+
+    from ocrbatch.cli import main
+    from ocrbatch.discover import Document
+    from ocrbatch.rasterize import iter_pages
+
+    [page] = iter_pages(Document(SAMPLE_DOCS / "purchase-order-table.pdf", None), [1], dpi=110)
+    image = tmp_path / "order.png"
+    page.image.save(image)
+    result = CliRunner().invoke(main, ["ocr", str(image), "--model", str(tiny_model), "--quant", "F32",
+                                       "--max-tokens", "8", "--layout", "cdla", "--json"])
+    assert result.exit_code == 0, result.output
+    row = json.loads(result.stdout)
+    assert [b["prompt"] for b in row["blocks"] if b["label"] == "table"] == ["Table Recognition:"]
+    assert row["n_image_tokens"] > 0 and row["error"] is None
