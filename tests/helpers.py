@@ -50,7 +50,11 @@ def write_encrypted_pdf(path) -> None:
 
 def write_zero_page_pdf(path) -> None:
     """A well-formed PDF whose page tree is empty."""
-    objects = [b"<< /Type /Catalog /Pages 2 0 R >>", b"<< /Type /Pages /Kids [] /Count 0 >>"]
+    write_raw_pdf(path, [b"<< /Type /Catalog /Pages 2 0 R >>", b"<< /Type /Pages /Kids [] /Count 0 >>"])
+
+
+def write_raw_pdf(path, objects: list[bytes]) -> None:
+    """A PDF of exactly these objects (numbered from 1, the first the catalog), with a correct xref table."""
     body, offsets = b"%PDF-1.4\n", []
     for number, obj in enumerate(objects, start=1):
         offsets.append(len(body))
@@ -119,15 +123,7 @@ def write_lying_pdf(path, kids: int = 1, count: int = 3) -> None:
     for i in range(kids):
         stream = b"BT /F1 18 Tf 30 100 Td (Page %d of a lying tree) Tj ET" % (i + 1)
         objects.append(b"<< /Length %d >>\nstream\n" % len(stream) + stream + b"\nendstream")
-    body, offsets = b"%PDF-1.4\n", []
-    for number, obj in enumerate(objects, start=1):
-        offsets.append(len(body))
-        body += b"%d 0 obj\n" % number + obj + b"\nendobj\n"
-    xref = len(body)
-    body += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
-    body += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
-    body += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
-    path.write_bytes(body)
+    write_raw_pdf(path, objects)
 
 
 # -- misbehaving processes, for the reliability tests --------------------------------------
