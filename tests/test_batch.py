@@ -2,8 +2,7 @@
 
 import json
 import os
-import random
-import signal
+import re
 import subprocess
 import sys
 import time
@@ -125,6 +124,16 @@ def pages_folder(tmp_path):
     return folder
 
 
+def _holds_a_gguf(process) -> bool:
+    """A llama.cpp worker maps its GGUF; the render process and others do not."""
+    import psutil
+
+    try:
+        return any(region.path.endswith(".gguf") for region in process.memory_maps())
+    except psutil.Error:
+        return False
+
+
 def _kill_a_worker_when_busy(process: subprocess.Popen, out: Path, deadline: float) -> bool:
     """Once the job has finished a page (so the worker holds more), kill the llama.cpp worker."""
     import sqlite3
@@ -141,8 +150,7 @@ def _kill_a_worker_when_busy(process: subprocess.Popen, out: Path, deadline: flo
             continue
         if not done:
             continue
-        workers = [c for c in psutil.Process(process.pid).children(recursive=True)
-                   if "spawn_main" in " ".join(c.cmdline()) and "resource_tracker" not in " ".join(c.cmdline())]
+        workers = [c for c in psutil.Process(process.pid).children(recursive=True) if _holds_a_gguf(c)]
         if workers:
             workers[0].kill()
             return True
@@ -160,7 +168,8 @@ def test_crashed_worker_pages_are_retried_on_a_fresh_worker(tiny_model, pages_fo
     assert _kill_a_worker_when_busy(process, out, time.monotonic() + 120)
     _, stderr = process.communicate(timeout=600)
     assert process.returncode == 0, stderr
-    assert "died (exit code -9)" in stderr
+    # It held several pages, none of them charged: each was retried alone and finished.
+    assert re.search(r"died \(exit code -9\) holding [2-9] request", stderr), stderr
     rows = read_rows(out)
     assert len(rows) == 12 and all(r["status"] == "ok" for r in rows)
 
