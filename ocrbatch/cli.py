@@ -249,6 +249,12 @@ def _setup_logging(quiet: bool, log_file: str | None) -> None:
               "scan as good (by default such pages go to the model).")
 @click.option("--max-tokens", type=click.IntRange(1), default=job_default("max_tokens"), show_default=True,
               help="Most tokens generated per page.")
+@click.option("--engine", "engine_name", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: this machine, SQLite checkpoint; ray: Ray Data actor pools on a local instance or "
+                   "a cluster, --out is a Parquet dataset folder that is also the record (pip install "
+                   "'ocrbatch[ray]'). The ray engine runs whole pages (--layout none, --pdf-text never).")
+@click.option("--ray-address", help="Join this Ray cluster (auto, ray://host:10001, host:6379) "
+              "[default: start a fresh local instance].")
 @click.option("--backend", type=click.Choice(BACKENDS), default=job_default("backend"), show_default=True,
               help="local: the models run here; openai: pages go to an OpenAI-compatible PaddleOCR-VL server "
                    "(vLLM, llama-server, ocrbatch serve) and no model is loaded here.")
@@ -282,8 +288,8 @@ def _setup_logging(quiet: bool, log_file: str | None) -> None:
 @click.option("--log-file", type=click.Path(dir_okay=False), help="Also log to this file.")
 def run(paths, out, output_format, checkpoint, include, exclude, dry_run, retry_failed, max_retries,
         max_page_error_rate, min_file_age, model, quant, gguf, vision_dtype, device, threads, cache_dir, task,
-        layout, layout_model, pdf_text, trust_ocr_layer, max_tokens, backend, base_url, api_key, remote_model, concurrency, page_timeout,
-        stop_grace, workers, seqs_per_worker, dpi, max_pixels, batch_size, max_batch_patches, markdown_dir,
+        layout, layout_model, pdf_text, trust_ocr_layer, max_tokens, engine_name, ray_address, backend, base_url,
+        api_key, remote_model, concurrency, page_timeout, stop_grace, workers, seqs_per_worker, dpi, max_pixels, batch_size, max_batch_patches, markdown_dir,
         ignore_eos, quiet, log_file):
     """OCR every PDF and image under PATHS into one row per page in OUT.
 
@@ -308,6 +314,16 @@ def run(paths, out, output_format, checkpoint, include, exclude, dry_run, retry_
         seqs_per_worker=seqs_per_worker, dpi=dpi, max_pixels=max_pixels, batch_size=batch_size,
         max_batch_patches=max_batch_patches, vision_dtype=vision_dtype, device=device, threads=threads,
         cache_dir=cache_dir, markdown_dir=markdown_dir, ignore_eos=ignore_eos, progress=not quiet)
+    if engine_name == "ray":
+        source = click.get_current_context().get_parameter_source("layout")
+        if layout != "none" and source is not click.core.ParameterSource.DEFAULT:
+            raise click.BadParameter("the ray engine runs whole pages: use --layout none", param_hint="--layout")
+        if pdf_text != "never" or backend != "local":
+            raise click.BadParameter("the ray engine takes neither --pdf-text nor --backend openai",
+                                     param_hint="--engine")
+        options.layout = "none"
+        _run_on_ray(options, ray_address, dry_run)
+        return
     if backend == "openai" and not base_url:
         raise click.BadParameter("--backend openai needs the server's address", param_hint="--base-url")
     if layout_model and layout != "pp-doclayout":
@@ -346,6 +362,40 @@ def run(paths, out, output_format, checkpoint, include, exclude, dry_run, retry_
     sys.exit(summary.exit_code)
 
 
+def _run_on_ray(options: JobOptions, address: str | None, dry_run: bool) -> None:
+    """``ocrbatch run --engine ray``: the same job on Ray Data, ``--out`` a Parquet dataset folder."""
+    from .pipeline import JobLocked
+    from .record import EXIT_FATAL, EXIT_LOCKED
+
+    try:
+        from .ray_engine import run_ray_job
+    except ImportError as exc:
+        raise click.ClickException(str(exc)) from None
+    if dry_run:
+        from collections import Counter
+
+        from .dataset_record import DatasetRecord
+        from .ray_engine import plan_pages
+
+        plan = plan_pages(options, DatasetRecord(options.out), dry_run=True)
+        for path, pages in sorted(Counter(item["path"] for item in plan.manifest).items()):
+            click.echo(f"{pages}\t{path}")
+        for document, error in plan.unreadable:
+            click.echo(f"unreadable\t{document.path}\t{error}")
+        click.echo(f"{len(plan.manifest)} pages to process", err=True)
+        return
+    try:
+        summary = run_ray_job(options, address=address)
+    except JobLocked as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(EXIT_LOCKED)
+    except OcrbatchError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(EXIT_FATAL)
+    click.echo(summary.line(options.out), err=True)
+    sys.exit(summary.exit_code)
+
+
 def _routes(item, options: JobOptions) -> str:
     """``--dry-run``'s note of which pages of a PDF the text layer would give, and why the others not."""
     if options.pdf_text == "never" or item.document.kind != "pdf":
@@ -366,22 +416,30 @@ def _routes(item, options: JobOptions) -> str:
 @main.command()
 @click.argument("target", type=click.Path(path_type=Path))
 def status(target):
-    """Counts per status and the failed pages of a job (TARGET: its output or checkpoint)."""
+    """Counts per status and the failed pages of a job (TARGET: its output, checkpoint or --engine ray dataset)."""
     from .store import Store, checkpoint_path_for
 
+    if target.is_dir():  # an --engine ray dataset: the dataset is the record
+        from .dataset_record import DatasetRecord
+
+        record = DatasetRecord(target)
+        _print_status(record.counts(), record.failed_pages())
+        return
     store = Store(checkpoint_path_for(target), readonly=True)
     try:
-        counts = store.counts()
-        for kind in ("pages", "documents"):
-            line = ", ".join(f"{n} {state}" for state, n in sorted(counts[kind].items())) or "none"
-            click.echo(f"{kind}: {line}")
-        failed = store.failed_pages()
-        if failed:
-            click.echo("failed pages:")
-            for path, page, error in failed:
-                click.echo(f"  {path}\tpage {page}\t{error}")
+        _print_status(store.counts(), store.failed_pages())
     finally:
         store.close()
+
+
+def _print_status(counts: dict, failed: list) -> None:
+    for kind in ("pages", "documents"):
+        line = ", ".join(f"{n} {state}" for state, n in sorted(counts[kind].items())) or "none"
+        click.echo(f"{kind}: {line}")
+    if failed:
+        click.echo("failed pages:")
+        for path, page, error in failed:
+            click.echo(f"  {path}\tpage {page}\t{error}")
 
 
 @main.command()
