@@ -116,6 +116,8 @@ class DatasetRecord:
         """The run's exclusive lock on ``folder`` (:class:`ocrbatch.pipeline.JobLock`, exit code 4 when held)."""
         from .pipeline import JobLock
 
+        if self.folder.exists() and not self.folder.is_dir():
+            raise OcrbatchError(f"{self.folder}: not a folder; the ray engine writes a Parquet dataset folder")
         self.folder.mkdir(parents=True, exist_ok=True)
         return JobLock(self.folder / LOCK_NAME)
 

@@ -81,7 +81,7 @@ class RaySettings:
     decode_actors: int | None = None  # default: --workers
     decode_cpus: float = 1.0
     seqs_per_actor: int | None = None  # default: --seqs-per-worker
-    # A local instance only: logical CPUs (default: enough for every actor, at least the cores)
+    # A local instance only: logical CPUs (default: every actor's plus one, at least the cores)
     # and object-store bytes (default: see default_object_store_bytes).
     num_cpus: int | None = None
     object_store_memory: int | None = None
@@ -423,15 +423,16 @@ def connect(ray, address: str | None, settings: RaySettings, cpus_needed: float)
 
     ``address="local"`` rather than ``ray.init()``: after a killed run the
     latter attaches to the dead instance recorded in /tmp/ray. The local
-    instance declares logical CPUs for every actor and at least the machine's
-    cores, because Ray Data stalls when actors hold all declared CPUs.
+    instance declares logical CPUs for every actor plus one (at least the
+    machine's cores), because Ray Data stalls when its actors hold every
+    declared CPU and a task of its own (reading, splitting) needs one.
     """
     if ray.is_initialized():
         return False
     if address is None:
         # Ray reports usage statistics to its makers unless told not to; documents stay private here.
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        cpus = settings.num_cpus or max(os.cpu_count() or 1, math.ceil(cpus_needed))
+        cpus = settings.num_cpus or max(os.cpu_count() or 1, math.ceil(cpus_needed) + 1)
         ray.init(address="local", num_cpus=cpus,
                  object_store_memory=settings.object_store_memory or default_object_store_bytes(),
                  include_dashboard=False, runtime_env=settings.runtime_env)
@@ -446,9 +447,14 @@ def _stream(ray, manifest: list[dict], config: StageConfig, settings: RaySetting
     vision_batch = 1 if one_page_per_task else vision_batch
     decode_batch = 1 if one_page_per_task else 2 * config.seqs  # a second batch's worth keeps slots busy
     vision_tasks = math.ceil(len(manifest) / vision_batch)
+    # When pages run alone, an actor holds one task at a time: tasks queued on an actor die with
+    # it, and would spend their retries on another page's crash.
+    in_flight = 1 if one_page_per_task else None
     # No more actors than tasks: an idle actor costs its start-up and memory.
-    vision_pool = ray.data.ActorPoolStrategy(size=min(settings.vision_actors, vision_tasks))
-    decode_pool = ray.data.ActorPoolStrategy(size=min(decode_actors, math.ceil(len(manifest) / decode_batch)))
+    vision_pool = ray.data.ActorPoolStrategy(size=min(settings.vision_actors, vision_tasks),
+                                             max_tasks_in_flight_per_actor=in_flight)
+    decode_pool = ray.data.ActorPoolStrategy(size=min(decode_actors, math.ceil(len(manifest) / decode_batch)),
+                                             max_tasks_in_flight_per_actor=in_flight)
     dataset = ray.data.from_items(manifest, override_num_blocks=vision_tasks)
     remote_args = dict(max_restarts=-1, max_task_retries=max_retries, scheduling_strategy="SPREAD")
     with warnings.catch_warnings():

@@ -65,6 +65,19 @@ def test_files_are_written_whole_and_readers_see_exactly_the_output_columns(tmp_
         record.write([row("c", 1)], "part-1-00001.parquet")
 
 
+def test_one_run_at_a_time_writes_a_dataset_folder(tmp_path):
+    from ocrbatch.pipeline import JobLocked
+
+    with DatasetRecord(tmp_path / "out").lock():
+        with pytest.raises(JobLocked, match="another ocrbatch run"):
+            with DatasetRecord(tmp_path / "out").lock():
+                pass
+    (tmp_path / "results.parquet").write_bytes(b"a local engine's file")
+    with pytest.raises(OcrbatchError, match="not a folder"):
+        with DatasetRecord(tmp_path / "results.parquet").lock():
+            pass
+
+
 def test_a_write_that_fails_leaves_no_file(tmp_path):
     record = DatasetRecord(tmp_path)
     with pytest.raises(pa.ArrowInvalid):
