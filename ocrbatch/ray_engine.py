@@ -22,9 +22,9 @@ row, because Ray Data would otherwise fail the whole job on one errored
 block. An actor that dies (a llama.cpp abort, out of memory, killed) has its
 tasks retried by Ray on a restarted actor, ``max_retries`` times; a block that
 still fails is dropped (``max_errored_blocks``), and its pages, found missing
-at the end, are run once more one page per task, so that one page that kills
-actors does not take its batch-mates down with it. A page that still does not
-come back is a failed row.
+at the end, are run once more one page per task and one task per actor, so
+that a page that kills actors does not take its batch-mates down with it. A
+page that still does not come back is a failed row.
 
 Every node must see the documents, the checkpoint and the GGUF cache at the
 same paths (a shared file system): paths are made absolute by the driver, and
