@@ -119,6 +119,7 @@ class RayPlan:
     unreadable: list[tuple[Document, str]] = field(default_factory=list)
     skipped: int = 0
     documents: int = 0
+    deferred: int = 0  # files still being written (--min-file-age), left for a later run
 
 
 @dataclass
@@ -322,9 +323,14 @@ def plan_pages(options, record: DatasetRecord, dry_run: bool = False) -> RayPlan
     ``dry_run`` plans the same pages and changes nothing.
     """
     documents: dict[str, Document] = {}
-    for document in discover([Path(p).absolute() for p in options.paths], options.include, options.exclude):
-        if document.doc_id is not None:  # None: still being written, left for a later run
-            documents.setdefault(document.doc_id, document)
+    deferred = 0
+    for document in discover([Path(p).absolute() for p in options.paths], options.include, options.exclude,
+                             min_file_age=options.min_file_age):
+        if document.deferred:
+            log.info("%s: %s; left for a later run", document.path, document.deferred)
+            deferred += 1
+            continue
+        documents.setdefault(document.doc_id, document)
     retry = set(documents) if options.retry_failed else set()
     changes, remaining = record.reconcile({doc_id: str(d.path) for doc_id, d in documents.items()}, retry,
                                           apply=not dry_run)
@@ -333,7 +339,7 @@ def plan_pages(options, record: DatasetRecord, dry_run: bool = False) -> RayPlan
     done: dict[str, dict[int, int | None]] = defaultdict(dict)
     for (doc_id, page), entry in best_entries(remaining).items():
         done[doc_id][page] = entry.page_count
-    plan = RayPlan()
+    plan = RayPlan(deferred=deferred)
     for doc_id, document in documents.items():
         finished = done.get(doc_id, {})
         if 0 in finished:  # could not be opened last time; --retry-failed removed that row
@@ -514,7 +520,7 @@ def run_ray_job(options, address: str | None = None, settings: RaySettings | Non
         if repaired:
             log.info("%s: removed %d duplicate rows left by an interrupted run", options.out, repaired)
         plan = plan_pages(options, record)
-        summary.pages_skipped, summary.documents = plan.skipped, plan.documents
+        summary.pages_skipped, summary.documents, summary.deferred_files = plan.skipped, plan.documents, plan.deferred
         log.info("%d pages to process in %d documents (%d unreadable), %d already done",
                  len(plan.manifest), plan.documents, len(plan.unreadable), plan.skipped)
         config = _stage_config(options, settings, seqs) if plan.manifest else None

@@ -204,7 +204,11 @@ def test_plan_skips_finished_pages_and_a_dry_run_changes_nothing(tmp_path):
                  "part-1-00001.parquet")
     before = {file: file.read_bytes() for file in record.files()}
 
-    plan = plan_pages(JobOptions(paths=[docs], out=record.folder, retry_failed=True), record, dry_run=True)
+    plan = plan_pages(JobOptions(paths=[docs], out=record.folder, min_file_age=60), record, dry_run=True)
+    assert (plan.manifest, plan.unreadable, plan.deferred) == ([], [], 3)  # all three were written just now
+
+    plan = plan_pages(JobOptions(paths=[docs], out=record.folder, retry_failed=True, min_file_age=0), record,
+                      dry_run=True)
     assert sorted((Path(i["path"]).name, i["page"], i["page_count"]) for i in plan.manifest) == [
         ("a.pdf", 2, 3), ("a.pdf", 3, 3), ("b.pdf", 1, 2), ("b.pdf", 2, 2)]
     assert [(d.path.name, error) for d, error in plan.unreadable] == [("zero.png", f"{docs / 'zero.png'}: empty "
@@ -212,7 +216,7 @@ def test_plan_skips_finished_pages_and_a_dry_run_changes_nothing(tmp_path):
     assert (plan.skipped, plan.documents) == (1, 3)
     assert {file: file.read_bytes() for file in record.files()} == before
 
-    plan = plan_pages(JobOptions(paths=[docs], out=record.folder), record)  # the failure stands without a retry
+    plan = plan_pages(JobOptions(paths=[docs], out=record.folder, min_file_age=0), record)  # no retry: it stands
     assert sorted((Path(i["path"]).name, i["page"]) for i in plan.manifest) == [("a.pdf", 3), ("b.pdf", 1),
                                                                                 ("b.pdf", 2)]
     assert plan.skipped == 2
@@ -292,7 +296,7 @@ def end(processes, grace_s: float = 5.0) -> None:
 
 def job_options(model, paths, out, **overrides) -> JobOptions:
     settings = dict(paths=[Path(p) for p in paths], out=Path(out), model=str(model), quant="F32", max_tokens=8,
-                    workers=2, seqs_per_worker=2, batch_size=2, dpi=72, progress=False, max_retries=1)
+                    workers=2, seqs_per_worker=2, batch_size=2, dpi=72, progress=False, max_retries=1, min_file_age=0)
     settings.update(overrides)
     return JobOptions(**settings)
 
@@ -443,7 +447,7 @@ def test_kill9_of_the_driver_then_rerun_gives_every_page_once(tiny_model, engine
     out = tmp_path / "dataset"
     # One page per file and one page at a time, so the kill can land between pages.
     settings = dict(paths=[str(docs)], out=str(out), model=str(tiny_model), quant="F32", max_tokens=30, workers=1,
-                    seqs_per_worker=1, batch_size=1, dpi=72, progress=False, flush_rows=1)
+                    seqs_per_worker=1, batch_size=1, dpi=72, progress=False, flush_rows=1, min_file_age=0)
     with open(tmp_path / "driver.log", "w") as log:
         driver = subprocess.Popen([sys.executable, "-c", DRIVER, json.dumps(settings)], stdout=log, stderr=log)
     deadline = time.monotonic() + 300
