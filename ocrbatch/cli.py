@@ -214,8 +214,8 @@ def _setup_logging(quiet: bool, log_file: str | None) -> None:
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--config", type=click.Path(dir_okay=False), is_eager=True, expose_value=False,
               callback=_load_config, help="TOML file of option defaults (e.g. configs/cpu.toml); flags override it.")
-@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Output file: .parquet or .jsonl.")
+@click.option("--out", "-o", required=True, type=click.Path(path_type=Path),
+              help="Output file: .parquet or .jsonl (with --engine ray: a folder, the Parquet dataset).")
 @click.option("--format", "output_format", type=click.Choice(["parquet", "jsonl"]),
               help="Output format [default: from the --out suffix].")
 @click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path),
@@ -324,6 +324,8 @@ def run(paths, out, output_format, checkpoint, include, exclude, dry_run, retry_
         options.layout = "none"
         _run_on_ray(options, ray_address, dry_run)
         return
+    if out.is_dir():
+        raise click.BadParameter(f"{out} is a folder; the local engine writes one file", param_hint="--out")
     if backend == "openai" and not base_url:
         raise click.BadParameter("--backend openai needs the server's address", param_hint="--base-url")
     if layout_model and layout != "pp-doclayout":
