@@ -37,7 +37,9 @@ def served(tiny_model, tmp_path_factory):
 
 @pytest.mark.slow
 def test_remote_backend_gives_the_local_engines_text(tiny_model, served, tmp_path):
-    common = ["--max-tokens", MAX_TOKENS, "--dpi", "50", "--min-file-age", "0"]
+    # Whole pages: in layout mode this engine resizes block crops to the block pixel bounds before
+    # encoding, while a server applies its own processor's bounds to whatever image it gets.
+    common = ["--max-tokens", MAX_TOKENS, "--dpi", "50", "--min-file-age", "0", "--layout", "none"]
     local = ocrbatch("run", SAMPLE_DOCS, "--out", tmp_path / "local.jsonl", "--model", tiny_model, "--quant", "F32",
                      *common)
     assert local.returncode == 0, local.stderr
