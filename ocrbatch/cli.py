@@ -298,10 +298,7 @@ def run(paths, out, output_format, checkpoint, include, exclude, dry_run, retry_
     1 some pages failed, 3 fatal error (unfinished pages stay pending for the
     next run), 4 another run holds this output, 130/143 stopped by SIGINT/SIGTERM.
     """
-    import logging
-
-    from .pipeline import JobLocked, dry_run as plan_only, run_job
-    from .record import EXIT_FATAL, EXIT_LOCKED
+    from .pipeline import dry_run as plan_only, run_job
 
     _setup_logging(quiet, log_file)
     options = JobOptions(
@@ -344,8 +341,18 @@ def run(paths, out, output_format, checkpoint, include, exclude, dry_run, retry_
             click.echo(f"copy\t{document.path}\tsame content as {original}")
         click.echo(f"{plan.pages} pages to process", err=True)
         return
+    _run_to_exit(lambda: run_job(options), out)
+
+
+def _run_to_exit(job, out: Path) -> None:
+    """Run ``job()`` (a batch job) and exit with its code; fatal errors are one line, never a traceback."""
+    import logging
+
+    from .pipeline import JobLocked
+    from .record import EXIT_FATAL, EXIT_LOCKED
+
     try:
-        summary = run_job(options)
+        summary = job()
     except JobLocked as exc:
         click.echo(f"Error: {exc}", err=True)
         sys.exit(EXIT_LOCKED)
@@ -353,10 +360,9 @@ def run(paths, out, output_format, checkpoint, include, exclude, dry_run, retry_
         click.echo(f"Error: {exc}", err=True)
         sys.exit(EXIT_FATAL)
     except KeyboardInterrupt:
-        click.echo("Stopped at once by a second signal; finished pages are in the checkpoint: run again to resume.",
-                   err=True)
+        click.echo("Stopped at once by a second signal; finished pages are recorded: run again to resume.", err=True)
         sys.exit(130)
-    except Exception as exc:  # a bug, not a bad page: fatal, and the checkpoint keeps what was done
+    except Exception as exc:  # a bug, not a bad page: fatal, and the record keeps what was done
         logging.getLogger("ocrbatch").exception("internal error")
         click.echo(f"Error: internal error ({type(exc).__name__}: {exc}); unfinished pages stay pending", err=True)
         sys.exit(EXIT_FATAL)
@@ -366,9 +372,6 @@ def run(paths, out, output_format, checkpoint, include, exclude, dry_run, retry_
 
 def _run_on_ray(options: JobOptions, address: str | None, dry_run: bool) -> None:
     """``ocrbatch run --engine ray``: the same job on Ray Data, ``--out`` a Parquet dataset folder."""
-    from .pipeline import JobLocked
-    from .record import EXIT_FATAL, EXIT_LOCKED
-
     try:
         from .ray_engine import run_ray_job
     except ImportError as exc:
@@ -386,16 +389,7 @@ def _run_on_ray(options: JobOptions, address: str | None, dry_run: bool) -> None
             click.echo(f"unreadable\t{document.path}\t{error}")
         click.echo(f"{len(plan.manifest)} pages to process", err=True)
         return
-    try:
-        summary = run_ray_job(options, address=address)
-    except JobLocked as exc:
-        click.echo(f"Error: {exc}", err=True)
-        sys.exit(EXIT_LOCKED)
-    except OcrbatchError as exc:
-        click.echo(f"Error: {exc}", err=True)
-        sys.exit(EXIT_FATAL)
-    click.echo(summary.line(options.out), err=True)
-    sys.exit(summary.exit_code)
+    _run_to_exit(lambda: run_ray_job(options, address=address), options.out)
 
 
 def _routes(item, options: JobOptions) -> str:
