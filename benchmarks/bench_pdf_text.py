@@ -1,0 +1,508 @@
+"""Pages/min with ``--pdf-text auto`` vs ``never`` on a mixed folder of PDFs, side by side in one run.
+
+The folder holds report-like pages, Letter and A4: half born-digital (a
+heading, paragraphs and a small table, laid out by PyMuPDF's Story as a word
+processor would) and half scanned (the same kind of page rendered in grey at
+150 dpi and inserted as a full-page JPEG, no text layer): one born-digital
+document, one scanned document, and one that mixes both. The real batch job
+(``run_job``) runs over it twice, each time in its own process, with
+``configs/cpu.toml``'s pool and rendering (Q4_K_M, 2 workers x 2 sequences,
+vision batch 4, 110 dpi, 1254400 max pixels): ``pdf_text="never"`` sends every
+page to the model, ``pdf_text="auto"`` takes the born-digital pages from their
+text layer. Every model page decodes the same forced number of tokens
+(end-of-sentence suppressed). A third process times the text-layer path
+alone (judging the page, then Markdown with pymupdf4llm). The ratio of the
+two modes' pages/min is the figure to quote: single figures move with the
+load on a shared machine, the ratio less. ``--rounds 2`` runs the modes
+never-auto-auto-never so that a load that drifts during the run weighs on
+both alike, and each run also reports the CPU seconds its processes used
+(the job, the render process, the llama.cpp workers): a second ratio that
+other jobs' load hardly moves.
+
+    ocrbatch dev make-model /tmp/full --size full --layout official
+    python benchmarks/bench_pdf_text.py --model /tmp/full --pages 4 --rounds 2 --out benchmarks/results/mine.json
+    python benchmarks/bench_pdf_text.py --quick     # tiny checkpoint, 2+2 pages: keeps the harness working
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench import machine_info, peak_rss_mb  # bench.py's helpers, same folder
+
+if TYPE_CHECKING:
+    import pymupdf
+
+# llama.cpp's AMX repacking of quantized weights segfaults on the first decode on some
+# AMX CPUs (ggml-org/llama.cpp#20824); scripts/install.sh builds llama.cpp without AMX, but
+# another build may have it. When the probe below sees that crash, every process of this
+# benchmark (the llama.cpp workers import this file too: they are spawned) loads models
+# with use_extra_bufts = false, which is llama.cpp's --no-repack, and the results say so.
+NO_REPACK_ENV = "OCRBATCH_BENCH_NO_REPACK"
+
+
+def _disable_llama_repack() -> None:
+    import llama_cpp
+
+    default = llama_cpp.llama_model_default_params
+    if getattr(default, "no_repack", False):
+        return
+
+    def params():
+        value = default()
+        value.use_extra_bufts = False
+        return value
+
+    params.no_repack = True
+    llama_cpp.llama_model_default_params = params
+
+
+if os.environ.get(NO_REPACK_ENV) == "1":
+    _disable_llama_repack()
+
+# configs/cpu.toml's settings for the job (its pdf-text is what this benchmark varies).
+CPU_TOML = {"quant": "Q4_K_M", "workers": 2, "seqs": 2, "batch_size": 4, "dpi": 110, "max_pixels": 1254400}
+SCAN_DPI = 150  # what an office scanner delivers; the job renders it again at 110
+PAPER = {"letter": (612, 792), "a4": (595, 842)}
+
+# -- the documents -----------------------------------------------------------------------
+
+TOPICS = ["Operations", "Finance", "Logistics", "Customer service", "Facilities", "Procurement",
+          "Information technology", "Safety and compliance", "Human resources", "Regional sales"]
+SENTENCES = [
+    "Revenue in the {region} region reached {money} million, {pct} percent above the same quarter last year.",
+    "The team closed {count} of the {count2} open items from the last review and expects the rest by {month}.",
+    "Average delivery time fell from {days} to {days2} days after the new routing software went live in {month}.",
+    "Staff turnover stayed at {pct} percent, below the sector average, while overtime hours rose slightly.",
+    "The board approved a budget of {money} million for the renovation of the {region} warehouse.",
+    "Energy use per unit shipped dropped by {pct} percent, mostly thanks to the heat pumps installed in {month}.",
+    "Two suppliers in the {region} region missed their delivery windows more than {count} times and are under review.",
+    "Customer satisfaction, measured on a scale of one to ten, averaged {score} across {count2} surveyed accounts.",
+    "Inventory write-offs amounted to {money} million, chiefly packaging that no longer meets the new labelling rules.",
+    "The audit found no material weaknesses; {count} minor findings were assigned owners and due dates.",
+    "Headcount grew by {count} people, most of them in the {region} service centre that opened in {month}.",
+    "Payment terms were harmonised at thirty days for all new contracts signed after {month}.",
+    "Unplanned downtime on the main line totalled {days} hours, against a target of no more than {days2}.",
+    "The pilot with electric delivery vans covered {count2} routes and will be extended to the {region} depots.",
+    "Cash conversion improved by {days} days as overdue receivables were collected more consistently.",
+    "Training hours per employee rose to {days}, with a focus on safety procedures and the new ordering system.",
+]
+REGIONS = ["northern", "southern", "eastern", "western", "central", "coastal"]
+MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+          "November", "December"]
+
+
+def _sentence(rng: random.Random) -> str:
+    return rng.choice(SENTENCES).format(
+        region=rng.choice(REGIONS), month=rng.choice(MONTHS), money=f"{rng.uniform(0.4, 48):.1f}",
+        pct=rng.randint(2, 19), count=rng.randint(3, 40), count2=rng.randint(41, 400), days=rng.randint(4, 12),
+        days2=rng.randint(13, 30), score=f"{rng.uniform(6.5, 9.4):.1f}")
+
+
+def page_html(seed: int, paragraphs: int) -> str:
+    """A report page: a heading, a subheading, ``paragraphs`` paragraphs and, on most pages, a small table."""
+    rng = random.Random(seed)
+    topic = TOPICS[seed % len(TOPICS)]
+    parts = [f"<h1>{seed + 1}. {topic}</h1>",
+             f"<h2>Quarterly review, {rng.choice(MONTHS)} {rng.randint(2021, 2025)}</h2>"]
+    for index in range(paragraphs):
+        parts.append("<p>" + " ".join(_sentence(rng) for _ in range(rng.randint(3, 4))) + "</p>")
+        if index == 1 and seed % 3 != 2:
+            rows = "".join(f"<tr><td>{region.capitalize()}</td><td>{rng.uniform(1, 30):.1f}</td>"
+                           f"<td>{rng.uniform(1, 30):.1f}</td><td>{rng.randint(-9, 15):+d}%</td></tr>"
+                           for region in rng.sample(REGIONS, 4))
+            parts.append("<table><tr><th>Region</th><th>Last year (M)</th><th>This year (M)</th><th>Change</th></tr>"
+                         f"{rows}</table>")
+    return "".join(parts)
+
+
+CSS = """
+body { font-family: sans-serif; font-size: 10.5pt; line-height: 1.3; }
+h1 { font-size: 18pt; margin-bottom: 4pt; }
+h2 { font-size: 12pt; font-style: italic; margin-bottom: 8pt; }
+p { margin-bottom: 7pt; text-align: justify; }
+table { border-collapse: collapse; margin-bottom: 8pt; }
+th, td { border: 0.5pt solid black; padding: 2pt 6pt; font-size: 9.5pt; }
+th { background-color: #dddddd; }
+"""
+
+
+def born_digital_page(seed: int, paper: str) -> pymupdf.Document:
+    """One page laid out by PyMuPDF's Story (HTML + CSS), with a page number at the foot."""
+    import io
+
+    import pymupdf
+
+    width, height = PAPER[paper]
+    margin = 64
+    for paragraphs in range(9, 0, -1):  # as many as fit: a full page, as in a real report
+        story = pymupdf.Story(html=page_html(seed, paragraphs), user_css=CSS)
+        buffer = io.BytesIO()
+        writer = pymupdf.DocumentWriter(buffer)
+        device = writer.begin_page(pymupdf.Rect(0, 0, width, height))
+        more, _ = story.place(pymupdf.Rect(margin, margin, width - margin, height - margin - 20))
+        story.draw(device)
+        writer.end_page()
+        writer.close()
+        if not more:
+            break
+    doc = pymupdf.open("pdf", buffer.getvalue())
+    doc[0].insert_text((width / 2 - 10, height - margin / 2), f"- {seed + 1} -", fontsize=9, fontname="helv")
+    return doc
+
+
+def add_page(doc: pymupdf.Document, kind: str, seed: int, paper: str) -> None:
+    """Append a born-digital (``text``) or scanned (``scan``) report page to ``doc``."""
+    with born_digital_page(seed, paper) as source:
+        if kind == "text":
+            doc.insert_pdf(source)
+            return
+        pixmap = source[0].get_pixmap(dpi=SCAN_DPI, colorspace="gray")
+    page = doc.new_page(width=PAPER[paper][0], height=PAPER[paper][1])
+    page.insert_image(page.rect, stream=pixmap.tobytes("jpeg", jpg_quality=80))
+
+
+def document_plan(pages: int) -> list[tuple[str, list[str]]]:
+    """File names and page kinds: a born-digital report, a scanned one and a mixed one, half of each kind."""
+    quarter = pages // 4
+    mixed = ["text" if i % 2 == 0 else "scan" for i in range(pages - 2 * quarter)]
+    plan = [("report-born-digital.pdf", ["text"] * quarter), ("report-scanned.pdf", ["scan"] * quarter),
+            ("report-mixed.pdf", mixed)]
+    return [(name, kinds) for name, kinds in plan if kinds]
+
+
+def make_documents(folder: Path, pages: int) -> list[dict]:
+    """Write the mixed folder; return each document's name, paper and page kinds."""
+    import pymupdf
+
+    folder.mkdir(parents=True, exist_ok=True)
+    documents, seed = [], 0
+    for index, (name, kinds) in enumerate(document_plan(pages)):
+        paper = "letter" if index % 2 == 0 else "a4"
+        with pymupdf.open() as doc:
+            for kind in kinds:
+                add_page(doc, kind, seed, paper)
+                seed += 1
+            doc.save(folder / name, garbage=3, deflate=True)
+        documents.append({"name": name, "paper": paper, "pages": kinds,
+                          "kb": round((folder / name).stat().st_size / 1024, 1)})
+    return documents
+
+
+# -- the children ------------------------------------------------------------------------
+
+def run_child(kind: str, spec: dict, timeout: float = 3600) -> dict:
+    """One measurement in a fresh process; its last stdout line is its JSON result."""
+    started = time.perf_counter()
+    load_before = os.getloadavg()[0]
+    process = subprocess.run([sys.executable, __file__, "--child", kind, json.dumps(spec)],
+                             capture_output=True, text=True, timeout=timeout, check=False)
+    wall_s = time.perf_counter() - started
+    if process.returncode != 0:
+        error = process.stderr.strip().splitlines()[-1] if process.stderr.strip() else "failed"
+        print(f"bench_pdf_text: {kind} {spec.get('pdf_text', '')} failed: {error}", file=sys.stderr, flush=True)
+        return {"error": error, "wall_s": wall_s}
+    result = json.loads(process.stdout.strip().splitlines()[-1])
+    result["wall_s"] = wall_s
+    result["load_average_1min_before_after"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+    print(f"bench_pdf_text: {kind} {spec.get('pdf_text', '')} done in {wall_s:.0f} s", file=sys.stderr, flush=True)
+    return result
+
+
+def cpu_seconds(worker_pids: list[int]) -> float:
+    """CPU seconds used so far by this process, its reaped children (the render process) and the live workers."""
+    import resource
+
+    used = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        usage = resource.getrusage(who)
+        used += usage.ru_utime + usage.ru_stime
+    tick = os.sysconf("SC_CLK_TCK")
+    for pid in worker_pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # a worker that died and was replaced: its time is lost, which only flatters the run
+        used += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return used
+
+
+def child_job(spec: dict) -> dict:
+    """The real batch job over the folder with ``spec['pdf_text']``, engine and pool loaded (and warm) first."""
+    from dataclasses import fields
+
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from ocrbatch.engine import Engine
+    from ocrbatch.options import JobOptions
+    from ocrbatch.pipeline import run_job
+    from ocrbatch.pool import WorkerPool
+
+    started = time.perf_counter()
+    engine = Engine(spec["model"], quant=spec["quant"], vision_dtype=spec["vision_dtype"],
+                    max_tokens=spec["tokens"], threads=spec["threads"], with_language=False)
+    pool = WorkerPool(engine.gguf_path, workers=spec["workers"], n_seq_max=spec["seqs"],
+                      n_ctx=engine.context_size(spec["seqs"]), threads=max(1, spec["threads"] // spec["workers"]))
+    # int8 vision compiles on its first batch (dynamic shapes: once); do it before the clock, in both runs.
+    engine.vision.encode([Image.new("RGB", (224, 224), "white")])
+    while pool.pending or not all(w.ready for w in pool._workers):
+        time.sleep(0.05)  # let the workers finish loading before the clock starts
+    load_s = time.perf_counter() - started
+    # Whole pages, one request each: layout analysis (where JobOptions has it) would split a page into blocks.
+    extra = {"layout": "none"} if "layout" in {f.name for f in fields(JobOptions)} else {}
+    with tempfile.TemporaryDirectory() as scratch:
+        out = Path(scratch) / "out.parquet"
+        options = JobOptions(**extra, paths=[Path(spec["docs"])], out=out, model=spec["model"], quant=spec["quant"],
+                             pdf_text=spec["pdf_text"], max_tokens=spec["tokens"], ignore_eos=True,
+                             workers=spec["workers"], seqs_per_worker=spec["seqs"], batch_size=spec["batch_size"],
+                             dpi=spec["dpi"], max_pixels=spec["max_pixels"], vision_dtype=spec["vision_dtype"],
+                             threads=spec["threads"], progress=False, min_file_age=0)
+        cpu_before = cpu_seconds(pool.worker_pids)
+        begin = time.perf_counter()
+        summary = run_job(options, engine=engine, pool=pool)
+        process_s = time.perf_counter() - begin
+        cpu_s = cpu_seconds(pool.worker_pids) - cpu_before  # the render process is reaped by now
+        rows = pq.read_table(out).to_pylist()
+    workers_mb = [peak_rss_mb(pid) for pid in pool.worker_pids]
+    pool.close()
+    model_rows = [r for r in rows if r["source"] == "model"]
+    text_rows = [r for r in rows if r["source"] == "text-layer"]
+    return {
+        "load_s": load_s,
+        "process_s": process_s,
+        "pages": len(rows),
+        "pages_ok": sum(r["status"] == "ok" for r in rows),
+        "pages_failed": summary.pages_failed,
+        "errors": [r["error"] for r in rows if r["error"]],
+        "pages_from_model": len(model_rows),
+        "pages_from_text_layer": len(text_rows),
+        "summary_pages_text_layer": summary.pages_text_layer,
+        "pages_per_min": len(rows) / process_s * 60,
+        # CPU seconds of every process of the job (this one, render, workers) while it ran: what the
+        # pages cost, much less moved by other jobs on the machine than the wall clock.
+        "cpu_s": cpu_s,
+        "cpu_s_per_page": cpu_s / len(rows),
+        "model_pages_per_min": len(model_rows) / process_s * 60 if model_rows else None,
+        "vision_s_per_model_page": sum(r["vision_s"] for r in model_rows) / len(model_rows) if model_rows else None,
+        "image_tokens_per_model_page": (sum(r["n_image_tokens"] for r in model_rows) / len(model_rows)
+                                        if model_rows else None),
+        "output_tokens": sum(r["n_output_tokens"] for r in rows),
+        "output_tokens_per_model_page": sorted({r["n_output_tokens"] for r in model_rows}),
+        "finish_reasons": {reason: sum(r["finish_reason"] == reason for r in rows)
+                           for reason in sorted({str(r["finish_reason"]) for r in rows})},
+        "text_layer_chars_per_page": (sum(len(r["text"]) for r in text_rows) / len(text_rows) if text_rows else None),
+        "routes": sorted([Path(r["path"]).name, r["page"], r["source"]] for r in rows),
+        "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_workers_mb": workers_mb,
+    }
+
+
+def child_text_layer(spec: dict) -> dict:
+    """The text-layer path alone, as the auto run's render process runs it: judge each page, then Markdown.
+
+    The first page also pays for importing pymupdf4llm and loading its layout
+    model (once per render process, so once per run); it is reported apart.
+    """
+    import pymupdf
+
+    from ocrbatch.textlayer import page_markdown, route
+
+    judge_s, markdown_s, plain_s, chars, first_s = [], [], [], [], None
+    for name, kinds in spec["documents"]:
+        path = Path(spec["docs"]) / name
+        numbers = [i + 1 for i, kind in enumerate(kinds) if kind == "text"]
+        if not numbers:
+            continue
+        begin = time.perf_counter()
+        routes = route(path, numbers, "auto")
+        judge_s.append((time.perf_counter() - begin) / len(numbers))
+        assert all(r.source == "text-layer" for r in routes.values()), {n: r.verdict for n, r in routes.items()}
+        with pymupdf.open(path, filetype="pdf") as pdf:
+            for number in numbers:
+                begin = time.perf_counter()
+                text = page_markdown(pdf, number)
+                elapsed = time.perf_counter() - begin
+                if first_s is None:
+                    first_s = elapsed
+                    continue
+                markdown_s.append(elapsed)
+                chars.append(len(text))
+                begin = time.perf_counter()
+                pdf[number - 1].get_text()
+                plain_s.append(time.perf_counter() - begin)
+    mean = (lambda values: sum(values) / len(values) if values else None)
+    return {"pages_timed": len(markdown_s), "judge_s_per_page": mean(judge_s),
+            "markdown_s_per_page": mean(markdown_s),
+            "s_per_page": (mean(judge_s) or 0) + (mean(markdown_s) or 0) if markdown_s else None,
+            "first_page_markdown_s_with_imports": first_s, "markdown_chars_per_page": mean(chars),
+            "plain_text_s_per_page_for_comparison": mean(plain_s),
+            "peak_rss_mb": peak_rss_mb()}
+
+
+def child_probe(spec: dict) -> dict:
+    """Load the GGUF with llama.cpp's defaults and decode a few tokens (segfaults where AMX repacking does)."""
+    from llama_cpp import Llama
+
+    llm = Llama(spec["gguf"], n_ctx=256, n_threads=1, verbose=False)
+    llm("The harbour", max_tokens=4)
+    return {"ok": True}
+
+
+def llama_repack_works(gguf: str) -> tuple[bool, str]:
+    """Whether llama.cpp can decode ``gguf`` with its default (repacked) weight buffers here."""
+    env = {k: v for k, v in os.environ.items() if k != NO_REPACK_ENV}
+    process = subprocess.run([sys.executable, __file__, "--child", "probe", json.dumps({"gguf": gguf})],
+                             capture_output=True, text=True, timeout=600, env=env, check=False)
+    if process.returncode == 0:
+        return True, "llama.cpp defaults (weights repacked for this CPU)"
+    return False, (f"llama.cpp's default weight repacking crashed here (exit code {process.returncode}; "
+                   "AMX: ggml-org/llama.cpp#20824), so every process ran with use_extra_bufts = false "
+                   "(llama.cpp's --no-repack)")
+
+
+CHILDREN = {"job": child_job, "text-layer": child_text_layer, "probe": child_probe}
+
+
+# -- the run ---------------------------------------------------------------------------
+
+def cpu_flags() -> list[str]:
+    """The CPU features that decide which kernels run (AVX-512 variants, VNNI, AMX)."""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            return sorted(f for f in line.split(":", 1)[1].split()
+                          if f.startswith(("avx512", "amx", "avx_vnni")) or f in ("avx2", "fma"))
+    return []
+
+
+def ratio(a, b):
+    return round(a / b, 3) if a and b else None
+
+
+def measure(args, work: Path) -> dict:
+    from ocrbatch.gguf_convert import convert
+
+    if args.quick:
+        args.pages, args.tokens = min(args.pages, 4), min(args.tokens, 8)
+    if args.pages < 2:
+        raise SystemExit("bench_pdf_text: --pages must be at least 2 (half born-digital, half scanned)")
+    model = args.model
+    if model is None:
+        from ocrbatch.devmodel import make_model
+
+        model = str(make_model(work / "tiny", size="tiny"))
+    docs = work / "docs"
+    documents = make_documents(docs, args.pages)
+    kinds = [kind for document in documents for kind in document["pages"]]
+    gguf = str(convert(model, CPU_TOML["quant"]))  # cached: neither run pays for the conversion
+    repack_ok, llama_weights = llama_repack_works(gguf)
+    if not repack_ok:
+        os.environ[NO_REPACK_ENV] = "1"  # inherited by the children and their workers
+        print(f"bench_pdf_text: {llama_weights}", file=sys.stderr, flush=True)
+    settings = {"model": model, "quick": args.quick, "pages": len(kinds), "born_digital_pages": kinds.count("text"),
+                "scanned_pages": kinds.count("scan"), "documents": documents, "scan_dpi": SCAN_DPI,
+                "forced_output_tokens": args.tokens, "vision_dtype": args.vision_dtype, "threads": args.threads,
+                **CPU_TOML, "min_file_age": 0, "llama_weights": llama_weights}
+    results: dict = {"machine": {**machine_info(), "cpu_flags": cpu_flags()}, "settings": settings}
+    spec = {"model": model, "docs": str(docs), "tokens": args.tokens, "vision_dtype": args.vision_dtype,
+            "threads": args.threads, **CPU_TOML}
+    # Round 1 runs never then auto; round 2 auto then never, and so on (ABBA): a load that drifts
+    # during the run then weighs on both modes alike.
+    rounds = []
+    for index in range(args.rounds):
+        order = ("never", "auto") if index % 2 == 0 else ("auto", "never")
+        rounds.append({"order": list(order), **{mode: run_child("job", {**spec, "pdf_text": mode}) for mode in order}})
+    runs = {mode: rounds[0][mode] for mode in ("never", "auto")}
+    results["runs"] = runs
+    if args.rounds > 1:
+        results["rounds"] = [{"order": r["order"], **{mode: {key: r[mode].get(key) for key in (
+            "process_s", "pages_per_min", "cpu_s", "load_average_1min_before_after", "error")} for mode in r["order"]}}
+            for r in rounds]
+    results["text_layer"] = run_child("text-layer", {"docs": str(docs), "documents": [
+        [d["name"], d["pages"]] for d in documents]})
+
+    expected = sorted([d["name"], number + 1, "text-layer" if kind == "text" else "model"]
+                      for d in documents for number, kind in enumerate(d["pages"]))
+    every = [r[mode] for r in rounds for mode in r["order"]]
+    results["checks"] = {
+        "every_page_ok": all(r.get("pages_ok") == len(kinds) and not r.get("pages_failed") for r in every),
+        "never_all_from_model": all(r["never"].get("pages_from_model") == len(kinds) for r in rounds),
+        "auto_born_digital_from_text_layer": all(r["auto"].get("routes") == expected for r in rounds),
+        "forced_length_every_model_page": all(r.get("output_tokens_per_model_page") == [args.tokens] for r in every),
+    }
+
+    def mean_of(mode: str, key: str):
+        values = [r[mode].get(key) for r in rounds]
+        return sum(values) / len(values) if values and None not in values else None
+
+    never_s, auto_s = mean_of("never", "process_s"), mean_of("auto", "process_s")
+    never_cpu, auto_cpu = mean_of("never", "cpu_s"), mean_of("auto", "cpu_s")
+    results["pages_per_min"] = {
+        "never": len(kinds) / never_s * 60 if never_s else None,
+        "auto": len(kinds) / auto_s * 60 if auto_s else None,
+        # The same pages/min had the job had every core to itself: pages per CPU-minute times cores.
+        "never_from_cpu_time": len(kinds) / never_cpu * 60 * args.threads if never_cpu else None,
+        "auto_from_cpu_time": len(kinds) / auto_cpu * 60 * args.threads if auto_cpu else None,
+    }
+    results["ratios"] = {
+        # wall clock, mean over the rounds
+        "pages_per_min_auto_vs_never": ratio(never_s, auto_s),
+        # CPU time of the job's processes: robust to other jobs' load, blind to idle cores
+        "pages_per_cpu_s_auto_vs_never": ratio(never_cpu, auto_cpu),
+        # the bound if text-layer pages cost nothing: all pages over the model pages
+        "ideal_if_text_layer_free": ratio(len(kinds), kinds.count("scan")),
+    }
+    results["notes"] = args.note
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="Checkpoint folder (default with --quick: a tiny one made here).")
+    parser.add_argument("--quick", action="store_true",
+                        help="Tiny checkpoint, 2+2 pages, 8 tokens: checks the harness.")
+    parser.add_argument("--pages", type=int, default=8, help="Pages in the folder, half born-digital.")
+    parser.add_argument("--tokens", type=int, default=128, help="Forced output length per model page.")
+    parser.add_argument("--vision-dtype", default="int8", choices=["float32", "bfloat16", "int8"])
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="Run both modes this many times, alternating the order (never-auto, auto-never, ...).")
+    parser.add_argument("--note", action="append", default=[], help="A note to store in the results (repeatable).")
+    parser.add_argument("--keep-docs", type=Path, help="Also copy the generated PDFs to this folder.")
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        kind, spec = args.child
+        print(json.dumps(CHILDREN[kind](json.loads(spec))))
+        return
+    if args.model is None and not args.quick:
+        parser.error("--model is required without --quick")
+
+    work = Path(tempfile.mkdtemp(prefix="ocrbatch-bench-pdf-text-"))
+    try:
+        results = measure(args, work)
+        if args.keep_docs:
+            shutil.copytree(work / "docs", args.keep_docs, dirs_exist_ok=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
