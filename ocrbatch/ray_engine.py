@@ -38,7 +38,6 @@ import math
 import os
 import pickle
 import time
-import traceback
 import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -48,8 +47,10 @@ from typing import Callable, Iterator
 
 import pyarrow as pa
 
+from .assemble import Unit
 from .dataset_record import DatasetRecord, best_entries, new_run_id
 from .discover import Document, discover
+from .encode import encode_units
 from .errors import InputError, OcrbatchError
 from .output import SCHEMA
 from .pipeline import JobSummary
@@ -161,20 +162,11 @@ def render_pages(items: list[dict], dpi: float, max_pixels: int) -> list[PageIma
 
 
 def encode_pages(vision, pages: list[PageImage]) -> list[tuple[PageImage, object, float, str | None]]:
-    """``(page, embeddings, vision seconds, error)`` per page; a failed batch is retried page by page."""
-    if not pages:
-        return []
-    started = time.perf_counter()
-    try:
-        encoded = vision.encode([page.image for page in pages])
-    except Exception:
-        if len(pages) == 1:
-            reason = traceback.format_exc().strip().splitlines()[-1]
-            return [(pages[0], None, 0.0, f"{pages[0].document.path} page {pages[0].page}: "
-                                          f"vision encoder failed ({reason})")]
-        return [result for page in pages for result in encode_pages(vision, [page])]
-    per_page = (time.perf_counter() - started) / len(pages)
-    return [(page, embeddings, per_page, None) for page, embeddings in zip(pages, encoded)]
+    """``(page, embeddings, vision seconds, error)`` per page, by the encode stage of the local engine."""
+    units = [Unit(None, page.image, "", None) for page in pages]
+    return [(page, result.encoded, result.vision_s,
+             f"{page.document.path} page {page.page}: {result.error}" if result.error else None)
+            for page, result in zip(pages, encode_units(vision, units, max_batch_patches=1 << 62))]
 
 
 def generate_each(model, requests: list) -> list:
