@@ -33,8 +33,8 @@ class LocalDecoder:
         """Queue one page or block; the future resolves to a :class:`GenerationResult`."""
         request = self.engine.request(encoded, prompt, self.max_tokens)
         request.loop_guard = loop_guard
-        if self.ignore_eos:
-            request.stop_ids = ()
+        if self.ignore_eos:  # exactly max_tokens: neither the end of sequence nor the loop guard stops it
+            request.stop_ids, request.loop_guard = (), None
         return self.pool.submit(request)
 
     def cancel(self, future: Future) -> None:
