@@ -42,6 +42,24 @@ def peak_rss_mb(pid: int | str = "self") -> float:
     return 0.0
 
 
+def cpu_seconds(worker_pids: list[int]) -> float:
+    """CPU seconds used so far by this process, its reaped children (the render process) and the live workers."""
+    import resource
+
+    used = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        usage = resource.getrusage(who)
+        used += usage.ru_utime + usage.ru_stime
+    tick = os.sysconf("SC_CLK_TCK")
+    for pid in worker_pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # a worker that died and was replaced: its time is lost, which only flatters the run
+        used += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return used
+
+
 def machine_info() -> dict:
     import llama_cpp
     import torch
@@ -143,25 +161,33 @@ def child_transformers(spec: dict) -> dict:
     decode_s = sum(decode for _, decode, _ in warm)
     first_step_s = min(first for _, _, first in runs)  # vision + prefill
     n_prompt = int(first["input_ids"].shape[1])
-    # Four pages in one generate call: what batching buys transformers' decoder.
-    batch = (spec["pages"] * 4)[:4]
-    _, batch_decode_s, _ = generate(inputs_for(*batch), tokens)
-    return {
+    result = {
         "load_s": load_s,
         "vision_s_per_page": vision_s,
+        "image_patches_first_page": int(first["image_grid_thw"].prod()),
         # the first step is vision + prefill; too small to split on tiny models
         "prefill_tok_s": n_prompt / (first_step_s - vision_s) if first_step_s > 1.5 * vision_s else None,
         "decode_tok_s": (tokens - 1) * len(warm) / decode_s,
-        f"decode_tok_s_{len(batch)}_sequences": len(batch) * (tokens - 1) / batch_decode_s,
         "process_s": sum(page_times),
         "pages_per_min": len(page_times) / sum(page_times) * 60,
         "peak_rss_mb": peak_rss_mb(),
     }
+    if spec.get("batched", True):  # four pages in one generate call: what batching buys transformers' decoder
+        batch = (spec["pages"] * 4)[:4]
+        _, batch_decode_s, _ = generate(inputs_for(*batch), tokens)
+        result[f"decode_tok_s_{len(batch)}_sequences"] = len(batch) * (tokens - 1) / batch_decode_s
+    return result
 
 
 def child_ocrbatch(spec: dict) -> dict:
-    """The real batch job (run_job) over the page folder, engine and pool loaded first."""
+    """The real batch job (run_job) over the page folder, engine and pool loaded (and warm) first.
+
+    ``spec`` may set ``layout`` (default none: whole pages), ``dpi`` and
+    ``max_pixels`` (the job's defaults otherwise); PDFs go to the model even
+    where they have a text layer.
+    """
     import pyarrow.parquet as pq
+    from PIL import Image
 
     from ocrbatch.engine import Engine
     from ocrbatch.options import JobOptions
@@ -174,30 +200,44 @@ def child_ocrbatch(spec: dict) -> dict:
     pool = WorkerPool(engine.gguf_path, workers=spec["workers"], n_seq_max=spec["seqs"],
                       n_ctx=engine.context_size(spec["seqs"]),
                       threads=max(1, spec["threads"] // spec["workers"]))
+    # int8 vision compiles on its first batch (dynamic shapes: once); do it before the clock.
+    engine.vision.encode([Image.new("RGB", (224, 224), "white")])
     while pool.pending or not all(w.ready for w in pool._workers):
         time.sleep(0.05)  # let the workers finish loading before the clock starts
     load_s = time.perf_counter() - started
+    rendering = {key: spec[key] for key in ("dpi", "max_pixels") if key in spec}
     with tempfile.TemporaryDirectory() as scratch:
         out = Path(scratch) / "out.parquet"
         options = JobOptions(paths=[Path(spec["pages_dir"])], out=out, model=spec["model"], quant=spec["quant"],
                              max_tokens=spec["tokens"], ignore_eos=True, workers=spec["workers"],
                              seqs_per_worker=spec["seqs"], batch_size=spec["batch_size"],
                              vision_dtype=spec["vision_dtype"], threads=spec["threads"], progress=False,
-                             min_file_age=0, layout="none")
+                             min_file_age=0, layout=spec.get("layout", "none"), pdf_text="never", **rendering)
+        cpu_before = cpu_seconds(pool.worker_pids)
         begin = time.perf_counter()
         summary = run_job(options, engine=engine, pool=pool)
         process_s = time.perf_counter() - begin
+        cpu_s = cpu_seconds(pool.worker_pids) - cpu_before  # the render process is reaped by now
         rows = pq.read_table(out).to_pylist()
     workers_mb = [peak_rss_mb(pid) for pid in pool.worker_pids]
     pool.close()
     assert summary.pages_failed == 0, [r["error"] for r in rows if r["error"]]
     count = len(rows)
+    recognised = [block for row in rows for block in row["blocks"] if block["prompt"]]
     return {
         "load_s": load_s,
         "vision_s_per_page": sum(r["vision_s"] for r in rows) / count,
+        # patches before the 2x2 merge into image tokens
+        "image_patches_per_page": sum(r["n_image_tokens"] for r in rows) * 4 / count,
+        "layout_s_per_page": sum(r["layout_s"] or 0 for r in rows) / count,
+        "blocks_per_page": len(recognised) / count,
+        "blocks_by_prompt": {prompt: sum(b["prompt"] == prompt for b in recognised)
+                             for prompt in sorted({b["prompt"] for b in recognised})},
         "pages_per_min": count / process_s * 60,
         "process_s": process_s,
+        "cpu_s_per_page": cpu_s / count,
         "output_tokens": sum(r["n_output_tokens"] for r in rows),
+        "output_tokens_per_page": [r["n_output_tokens"] for r in rows],
         "peak_rss_mb": peak_rss_mb(),
         "peak_rss_workers_mb": workers_mb,
         "peak_rss_total_mb": peak_rss_mb() + sum(workers_mb),
@@ -379,6 +419,19 @@ def main() -> None:
     parser.add_argument("--engines", nargs="+", metavar="NAME",
                         help="Run only these engines (e.g. transformers-float32 ocrbatch-Q4_K_M-vision-int8).")
     parser.add_argument("--skip-fidelity", action="store_true")
+    parser.add_argument("--layout", nargs="+", choices=["none", "cdla"], metavar="MODE",
+                        help="Instead of the synthetic pages: report pages (Letter and A4 at --dpi, a table on "
+                             "most) through ocrbatch with each --layout MODE and each --vision-dtypes, beside "
+                             "transformers float32 on the whole pages, at the same output tokens per page.")
+    parser.add_argument("--vision-dtypes", nargs="+", default=["float32", "int8"], metavar="DTYPE",
+                        help="With --layout: the vision dtypes to run ocrbatch with.")
+    parser.add_argument("--dpi", type=int, default=110, help="With --layout: render DPI (configs/cpu.toml's).")
+    parser.add_argument("--max-pixels", type=int, default=1254400,
+                        help="With --layout: render cap in pixels (configs/cpu.toml's).")
+    parser.add_argument("--page-tokens", type=int,
+                        help="With --layout: output tokens per page (default: a page's text-layer length in "
+                             "estimated tokens, what a faithful transcription would decode).")
+    parser.add_argument("--note", action="append", default=[], help="A note to store in the results (repeatable).")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -389,7 +442,7 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="ocrbatch-bench-"))
     try:
-        results = measure(args, work)
+        results = measure_layout(args, work) if args.layout else measure(args, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)  # pages, the llama.cpp sdist, the mmproj
     text = json.dumps(results, indent=2)
@@ -467,6 +520,118 @@ def measure(args, work: Path) -> dict:
                                for m in [model, *args.fidelity_model]}
 
     add_ratios(results)
+    return results
+
+
+def make_report_pages(folder: Path, pages: int, dpi: int, max_pixels: int) -> tuple[list[Path], list[Path]]:
+    """Born-digital report PDFs (half Letter, half A4) and each page rendered as the job renders it (PNG)."""
+    import pymupdf
+    from report_pages import add_page
+
+    from ocrbatch.rasterize import pdf_zoom
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "docs").mkdir()
+    pdfs, images = [], []
+    for paper in ("letter", "a4"):
+        count = pages // 2 + (pages % 2 if paper == "letter" else 0)
+        if not count:
+            continue
+        path = folder / "docs" / f"report-{paper}.pdf"
+        with pymupdf.open() as doc:
+            for index in range(count):
+                add_page(doc, "text", len(images) + index, paper)
+            doc.save(path, garbage=3, deflate=True)
+            for page in doc:
+                zoom = pdf_zoom(page.rect.width, page.rect.height, dpi, max_pixels)
+                image = folder / f"{path.stem}-{page.number + 1}.png"
+                page.get_pixmap(matrix=pymupdf.Matrix(zoom, zoom)).save(image)
+                images.append(image)
+        pdfs.append(path)
+    return pdfs, images
+
+
+# English prose averages about four characters per token in the 100k-token vocabularies of
+# current language models (ERNIE-4.5's is 103k); the test checkpoints' small trained vocabulary
+# would count twice as many tokens, so page lengths are estimated from characters instead.
+CHARS_PER_TOKEN = 4
+
+
+def report_page_facts(pdfs: list[Path], images: list[Path]) -> dict:
+    """Per page: its text layer's length in estimated tokens, and CDLA's blocks that go to the model."""
+    import pymupdf
+    from PIL import Image
+
+    from ocrbatch.layout import load_layout
+
+    chars = []
+    for path in pdfs:
+        with pymupdf.open(path) as doc:
+            chars += [len(page.get_text()) for page in doc]
+    detector = load_layout("cdla")
+    blocks = [[b.label for b in detector.detect(Image.open(image).convert("RGB")) if b.prompt is not None]
+              for image in images]
+    return {"text_chars": chars, "text_tokens_estimated": [round(c / CHARS_PER_TOKEN) for c in chars],
+            "model_blocks": [len(labels) for labels in blocks], "tables": [labels.count("table") for labels in blocks]}
+
+
+def measure_layout(args, work: Path) -> dict:
+    """Whole pages vs layout blocks on report pages, beside transformers float32 on the whole pages.
+
+    Every engine decodes the same number of output tokens per page on
+    average: whole pages ``page_tokens`` each; in layout mode every block the
+    same share, ``page_tokens`` times the pages over all the blocks, so the
+    run's total is the same (end-of-sentence and the loop guard off).
+    """
+    from ocrbatch.gguf_convert import convert
+
+    if args.quick:
+        args.pages, args.page_tokens = min(args.pages, 2), min(args.page_tokens or 16, 16)
+    model = args.model
+    if model is None:
+        from ocrbatch.devmodel import make_model
+
+        model = str(make_model(work / "tiny", size="tiny"))
+    pdfs, images = make_report_pages(work / "pages", args.pages, args.dpi, args.max_pixels)
+    facts = report_page_facts(pdfs, images)
+    page_tokens = args.page_tokens or round(sum(facts["text_tokens_estimated"]) / len(images))
+    block_tokens = max(1, round(page_tokens * len(images) / sum(facts["model_blocks"])))
+    convert(model, "Q4_K_M")  # cached: no run pays for the conversion
+    results: dict = {"machine": machine_info(), "settings": {
+        "model": model, "pages": len(images), "papers": [p.stem for p in pdfs], "dpi": args.dpi,
+        "max_pixels": args.max_pixels, "page_tokens": page_tokens, "block_tokens": block_tokens,
+        "threads": args.threads, "quick": args.quick, **ENGINE_SETTINGS,
+        "quant": "Q4_K_M"}, "pages": facts}
+    base = {"model": model, "threads": args.threads}
+    engines = {}
+    if "none" in args.layout:
+        engines["transformers-float32"] = run_child("transformers", {
+            **base, "dtype": "float32", "tokens": page_tokens, "pages": [str(p) for p in images], "batched": False})
+    for vision in args.vision_dtypes:
+        for layout in args.layout:
+            engines[f"ocrbatch-Q4_K_M-vision-{vision}-layout-{layout}"] = run_child("ocrbatch", {
+                **base, "quant": "Q4_K_M", "vision_dtype": vision, "pages_dir": str(work / "pages" / "docs"),
+                "layout": layout, "dpi": args.dpi, "max_pixels": args.max_pixels,
+                "tokens": page_tokens if layout == "none" else block_tokens, **ENGINE_SETTINGS})
+    results["engines"] = engines
+    tf32 = engines.get("transformers-float32", {})
+    ratios = {}
+    for vision in args.vision_dtypes:
+        whole = engines.get(f"ocrbatch-Q4_K_M-vision-{vision}-layout-none", {})
+        ratios[f"vision-{vision}"] = {
+            "pages_per_min_whole_page_vs_transformers_fp32": ratio(whole.get("pages_per_min"),
+                                                                   tf32.get("pages_per_min")),
+            **{f"{layout}_vs_whole_page": {
+                key: ratio(engines.get(f"ocrbatch-Q4_K_M-vision-{vision}-layout-{layout}", {}).get(key),
+                           whole.get(key))
+                for key in ("pages_per_min", "vision_s_per_page", "image_patches_per_page", "cpu_s_per_page")}
+               for layout in args.layout if layout != "none"},
+            **{f"pages_per_min_{layout}_vs_transformers_fp32": ratio(
+                engines.get(f"ocrbatch-Q4_K_M-vision-{vision}-layout-{layout}", {}).get("pages_per_min"),
+                tf32.get("pages_per_min")) for layout in args.layout if layout != "none"},
+        }
+    results["ratios"] = ratios
+    results["notes"] = args.note
     return results
 
 
