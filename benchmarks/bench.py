@@ -90,6 +90,7 @@ def make_pages(folder: Path, count: int, size: int) -> list[Path]:
 def run_child(kind: str, spec: dict, timeout: float = 3600) -> dict:
     """Run one measurement in a fresh process; its last stdout line is its JSON result."""
     started = time.perf_counter()
+    load_before = os.getloadavg()[0]
     process = subprocess.run([sys.executable, __file__, "--child", kind, json.dumps(spec)],
                              capture_output=True, text=True, timeout=timeout)
     if process.returncode != 0:
@@ -98,6 +99,8 @@ def run_child(kind: str, spec: dict, timeout: float = 3600) -> dict:
         return {"error": error, "wall_s": time.perf_counter() - started}
     result = json.loads(process.stdout.strip().splitlines()[-1])
     result["wall_s"] = time.perf_counter() - started
+    # Other jobs' load moves single figures (CPU seconds less): recorded beside each run.
+    result["load_average_1min_before_after"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
     print(f"bench: {kind} {spec.get('quant', '')} {spec.get('vision_dtype', spec.get('dtype', ''))} "
           f"done in {result['wall_s']:.0f} s", file=sys.stderr, flush=True)
     return result
