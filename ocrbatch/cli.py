@@ -252,7 +252,7 @@ def _setup_logging(quiet: bool, log_file: str | None) -> None:
 @click.option("--engine", "engine_name", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="local: this machine, SQLite checkpoint; ray: Ray Data actor pools on a local instance or "
                    "a cluster, --out is a Parquet dataset folder that is also the record (pip install "
-                   "'ocrbatch[ray]'). The ray engine runs whole pages (--layout none, --pdf-text never).")
+                   "'ocrbatch[ray]').")
 @click.option("--ray-address", help="Join this Ray cluster (auto, ray://host:10001, host:6379) "
               "[default: start a fresh local instance].")
 @click.option("--backend", type=click.Choice(BACKENDS), default=job_default("backend"), show_default=True,
@@ -311,24 +311,20 @@ def run(paths, out, output_format, checkpoint, include, exclude, dry_run, retry_
         seqs_per_worker=seqs_per_worker, dpi=dpi, max_pixels=max_pixels, batch_size=batch_size,
         max_batch_patches=max_batch_patches, vision_dtype=vision_dtype, device=device, threads=threads,
         cache_dir=cache_dir, markdown_dir=markdown_dir, ignore_eos=ignore_eos, progress=not quiet)
+    if layout_model and layout != "pp-doclayout":
+        raise click.BadParameter("applies to --layout pp-doclayout only", param_hint="--layout-model")
+    if pdf_text != "never" and task != "ocr":
+        raise click.BadParameter(f"the text layer stands in for OCR only, not task {task!r}", param_hint="--pdf-text")
     if engine_name == "ray":
-        source = click.get_current_context().get_parameter_source("layout")
-        if layout != "none" and source is not click.core.ParameterSource.DEFAULT:
-            raise click.BadParameter("the ray engine runs whole pages: use --layout none", param_hint="--layout")
-        if pdf_text != "never" or backend != "local":
-            raise click.BadParameter("the ray engine takes neither --pdf-text nor --backend openai",
+        if backend != "local":
+            raise click.BadParameter("the ray engine runs the models on its actors, not --backend openai",
                                      param_hint="--engine")
-        options.layout = "none"
         _run_on_ray(options, ray_address, dry_run)
         return
     if out.is_dir():
         raise click.BadParameter(f"{out} is a folder; the local engine writes one file", param_hint="--out")
     if backend == "openai" and not base_url:
         raise click.BadParameter("--backend openai needs the server's address", param_hint="--base-url")
-    if layout_model and layout != "pp-doclayout":
-        raise click.BadParameter("applies to --layout pp-doclayout only", param_hint="--layout-model")
-    if pdf_text != "never" and task != "ocr":
-        raise click.BadParameter(f"the text layer stands in for OCR only, not task {task!r}", param_hint="--pdf-text")
     if dry_run:
         plan = plan_only(options)
         for item in sorted(plan.work, key=lambda item: str(item.document.path)):

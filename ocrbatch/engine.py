@@ -47,6 +47,16 @@ class OcrResult:
         return asdict(self)
 
 
+def context_size(image_processor, merge_size: int, n_seq_max: int, max_tokens: int) -> int:
+    """KV cells for ``n_seq_max`` sequences of the largest image ``image_processor`` makes plus ``max_tokens``.
+
+    A function of the processor alone, so that a process holding only the
+    language model (a Ray decode actor) sizes its context as :class:`Engine` does.
+    """
+    max_image_tokens = image_processor.size.longest_edge // (image_processor.patch_size * merge_size) ** 2
+    return n_seq_max * (max_image_tokens + PROMPT_TEXT_ALLOWANCE + max_tokens)
+
+
 class Engine:
     """PaddleOCR-VL split in two: :class:`VisionEncoder` → :class:`LanguageModel`."""
 
@@ -105,8 +115,8 @@ class Engine:
 
     def context_size(self, n_seq_max: int, max_tokens: int | None = None) -> int:
         """KV cells for ``n_seq_max`` sequences of the largest image plus ``max_tokens``."""
-        per_sequence = self.max_image_tokens + PROMPT_TEXT_ALLOWANCE + (max_tokens or self.max_tokens)
-        return n_seq_max * per_sequence
+        return context_size(self.vision.image_processor, self.vision.merge_size, n_seq_max,
+                            max_tokens or self.max_tokens)
 
     def request(self, image: EncodedImage, text: str, max_tokens: int | None = None,
                 sampling: Sampling = Sampling(), on_token=None) -> GenerationRequest:
@@ -119,12 +129,6 @@ class Engine:
             sampling=sampling,
             on_token=on_token,
         )
-
-    @property
-    def max_image_tokens(self) -> int:
-        longest = self.vision.image_processor.size.longest_edge
-        unit = (self.vision.image_processor.patch_size * self.vision.merge_size) ** 2
-        return longest // unit
 
     def prompt_text(self, task: str = "ocr", prompt: str | None = None) -> str:
         """The user text for a task, or a free-form ``prompt`` instead."""

@@ -3,28 +3,34 @@
 The driver discovers the documents and plans the pages against the Parquet
 dataset in ``--out DIR`` (:mod:`ocrbatch.dataset_record`: the dataset is the
 record, there is no checkpoint database), converts the GGUF once, and streams
-a manifest of pages ``(doc_id, path, page, page_count)`` through two actor pools:
+a manifest of pages ``(doc_id, path, page, page_count)`` through two actor pools
+that wire the local engine's stages together:
 
-1. :class:`VisionStage` actors render their pages and run the vision encoder
-   (torch threads = the actor's CPUs; GPUs when asked for), emitting each
-   page's language-model request;
+1. :class:`VisionStage` actors render their pages in the local engine's
+   render process (:mod:`.render`: text layers by ``--pdf-text``, layout
+   blocks by ``--layout``), cut each page into units (:mod:`.assemble`) and
+   encode them (:mod:`.encode`; torch threads = the actor's CPUs, GPUs when
+   asked for), emitting each page's language-model requests, or the finished
+   row of a page that needs no decoding (failed, or read from its text layer);
 2. :class:`DecodeStage` actors each hold one :class:`LanguageModel` and decode
-   a batch of pages several sequences at a time (llama.cpp threads = the
-   actor's CPUs), emitting output rows.
+   every unit of a batch of pages several sequences at a time (llama.cpp
+   threads = the actor's CPUs), emitting each page's output row as
+   :meth:`.assemble.PageWork.row` builds it.
 
 Rows come back to the driver as they finish and are written to ``DIR`` as
 whole files (see :class:`_Sink`), so a run killed at any moment loses only
 the pages it had not written, and the next run does just those.
 
-Failures: anything that goes wrong with one page (a bad file, the encoder, a
-request llama.cpp refuses) is caught in the stage and becomes a ``failed``
-row, because Ray Data would otherwise fail the whole job on one errored
-block. An actor that dies (a llama.cpp abort, out of memory, killed) has its
-tasks retried by Ray on a restarted actor, ``max_retries`` times; a block that
-still fails is dropped (``max_errored_blocks``), and its pages, found missing
-at the end, are run once more one page per task and one task per actor, so
-that a page that kills actors does not take its batch-mates down with it. A
-page that still does not come back is a failed row.
+Failures: anything that goes wrong with one page (a bad file, layout
+analysis, the encoder, a unit llama.cpp refuses) is caught in the stage and
+becomes a ``failed`` row, because Ray Data would otherwise fail the whole job
+on one errored block; a renderer crash is the render stage's to quarantine,
+as in the local engine. An actor that dies (a llama.cpp abort, out of memory,
+killed) has its tasks retried by Ray on a restarted actor, ``max_retries``
+times; a block that still fails is dropped (``max_errored_blocks``), and its
+pages, found missing at the end, are run once more one page per task and one
+task per actor, so that a page that kills actors does not take its
+batch-mates down with it. A page that still does not come back is a failed row.
 
 Every node must see the documents, the checkpoint and the GGUF cache at the
 same paths (a shared file system): paths are made absolute by the driver, and
@@ -37,39 +43,43 @@ import logging
 import math
 import os
 import pickle
+import queue
+import threading
 import time
 import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator
 
 import pyarrow as pa
 
-from .assemble import Unit
+from .assemble import PageWork
 from .dataset_record import DatasetRecord, best_entries, new_run_id
+from .decode import LocalDecoder
 from .discover import Document, discover
 from .encode import encode_units
 from .errors import InputError, OcrbatchError
 from .output import SCHEMA
-from .pipeline import JobSummary
-from .rasterize import PageImage, count_pages, iter_pages
+from .prompt import TASK_PROMPTS
+from .rasterize import PageImage, count_pages
+from .record import JobSummary, failure_row, text_layer_row
+from .render import LayoutSettings, RenderJob, RenderStage, StageFailed, TextLayerSettings
 
 log = logging.getLogger("ocrbatch")
 
 RAY_MISSING = "the ray engine needs Ray: pip install 'ocrbatch[ray]' (or pip install 'ray[data]')"
-# What the vision stage hands the decode stage: the page, and its request or why there is none.
+# What the vision stage hands the decode stage, one row a page: pickled, either the page's
+# PageWork with one GenerationRequest per unit (``work``), or its finished output row (``row``).
 ENCODED_SCHEMA = pa.schema([
     ("path", pa.string()), ("doc_id", pa.string()), ("page", pa.int32()), ("page_count", pa.int32()),
-    ("error", pa.string()), ("width", pa.int32()), ("height", pa.int32()), ("n_image_tokens", pa.int32()),
-    ("render_s", pa.float64()), ("vision_s", pa.float64()),
-    ("request", pa.large_binary()),  # a pickled GenerationRequest (prompt layout and embeddings)
-    ("vision_node", pa.string()),
+    ("work", pa.large_binary()), ("row", pa.large_binary()), ("vision_node", pa.string()),
 ])
-# Output rows plus what they do not keep: the generated ids and the Ray node of each stage.
+# Output rows as the local engine builds them (created_at an ISO string, which the dataset writer
+# parses), plus what they do not keep: the generated ids and the Ray node of each stage.
 DEBUG_FIELDS = [("token_ids", pa.list_(pa.int32())), ("vision_node", pa.string()), ("decode_node", pa.string())]
-DECODED_SCHEMA = pa.schema([*SCHEMA, *DEBUG_FIELDS])
+DECODED_SCHEMA = pa.schema([*SCHEMA.set(SCHEMA.get_field_index("created_at"), pa.field("created_at", pa.string())),
+                            *DEBUG_FIELDS])
 
 
 @dataclass
@@ -105,6 +115,9 @@ class StageConfig:
     ignore_eos: bool
     dpi: float
     max_pixels: int | None
+    text_layer: TextLayerSettings
+    layout: LayoutSettings
+    max_batch_patches: int
     vision_dtype: str
     vision_device: str
     vision_threads: int
@@ -134,39 +147,10 @@ class RayJobSummary(JobSummary):
 # -- per-page work, free of Ray --------------------------------------------------------
 
 
-def failure_row(path: str, doc_id: str, page: int, page_count: int, error: str, task: str, model: str,
-                quant: str) -> dict:
-    """The output row of a page (or, as page 0, a document) that failed."""
-    return {"path": path, "doc_id": doc_id, "page": page, "page_count": page_count, "task": task, "text": "",
-            "status": "failed", "error": error, "model": model, "quant": quant,
-            "created_at": datetime.now(timezone.utc)}
-
-
-def render_pages(items: list[dict], dpi: float, max_pixels: int) -> list[PageImage]:
-    """Render manifest items, opening each document once; a page that cannot be rendered carries ``error``."""
-    rendered = []
-    by_document: dict[tuple[str, str], list[dict]] = defaultdict(list)
-    for item in items:
-        by_document[(item["path"], item["doc_id"])].append(item)
-    for (path, doc_id), pages in by_document.items():
-        document = Document(Path(path), doc_id)
-        numbers = [item["page"] for item in pages]
-        try:
-            rendered.extend(iter_pages(document, numbers, dpi, max_pixels))
-        except Exception as exc:  # the document will not open now: each of its pages fails alone
-            reason = str(exc) if isinstance(exc, InputError) else f"{path}: cannot render ({type(exc).__name__}: {exc})"
-            done = {page.page for page in rendered if page.document.path == document.path}
-            rendered.extend(PageImage(document, item["page"], item["page_count"], error=reason)
-                            for item in pages if item["page"] not in done)
-    return rendered
-
-
-def encode_pages(vision, pages: list[PageImage]) -> list[tuple[PageImage, object, float, str | None]]:
-    """``(page, embeddings, vision seconds, error)`` per page, by the encode stage of the local engine."""
-    units = [Unit(None, page.image, "", None) for page in pages]
-    return [(page, result.encoded, result.vision_s,
-             f"{page.document.path} page {page.page}: {result.error}" if result.error else None)
-            for page, result in zip(pages, encode_units(vision, units, max_batch_patches=1 << 62))]
+def page_failure(path: str, doc_id: str, page: int, page_count: int, error: str, task: str, model: str,
+                 quant: str) -> dict:
+    """:func:`.record.failure_row` with the page's path and document id, as the local engine records it."""
+    return {"path": path, "doc_id": doc_id, **failure_row(page, page_count, task, error, model, quant)}
 
 
 def generate_each(model, requests: list) -> list:
@@ -183,15 +167,12 @@ def generate_each(model, requests: list) -> list:
         return [result for request in requests for result in generate_each(model, [request])]
 
 
-def context_size(checkpoint, n_seq: int, max_tokens: int) -> int:
-    """KV cells for ``n_seq`` pages of the largest image plus ``max_tokens`` (as :meth:`Engine.context_size`)."""
-    from transformers import AutoImageProcessor
+class _HandBack:
+    """:class:`LocalDecoder`'s worker pool in a vision actor: hands the request back, for the decode actor."""
 
-    from .engine import PROMPT_TEXT_ALLOWANCE
-
-    processor = AutoImageProcessor.from_pretrained(checkpoint.path)
-    unit = (processor.patch_size * checkpoint.config.vision_config.spatial_merge_size) ** 2
-    return n_seq * (processor.size.longest_edge // unit + PROMPT_TEXT_ALLOWANCE + max_tokens)
+    @staticmethod
+    def submit(request):
+        return request
 
 
 # -- the Ray stages --------------------------------------------------------------------
@@ -204,7 +185,7 @@ def _node_id() -> str:
 
 
 class VisionStage:
-    """Ray actor: render pages and encode them; one batch of manifest rows in, requests out."""
+    """Ray actor: render pages and encode their units; one batch of manifest rows in, pages to decode out."""
 
     def __init__(self, config: StageConfig):
         from .engine import Engine
@@ -213,49 +194,105 @@ class VisionStage:
         self.engine = Engine(config.checkpoint, quant=config.quant, gguf=config.gguf,
                              vision_dtype=config.vision_dtype, device=config.vision_device,
                              max_tokens=config.max_tokens, threads=config.vision_threads, with_language=False)
-        self.text = self.engine.prompt_text(config.task)
+        self.prompt = self.engine.prompt_text(config.task)
+        self.requests = LocalDecoder(self.engine, _HandBack(), config.max_tokens, config.ignore_eos)
         longest = self.engine.vision.image_processor.size.longest_edge
-        self.max_pixels = min(config.max_pixels or longest, longest)
+        # The local engine's render stage, one for the actor's life: its render process (and layout
+        # model) starts once, and a document that crashes it is quarantined there instead of killing
+        # the actor. Each batch's documents are fed to it through ``jobs``.
+        self.jobs: queue.Queue = queue.Queue()
+        self.pages: queue.Queue = queue.Queue()
+        RenderStage(iter(self.jobs.get, None), config.dpi, min(config.max_pixels or longest, longest), self.pages,
+                    threading.Event(), text_layer=config.text_layer, layout=config.layout).start()
+        self.failure: StageFailed | None = None
         self.node = _node_id()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        out = []
-        pages = render_pages(batch.to_pylist(), self.config.dpi, self.max_pixels)
-        for page in pages:
+        out, works = [], []
+        config = self.config
+        for page in self._render(batch.to_pylist()):
             if page.error:
-                out.append(self._row(page, error=page.error))
-        for page, encoded, vision_s, error in encode_pages(self.engine.vision, [p for p in pages if not p.error]):
-            if error:
-                out.append(self._row(page, error=error))
-                continue
-            request = self.engine.request(encoded, self.text, self.config.max_tokens)
-            if self.config.ignore_eos:
-                request.stop_ids = ()
-            width, height = page.image.size
-            out.append(self._row(page, width=width, height=height, n_image_tokens=encoded.n_tokens,
-                                 render_s=page.render_s, vision_s=vision_s,
-                                 request=pickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL)))
+                out.append(self._failed(page, page.error))
+            elif page.text_layer is not None:
+                out.append(self._finished(page, text_layer_row(page, config.task, config.model_name, config.quant)))
+            else:
+                try:
+                    works.append(PageWork.of(page, self.prompt))
+                except ValueError as exc:  # a degenerate layout box
+                    out.append(self._failed(page, f"{page.document.path} page {page.page}: {exc}"))
+        units = [(work, unit) for work in works for unit in work.units]
+        requests: dict[int, list] = defaultdict(list)
+        for (work, unit), encoded in zip(units, encode_units(self.engine.vision, [unit for _, unit in units],
+                                                             config.max_batch_patches)):
+            if encoded.error and not work.failed:
+                work.failed = True
+                out.append(self._failed(work.page, f"{work.page.document.path} page {work.page.page}: {encoded.error}"))
+            elif not work.failed:
+                unit.n_image_tokens, unit.vision_s, unit.image = encoded.encoded.n_tokens, encoded.vision_s, None
+                requests[id(work)].append(self.requests.submit(encoded.encoded, unit.prompt, unit.loop_guard))
+        for work in works:
+            if not work.failed:
+                work.page.image_size, work.page.image = work.page.image.size, None
+                out.append(self._row(work.page, work=pickle.dumps((work, requests[id(work)]),
+                                                                  protocol=pickle.HIGHEST_PROTOCOL)))
         return pa.Table.from_pylist(out, schema=ENCODED_SCHEMA)
+
+    def _render(self, items: list[dict]) -> list[PageImage]:
+        """The render stage's page for each manifest item, rendered, failed or read from its text layer."""
+        if self.failure is None:
+            by_document: dict[tuple[str, str, int], list[int]] = defaultdict(list)
+            for item in items:
+                by_document[(item["path"], item["doc_id"], item["page_count"])].append(item["page"])
+            for (path, doc_id, page_count), numbers in by_document.items():
+                self.jobs.put(RenderJob(Document(Path(path), doc_id), numbers, page_count))
+            pages = []
+            while self.failure is None and len(pages) < len(items):  # one page comes back per page asked for
+                page = self.pages.get()
+                if isinstance(page, StageFailed):
+                    self.failure = page
+                else:
+                    pages.append(page)
+        if self.failure is not None:
+            # The stage's thread has ended, so this actor cannot render any more: its pages come back
+            # missing and are run again, one page per task.
+            raise OcrbatchError(f"the {self.failure.stage} stage failed: {self.failure.error}")
+        return pages
 
     def _row(self, page: PageImage, **values) -> dict:
         return {"path": str(page.document.path), "doc_id": page.document.doc_id, "page": page.page,
                 "page_count": page.page_count, "vision_node": self.node, **values}
 
+    def _finished(self, page: PageImage, row: dict) -> dict:
+        """A page that needs no decoding, carrying its output row."""
+        row = {"path": str(page.document.path), "doc_id": page.document.doc_id, **row}
+        return self._row(page, row=pickle.dumps(row, protocol=pickle.HIGHEST_PROTOCOL))
+
+    def _failed(self, page: PageImage, error: str) -> dict:
+        config = self.config
+        return self._finished(page, failure_row(page.page, page.page_count, config.task, error, config.model_name,
+                                                config.quant))
+
 
 class DecodeStage:
-    """Ray actor: one llama.cpp context decoding several pages at once; requests in, output rows out."""
+    """Ray actor: one llama.cpp context decoding several units at once; pages in, output rows out."""
 
     def __init__(self, config: StageConfig):
+        from transformers import AutoImageProcessor
+
         from .checkpoint import Checkpoint
+        from .engine import context_size
         from .language import LanguageModel
         from .prompt import PromptBuilder
 
         self.config = config
         checkpoint = Checkpoint.open(config.checkpoint)
-        self.prompts = PromptBuilder(checkpoint.path, checkpoint.config.image_token_id,
-                                     checkpoint.config.vision_config.spatial_merge_size)
-        self.model = LanguageModel(config.gguf, n_ctx=context_size(checkpoint, config.seqs, config.max_tokens),
-                                   n_seq_max=config.seqs, n_threads=config.decode_threads)
+        merge_size = checkpoint.config.vision_config.spatial_merge_size
+        self.prompts = PromptBuilder(checkpoint.path, checkpoint.config.image_token_id, merge_size)
+        # The local engine's result → row columns; of its engine it needs only ``prompts``, which this stage has.
+        self.outcome = LocalDecoder(self, None, config.max_tokens).outcome
+        n_ctx = context_size(AutoImageProcessor.from_pretrained(checkpoint.path), merge_size, config.seqs,
+                             config.max_tokens)
+        self.model = LanguageModel(config.gguf, n_ctx=n_ctx, n_seq_max=config.seqs, n_threads=config.decode_threads)
         self.node = _node_id()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -263,34 +300,31 @@ class DecodeStage:
 
 
 def decode_rows(stage: DecodeStage, rows: list[dict]) -> list[dict]:
-    """Output rows for a batch of encoded pages: decoded, or failed with the reason."""
+    """Output rows for a batch of pages: every unit of every page decoded together; a failed unit fails its page."""
     config = stage.config
-    labels = (config.task, config.model_name, config.quant)
-    out = []
-    ready = []
+    out, pages = [], []
     for row in rows:
-        if row["error"]:
-            out.append({**failure_row(row["path"], row["doc_id"], row["page"], row["page_count"], row["error"],
-                                      *labels), "vision_node": row["vision_node"], "decode_node": stage.node})
+        nodes = {"vision_node": row["vision_node"], "decode_node": stage.node}
+        if row["row"] is not None:
+            out.append({**pickle.loads(row["row"]), **nodes})
         else:
-            ready.append(row)
-    requests = [pickle.loads(row["request"]) for row in ready]
-    for row, result in zip(ready, generate_each(stage.model, requests)):
-        base = {"vision_node": row["vision_node"], "decode_node": stage.node}
-        error = result if isinstance(result, str) else result.error
-        if error:
-            out.append({**failure_row(row["path"], row["doc_id"], row["page"], row["page_count"],
-                                      f"{row['path']} page {row['page']}: {error}", *labels), **base})
+            pages.append((row, *pickle.loads(row["work"]), nodes))
+    results = iter(generate_each(stage.model, [request for _, _, requests, _ in pages for request in requests]))
+    for row, work, requests, nodes in pages:
+        generated = [next(results) for _ in requests]
+        errors = []
+        for unit, result in zip(work.units, generated):
+            error, unit.columns = (result, {}) if isinstance(result, str) else stage.outcome(result)
+            if error:
+                block = f" block {unit.block.order}" if unit.block else ""
+                errors.append(f"{row['path']} page {row['page']}{block}: {error}")
+        if errors:
+            out.append({**page_failure(row["path"], row["doc_id"], row["page"], row["page_count"], errors[0],
+                                       config.task, config.model_name, config.quant), **nodes})
             continue
-        out.append({
-            "path": row["path"], "doc_id": row["doc_id"], "page": row["page"], "page_count": row["page_count"],
-            "task": config.task, "text": stage.prompts.decode(result.token_ids), "status": "ok", "error": None,
-            "n_image_tokens": row["n_image_tokens"], "n_output_tokens": len(result.token_ids),
-            "finish_reason": result.finish_reason, "width": row["width"], "height": row["height"],
-            "model": config.model_name, "quant": config.quant, "render_s": row["render_s"],
-            "vision_s": row["vision_s"], "prefill_s": result.prefill_s, "decode_s": result.decode_s,
-            "created_at": datetime.now(timezone.utc), "token_ids": result.token_ids, **base,
-        })
+        out.append({"path": row["path"], "doc_id": row["doc_id"],
+                    **work.row(config.task, config.model_name, config.quant),
+                    "token_ids": [token for result in generated for token in result.token_ids], **nodes})
     return out
 
 
@@ -381,6 +415,7 @@ class _Sink:
         self.seen.add(key)
         if row["status"] == "ok":
             self.summary.pages_ok += 1
+            self.summary.pages_text_layer += row.get("source") == "text-layer"
         else:
             self.summary.pages_failed += 1
             log.warning("%s", row["error"])
@@ -471,20 +506,32 @@ def _stream(ray, manifest: list[dict], config: StageConfig, settings: RaySetting
 
 
 def _stage_config(options, settings: RaySettings, seqs: int) -> StageConfig:
-    """Resolve the checkpoint and convert the GGUF once, here, for every actor to read."""
+    """Resolve the checkpoint and convert the GGUF once, here, for every actor to read.
+
+    The layout model is loaded here once too, and dropped: one that cannot
+    load is a fatal error before any page is written, as in the local engine,
+    rather than every page failing on actors that cannot render.
+    """
     from .checkpoint import Checkpoint
     from .gguf_convert import convert
 
     checkpoint = Checkpoint.open(options.model)
     quant = options.quant.upper()
     gguf = convert(options.gguf or checkpoint.path, quant, cache=options.cache_dir)
+    vision_threads = max(1, int(settings.vision_cpus))
+    layout = LayoutSettings(options.layout, options.layout_model, vision_threads)
+    try:
+        layout.load()
+    except Exception as exc:
+        raise OcrbatchError(f"cannot load the layout model: {type(exc).__name__}: {exc}") from None
     return StageConfig(
         checkpoint=str(Path(checkpoint.path).absolute()), gguf=str(Path(gguf).absolute()),
         model_name=str(options.model), quant=quant, task=options.task, max_tokens=options.max_tokens,
         ignore_eos=options.ignore_eos, dpi=options.dpi, max_pixels=options.max_pixels,
-        vision_dtype=options.vision_dtype, vision_device="cuda" if settings.vision_gpus else options.device,
-        vision_threads=max(1, int(settings.vision_cpus)), decode_threads=max(1, int(settings.decode_cpus)),
-        seqs=seqs)
+        text_layer=TextLayerSettings(options.pdf_text, options.trust_ocr_layer), layout=layout,
+        max_batch_patches=options.max_batch_patches, vision_dtype=options.vision_dtype,
+        vision_device="cuda" if settings.vision_gpus else options.device, vision_threads=vision_threads,
+        decode_threads=max(1, int(settings.decode_cpus)), seqs=seqs)
 
 
 def run_ray_job(options, address: str | None = None, settings: RaySettings | None = None,
@@ -504,7 +551,9 @@ def run_ray_job(options, address: str | None = None, settings: RaySettings | Non
     decode_actors = settings.decode_actors or options.workers
     seqs = settings.seqs_per_actor or options.seqs_per_worker
     record = DatasetRecord(options.out, {"task": options.task, "model": str(options.model),
-                                         "quant": options.quant.upper(), "max_tokens": str(options.max_tokens)})
+                                         "quant": options.quant.upper(), "max_tokens": str(options.max_tokens),
+                                         "prompt": TASK_PROMPTS[options.task], "layout": options.layout,
+                                         "layout_model": options.layout_model or ""})
     summary = RayJobSummary()
     with record.lock():
         record.check_settings()
@@ -521,8 +570,8 @@ def run_ray_job(options, address: str | None = None, settings: RaySettings | Non
                      len(plan.manifest) + len(plan.unreadable), options.progress)
         try:
             for document, error in plan.unreadable:
-                sink.add(failure_row(str(document.path), document.doc_id, 0, 0, error, options.task,
-                                     str(options.model), options.quant.upper()))
+                sink.add(page_failure(str(document.path), document.doc_id, 0, 0, error, options.task,
+                                      str(options.model), options.quant.upper()))
             if plan.manifest:
                 _process(ray, plan.manifest, config, settings, options, address, decode_actors, sink)
         finally:
@@ -556,11 +605,11 @@ def _process(ray, manifest: list[dict], config: StageConfig, settings: RaySettin
                 sink.add(row)
         for item in manifest:
             if (item["doc_id"], item["page"]) not in sink.seen:
-                sink.add(failure_row(
+                sink.add(page_failure(
                     item["path"], item["doc_id"], item["page"], item["page_count"],
                     f"{item['path']} page {item['page']}: lost with its Ray actor, also when run alone with "
-                    f"{options.max_retries} retries (the actor died: a crash in rendering, the vision encoder or "
-                    "llama.cpp, or out of memory; or an error in the Ray logs)", config.task, config.model_name,
+                    f"{options.max_retries} retries (the actor died: a crash in the vision encoder or llama.cpp, "
+                    "or out of memory; or an error in the Ray logs)", config.task, config.model_name,
                     config.quant))
     except ray.exceptions.RayError as exc:
         # An actor that cannot start (a bad device, too little memory) fails the pool, and so the run.

@@ -82,6 +82,16 @@ def failure_row(page: int, page_count: int, task: str, error: str, model: str, q
             "created_at": datetime.now(timezone.utc).isoformat()}
 
 
+def text_layer_row(page, task: str, model: str, quant: str) -> dict:
+    """The output row of a PDF page taken from its text layer (``--pdf-text``): no tokens, no model time."""
+    width, height = page.image_size
+    return {"page": page.page, "page_count": page.page_count, "task": task, "text": page.text_layer,
+            "status": "ok", "error": None, "n_image_tokens": 0, "n_output_tokens": 0, "finish_reason": "stop",
+            "width": width, "height": height, "model": model, "quant": quant, "render_s": 0.0, "vision_s": 0.0,
+            "prefill_s": 0.0, "decode_s": 0.0, "source": "text-layer",
+            "created_at": datetime.now(timezone.utc).isoformat()}
+
+
 def write_markdown(store: Store, doc_id: str, folder: Path) -> Path:
     """One Markdown file per document, pages in order."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -150,15 +160,8 @@ class Recorder:
                 self.markdown(document.doc_id)
 
     def text_layer_page(self, page) -> None:
-        """A PDF page taken from its text layer (``--pdf-text``): no tokens, no model time."""
-        width, height = page.image_size
         self.summary.pages_text_layer += 1
-        self.page_done(page.document, page.page, {
-            "page": page.page, "page_count": page.page_count, "task": self.options.task, "text": page.text_layer,
-            "status": "ok", "error": None, "n_image_tokens": 0, "n_output_tokens": 0, "finish_reason": "stop",
-            "width": width, "height": height, "model": self.model_name, "quant": self.quant, "render_s": 0.0,
-            "vision_s": 0.0, "prefill_s": 0.0, "decode_s": 0.0, "source": "text-layer",
-            "created_at": datetime.now(timezone.utc).isoformat()})
+        self.page_done(page.document, page.page, text_layer_row(page, self.options.task, self.model_name, self.quant))
 
     def page_failed(self, document: Document, page: int, page_count: int, error: str) -> None:
         row = failure_row(page, page_count, self.options.task, error, self.model_name, self.quant)
