@@ -58,15 +58,17 @@ class RemoteDecoder:
 
     takes_images = True
 
-    def __init__(self, recognizer, max_tokens: int):
-        self.recognizer, self.max_tokens = recognizer, max_tokens
+    def __init__(self, recognizer, max_tokens: int, ignore_eos: bool = False):
+        self.recognizer = recognizer
+        self.max_tokens, self.ignore_eos = max_tokens, ignore_eos
 
-    def submit(self, image, prompt: str, loop_guard: LoopSettings | None = None) -> Future:
+    def submit(self, image, prompt: str, pixel_bounds: tuple[int, int] | None = None) -> Future:
         """Queue one page or block image (blocks while the recognizer's queue is full: backpressure).
 
-        ``loop_guard`` is the server's business: it is not sent.
+        ``pixel_bounds`` are a layout block's resize bounds (None: a whole
+        page). Loop guards are the server's business: none is sent.
         """
-        return self.recognizer.submit(image, prompt, self.max_tokens)
+        return self.recognizer.submit(image, prompt, self.max_tokens, pixel_bounds, self.ignore_eos)
 
     def cancel(self, future: Future) -> None:
         future.cancel()  # a request already sent finishes on the server; its answer is dropped

@@ -185,7 +185,7 @@ def _run_locked(options: JobOptions, store: Store, engine, pool, render_pages, s
             for item in plan.work:
                 recorder.expect(item.document, len(item.pages))
             max_pixels = options.max_pixels or REMOTE_MAX_PIXELS
-            decoder = RemoteDecoder(recognizer, options.max_tokens)
+            decoder = RemoteDecoder(recognizer, options.max_tokens, options.ignore_eos)
             _process(recorder, None, decoder, plan, max_pixels, stop, render_pages)
         elif plan.work and not stop.requested:
             if engine is None:
@@ -294,8 +294,7 @@ def _process(recorder: Recorder, engine, decoder: LocalDecoder | RemoteDecoder, 
                 return
             handle(future)
 
-    def submit(work: PageWork, unit: Unit, payload) -> None:
-        future = decoder.submit(payload, unit.prompt, unit.loop_guard)
+    def track(work: PageWork, unit: Unit, future: Future) -> None:
         in_flight[future] = (work, unit)
         future.add_done_callback(finished.put)
 
@@ -330,7 +329,7 @@ def _process(recorder: Recorder, engine, decoder: LocalDecoder | RemoteDecoder, 
             if decoder.takes_images:
                 for work, unit in units:
                     unit.n_image_tokens = unit.vision_s = None
-                    submit(work, unit, unit.image)
+                    track(work, unit, decoder.submit(unit.image, unit.prompt, unit.pixel_bounds))
                     unit.image = None
                 continue
             for (work, unit), encoded in zip(units, encode_units(engine.vision, [u for _, u in units],
@@ -341,7 +340,7 @@ def _process(recorder: Recorder, engine, decoder: LocalDecoder | RemoteDecoder, 
                 if work.failed:
                     continue
                 unit.n_image_tokens, unit.vision_s, unit.image = encoded.encoded.n_tokens, encoded.vision_s, None
-                submit(work, unit, encoded.encoded)
+                track(work, unit, decoder.submit(encoded.encoded, unit.prompt, unit.loop_guard))
         if stop.requested:
             halt.set()
             deadline = time.monotonic() + options.stop_grace

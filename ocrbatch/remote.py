@@ -7,6 +7,17 @@ with ``max_tokens`` and ``temperature`` 0. No model is loaded here.
 blocks once ``concurrency + queue_size`` requests are unfinished, so a fast
 producer (the page renderer) cannot run ahead of the server.
 
+A layout block comes with the pixel bounds the local engine encodes it
+within (small crops are upscaled). A server would apply its own processor's
+bounds instead (PaddleOCR-VL's default min_pixels is 147,456), so the block is
+resized here, exactly as the local image processor resizes it (transformers'
+``smart_resize`` for PaddleOCR-VL, bicubic), and the bounds also go as vLLM's
+per-request ``mm_processor_kwargs``: a server that honours them leaves the
+resized image as it is, and one that ignores them gets an image already
+within them. Whole pages are sent as rendered, without bounds. Benchmarks may
+ask for ``ignore_eos`` (vLLM's and llama-server's extension), so that every
+answer is ``max_tokens`` long.
+
 Retry policy, per request:
 
 - retried: HTTP 408, 429 and 5xx, connection errors (refused, reset,
@@ -63,6 +74,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 RETRYABLE_STATUS = frozenset({408, 429})  # and every 5xx
+# PaddleOCR-VL's 14-pixel patches merge 2x2 into one token: resized sides are multiples of 28.
+RESIZE_FACTOR = 28
 # Server messages go into one-line error columns; a stack trace or an HTML page must not.
 MESSAGE_LIMIT = 300
 
@@ -182,10 +195,15 @@ class RemoteRecognizer:
                                      f"it serves {', '.join(map(repr, served)) or 'nothing'}")
         return self.model
 
-    def submit(self, image: Image.Image, prompt: str, max_tokens: int) -> Future:
+    def submit(self, image: Image.Image, prompt: str, max_tokens: int, pixel_bounds: tuple[int, int] | None = None,
+               ignore_eos: bool = False) -> Future:
         """Queue one image; the future resolves to a :class:`RemoteResult` (failures included, as ``error``).
 
-        Blocks while ``concurrency + queue_size`` requests are unfinished.
+        ``pixel_bounds`` (min, max pixels): resize the image within them before
+        sending it, and ask the server to keep to them (layout blocks).
+        ``ignore_eos``: ask the server to generate ``max_tokens`` tokens
+        whatever it samples (benchmarks). Blocks while ``concurrency +
+        queue_size`` requests are unfinished.
         """
         if self.model is None:
             raise OcrbatchError("no model chosen: call check() before submit()")
@@ -196,7 +214,7 @@ class RemoteRecognizer:
                 raise OcrbatchError("the remote recognizer is closed")
             future: Future = Future()
             future.add_done_callback(lambda _: self._slots.release())
-            self._queue.put((future, (image, prompt, max_tokens)))
+            self._queue.put((future, (image, prompt, max_tokens, pixel_bounds, ignore_eos)))
         return future
 
     def close(self) -> None:
@@ -239,13 +257,20 @@ class RemoteRecognizer:
             except Exception as exc:  # a bug or an unencodable image: the caller hears of it, the thread lives on
                 future.set_exception(exc)
 
-    def _recognize(self, image: Image.Image, prompt: str, max_tokens: int) -> RemoteResult:
+    def _recognize(self, image: Image.Image, prompt: str, max_tokens: int, pixel_bounds: tuple[int, int] | None,
+                   ignore_eos: bool) -> RemoteResult:
+        if pixel_bounds:
+            image = resize_within(image, pixel_bounds)
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")  # lossless: the server sees the pixels the local engine would
         uri = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
         body = {"model": self.model, "max_tokens": max_tokens, "temperature": 0,
                 "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}},
                                                           {"type": "text", "text": prompt}]}]}
+        if pixel_bounds:
+            body["mm_processor_kwargs"] = {"min_pixels": pixel_bounds[0], "max_pixels": pixel_bounds[1]}
+        if ignore_eos:
+            body["ignore_eos"] = True
         started = time.monotonic()
         try:
             result, attempts = self._with_retries(lambda: self._complete(body))
@@ -339,6 +364,23 @@ class RemoteRecognizer:
     def _log_retry(self, state: tenacity.RetryCallState) -> None:
         log.info("%s: %s; attempt %d of %d in %.1f s", self.base_url, state.outcome.exception().message,
                  state.attempt_number + 1, self.max_attempts, state.next_action.sleep)
+
+
+def resize_within(image: Image.Image, pixel_bounds: tuple[int, int]) -> Image.Image:
+    """The image as PaddleOCR-VL's image processor resizes it within ``pixel_bounds`` (min, max pixels).
+
+    The same target size (transformers' own ``smart_resize``) and the same
+    resampling (PIL bicubic, which the processor's PIL backend applies), so a
+    server's processor finds the size already right and encodes these very pixels.
+    """
+    # Imported here: it loads torch, which only layout blocks need.
+    from transformers.models.paddleocr_vl.image_processing_pil_paddleocr_vl import (
+        smart_resize,
+    )
+
+    height, width = smart_resize(image.height, image.width, factor=RESIZE_FACTOR, min_pixels=pixel_bounds[0],
+                                 max_pixels=pixel_bounds[1])
+    return image.resize((width, height), Image.Resampling.BICUBIC)
 
 
 def _cancel(future: Future) -> None:

@@ -6,6 +6,12 @@ encoded by the shared :class:`VisionEncoder` and decoded by the same
 :class:`WorkerPool` the batch job uses, so concurrent requests share the
 workers' sequence slots. A full queue answers 503 with ``Retry-After``.
 Errors use OpenAI's error body; no request can take the server down.
+
+Two of vLLM's request extensions are honoured: ``mm_processor_kwargs``
+with ``min_pixels`` / ``max_pixels`` (the image's resize bounds, as the batch
+job sends for layout blocks; any other key is refused, since silently
+ignoring it would change the answer unannounced) and ``ignore_eos``
+(generate ``max_tokens`` tokens: benchmarks).
 """
 
 from __future__ import annotations
@@ -32,6 +38,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from .errors import InputError
 from .images import open_image
 from .language import GenerationResult, Sampling
+from .layout import BLOCK_MAX_PIXELS
+
+# Resize bounds below one 28x28 group of patches (one image token) mean nothing to the encoder.
+MIN_BOUND_PIXELS = 28 * 28
+BOUND_KEYS = ("min_pixels", "max_pixels")
 
 
 @dataclass
@@ -93,6 +104,8 @@ class ChatCompletionRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     seed: int | None = None
+    mm_processor_kwargs: dict | None = None
+    ignore_eos: bool = False
 
 
 class BodyLimit:
@@ -300,7 +313,30 @@ class OcrService:
     def detokenizer(self) -> Detokenizer:
         return Detokenizer(self.engine.prompts.decode, self._ordinary)
 
-    def encode(self, image_data: bytes):
+    def pixel_bounds(self, kwargs: dict | None) -> tuple[int, int] | None:
+        """The resize bounds ``mm_processor_kwargs`` asks for (None: the processor's own), or ApiError 400."""
+        if not kwargs:
+            return None
+        unknown = sorted(set(kwargs) - set(BOUND_KEYS))
+        if unknown:
+            raise ApiError(400, f"mm_processor_kwargs: unsupported key(s) {', '.join(map(repr, unknown))}; "
+                           "this server takes min_pixels and max_pixels", param="mm_processor_kwargs")
+        # Up to the larger of the model's own maximum and the batch job's block maximum: the images
+        # the batch job itself encodes, so no request makes the encoder take more than it is sized for.
+        size = self.engine.vision.image_processor.size
+        ceiling = max(size.longest_edge, BLOCK_MAX_PIXELS)
+        bounds = {"min_pixels": size.shortest_edge, "max_pixels": size.longest_edge}
+        for key, value in kwargs.items():
+            if isinstance(value, bool) or not isinstance(value, int) or not MIN_BOUND_PIXELS <= value <= ceiling:
+                raise ApiError(400, f"mm_processor_kwargs.{key} must be an integer from {MIN_BOUND_PIXELS} to "
+                               f"{ceiling}, not {value!r}", param=f"mm_processor_kwargs.{key}")
+            bounds[key] = value
+        if bounds["min_pixels"] > bounds["max_pixels"]:
+            raise ApiError(400, f"mm_processor_kwargs: min_pixels ({bounds['min_pixels']}) exceeds max_pixels "
+                           f"({bounds['max_pixels']})", param="mm_processor_kwargs")
+        return bounds["min_pixels"], bounds["max_pixels"]
+
+    def encode(self, image_data: bytes, pixel_bounds: tuple[int, int] | None = None):
         try:
             image = open_image(image_data, name="image", max_pixels=self.settings.max_image_pixels)
         except InputError as exc:
@@ -309,7 +345,7 @@ class OcrService:
             raise ApiError(status, message, param="image_url") from None
         with self._vision_lock:  # one forward at a time bounds memory
             try:
-                return self.engine.vision.encode([image])[0]
+                return self.engine.vision.encode([image], pixel_bounds)[0]
             except Exception as exc:
                 raise ApiError(400, f"the image cannot be encoded: {exc}", param="image_url") from None
 
@@ -414,20 +450,28 @@ def create_app(engine, pool, settings: ServerSettings) -> FastAPI:
         if max_tokens > settings.max_tokens_limit:
             raise ApiError(400, f"max_tokens must be at most {settings.max_tokens_limit}", param="max_tokens")
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        pixel_bounds = service.pixel_bounds(body.mm_processor_kwargs)
         url, text = _parse_prompt(body)
         image_data = await asyncio.to_thread(_image_bytes, url, settings)
         sampling = Sampling(temperature=body.temperature, top_p=body.top_p, seed=body.seed)
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
+
+        def language_request(encoded, on_token=None):
+            request_ = engine.request(encoded, text, max_tokens, sampling, on_token=on_token)
+            if body.ignore_eos:  # only max_tokens ends it, as the batch job's --ignore-eos
+                request_.stop_ids = ()
+            return request_
+
         service.admit()
         slot_handed_over = False
         try:
-            encoded = await asyncio.to_thread(service.encode, image_data)
+            encoded = await asyncio.to_thread(service.encode, image_data, pixel_bounds)
             if body.stream:
                 loop = asyncio.get_running_loop()
                 tokens: asyncio.Queue = asyncio.Queue()
-                request_ = engine.request(encoded, text, max_tokens, sampling,
-                                          on_token=lambda token: loop.call_soon_threadsafe(tokens.put_nowait, token))
+                request_ = language_request(
+                    encoded, on_token=lambda token: loop.call_soon_threadsafe(tokens.put_nowait, token))
                 future = pool.submit(request_)
                 future.add_done_callback(lambda _: loop.call_soon_threadsafe(tokens.put_nowait, None))
 
@@ -441,7 +485,7 @@ def create_app(engine, pool, settings: ServerSettings) -> FastAPI:
                 response = _EventStream(events, close)
                 slot_handed_over = True
                 return response
-            request_ = engine.request(encoded, text, max_tokens, sampling)
+            request_ = language_request(encoded)
             result = await _result_unless_client_leaves(pool, pool.submit(request_), http.receive)
         finally:
             if not slot_handed_over:

@@ -4,7 +4,9 @@ engine at F32) and llama-cpp-python's own OpenAI server with a llama.cpp mmproj.
 
 from __future__ import annotations
 
+import base64
 import email.utils
+import io
 import os
 import socket
 import subprocess
@@ -18,6 +20,7 @@ import httpx
 import pytest
 from fault_server import Drop, FaultServer, Hold, Ok, Stall, Status
 from helpers import document_image
+from PIL import Image
 
 from ocrbatch.errors import OcrbatchError
 from ocrbatch.remote import BackendUnavailable, RemoteRecognizer
@@ -179,6 +182,40 @@ def test_request_is_one_image_and_the_prompt_greedy_and_usage_may_be_absent(serv
     [message] = seen.body["messages"]
     image, text = message["content"]
     assert image["image_url"]["url"].startswith("data:image/png;base64,") and text["text"] == "Table Recognition:"
+
+
+def test_a_block_goes_resized_within_its_bounds_with_the_bounds_and_a_page_goes_as_it_is(server, recognizer):
+    from transformers.models.paddleocr_vl.image_processing_pil_paddleocr_vl import (
+        PaddleOCRVLImageProcessorPil,
+    )
+
+    from ocrbatch.assemble import BLOCK_PIXEL_BOUNDS
+
+    remote = recognizer()
+    remote.check()
+    small = document_image(300, 120, 1)  # 36,000 pixels: below the block minimum, so upscaled
+    block = remote.submit(small, "block", 8, pixel_bounds=BLOCK_PIXEL_BOUNDS).result(timeout=30)
+    page = remote.submit(small, "page", 8).result(timeout=30)
+    assert (block.text, page.text) == ("block 532x224", "page 300x120")
+    [seen_block], [seen_page] = server.requests_for("block"), server.requests_for("page")
+    assert seen_block.body["mm_processor_kwargs"] == {"min_pixels": 112896, "max_pixels": 1003520}
+    assert "mm_processor_kwargs" not in seen_page.body
+    assert "ignore_eos" not in seen_block.body and "ignore_eos" not in seen_page.body
+    # The pixels sent are those PaddleOCR-VL's processor encodes from the crop within the same bounds.
+    processor = PaddleOCRVLImageProcessorPil(min_pixels=BLOCK_PIXEL_BOUNDS[0], max_pixels=BLOCK_PIXEL_BOUNDS[1])
+    url = seen_block.body["messages"][0]["content"][0]["image_url"]["url"]
+    sent = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
+    assert url.startswith("data:image/png;base64,")
+    assert (processor(images=[sent], return_tensors="np")["pixel_values"]
+            == processor(images=[small], return_tensors="np")["pixel_values"]).all()
+
+
+def test_ignore_eos_is_sent_only_when_asked(server, recognizer):
+    remote = recognizer()
+    remote.check()
+    remote.submit(IMAGE, "forced", 8, ignore_eos=True).result(timeout=30)
+    [seen] = server.requests_for("forced")
+    assert seen.body["ignore_eos"] is True and seen.body["max_tokens"] == 8
 
 
 # -- concurrency, backpressure, closing ----------------------------------------------------

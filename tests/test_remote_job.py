@@ -1,6 +1,7 @@
 """``ocrbatch run --backend openai``: the batch job in front of an OpenAI-compatible server."""
 
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import pytest
 from helpers import settle, write_pdf
 from test_reliability import page_states, wait_for_ok_pages
 from test_remote import free_port, start, stop
+from test_server import live  # noqa: F401  (a fixture: ocrbatch serve in this process, its engine at hand)
 
 SAMPLE_DOCS = Path(__file__).parents[1] / "sample_docs"
 MAX_TOKENS = 24
@@ -35,11 +37,9 @@ def served(tiny_model, tmp_path_factory):
     stop(process)
 
 
-@pytest.mark.slow
-def test_remote_backend_gives_the_local_engines_text(tiny_model, served, tmp_path):
-    # Whole pages: in layout mode this engine resizes block crops to the block pixel bounds before
-    # encoding, while a server applies its own processor's bounds to whatever image it gets.
-    common = ["--max-tokens", MAX_TOKENS, "--dpi", "50", "--min-file-age", "0", "--layout", "none"]
+def local_and_remote_rows(tiny_model, served, tmp_path, layout: str) -> tuple[dict, dict]:
+    """The sample documents' rows from the local engine at F32 and from the tiny model's server."""
+    common = ["--max-tokens", MAX_TOKENS, "--dpi", "50", "--min-file-age", "0", "--layout", layout]
     local = ocrbatch("run", SAMPLE_DOCS, "--out", tmp_path / "local.jsonl", "--model", tiny_model, "--quant", "F32",
                      *common)
     assert local.returncode == 0, local.stderr
@@ -48,11 +48,58 @@ def test_remote_backend_gives_the_local_engines_text(tiny_model, served, tmp_pat
     assert remote.returncode == 0, remote.stderr
     local_rows, remote_rows = rows_of(tmp_path / "local.jsonl"), rows_of(tmp_path / "remote.jsonl")
     assert local_rows.keys() == remote_rows.keys() and len(local_rows) == 7
+    return local_rows, remote_rows
+
+
+@pytest.mark.slow
+def test_remote_backend_gives_the_local_engines_text(tiny_model, served, tmp_path):
+    local_rows, remote_rows = local_and_remote_rows(tiny_model, served, tmp_path, "none")
     for key, row in remote_rows.items():
         assert row["status"] == "ok" and row["text"] == local_rows[key]["text"], key
         assert row["n_output_tokens"] == local_rows[key]["n_output_tokens"]
         assert row["n_image_tokens"] == local_rows[key]["n_image_tokens"]
         assert row["model"] == str(tiny_model) and row["quant"] == "remote" and row["vision_s"] is None
+
+
+@pytest.mark.slow
+def test_remote_backend_gives_the_local_engines_layout_text_and_blocks(tiny_model, served, tmp_path):
+    from transformers import AutoImageProcessor
+
+    from ocrbatch.layout import BLOCK_MIN_PIXELS
+
+    # Block crops are resized within the block bounds on both sides: by the encoder here, by the client there.
+    local_rows, remote_rows = local_and_remote_rows(tiny_model, served, tmp_path, "cdla")
+
+    def blocks(row):
+        return [(b["order"], b["label"], b["prompt"], b["text"], b["n_output_tokens"], b["finish_reason"])
+                for b in row["blocks"]]
+
+    for key, row in remote_rows.items():
+        assert row["status"] == "ok" and row["text"] == local_rows[key]["text"], key
+        assert blocks(row) == blocks(local_rows[key]), key
+    # The comparison means something only for crops that the block bounds resize differently from a
+    # server's own bounds: small ones, below the block minimum (so also below PaddleOCR-VL's default
+    # min_pixels, 147,456), which the local engine upscales and the tiny server, left to its own
+    # bounds, would encode with fewer tokens.
+    processor = AutoImageProcessor.from_pretrained(tiny_model)
+    upscaled = [block for row in local_rows.values() for block in row["blocks"] if block["prompt"]
+                and (block["x1"] - block["x0"]) * (block["y1"] - block["y0"]) < BLOCK_MIN_PIXELS < 147456
+                and block["n_image_tokens"] * 4 > processor.get_number_of_image_patches(
+                    math.ceil(block["y1"] - block["y0"]), math.ceil(block["x1"] - block["x0"]))]
+    assert upscaled
+
+
+@pytest.mark.slow
+def test_ignore_eos_reaches_the_server_and_every_page_is_max_tokens_long(live, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.setattr(live.engine, "stop_ids", range(2**31))  # every token ends the answer, unless ignored
+    common = ["--base-url", live.url, "--backend", "openai", "--concurrency", live.service.settings.max_queue,
+              "--max-tokens", MAX_TOKENS, "--dpi", "50", "--min-file-age", "0", "--layout", "none"]
+    for name, extra, tokens, reason in (("stopped", [], 0, "stop"), ("forced", ["--ignore-eos"], MAX_TOKENS, "length")):
+        result = ocrbatch("run", SAMPLE_DOCS, "--out", tmp_path / f"{name}.jsonl", *common, *extra)
+        assert result.returncode == 0, result.stderr
+        rows = rows_of(tmp_path / f"{name}.jsonl").values()
+        assert len(rows) == 7
+        assert all(row["n_output_tokens"] == tokens and row["finish_reason"] == reason for row in rows), name
 
 
 def test_an_unreachable_server_is_fatal_before_any_page_is_marked(tmp_path):

@@ -367,6 +367,53 @@ def test_streamed_pieces_join_to_the_answer_each_decoding_a_few_tokens(watched, 
     assert max(streamed_lengths) <= 16, streamed_lengths
 
 
+@pytest.mark.slow
+def test_ignore_eos_generates_exactly_max_tokens_plain_and_streamed(live, test_images, monkeypatch):
+    body = {"messages": messages(data_uri(test_images[0])), "max_tokens": MAX,
+            "stream_options": {"include_usage": True}}
+    first = _post(live.url, body).json()["ocrbatch"]["token_ids"][0]
+    # The tiny model never samples its end of sentence this early: make its first token one.
+    monkeypatch.setattr(live.engine, "stop_ids", (first,))
+    stopped = _post(live.url, body).json()
+    assert stopped["choices"][0]["finish_reason"] == "stop" and stopped["usage"]["completion_tokens"] <= 1
+    forced = _post(live.url, {**body, "ignore_eos": True}).json()
+    assert forced["choices"][0]["finish_reason"] == "length" and forced["usage"]["completion_tokens"] == MAX
+    with httpx.stream("POST", live.url + "/v1/chat/completions", json={**body, "ignore_eos": True, "stream": True},
+                      timeout=120) as response:
+        chunks = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "length"
+    assert chunks[-1]["usage"]["completion_tokens"] == MAX
+
+
+@pytest.mark.slow
+def test_mm_processor_kwargs_resize_bounds_are_honoured_and_checked(live, test_images):
+    from ocrbatch.assemble import BLOCK_PIXEL_BOUNDS
+
+    image = test_images[1]  # 40x30: the block minimum upscales it far past the processor's own minimum
+    bounds = {"min_pixels": BLOCK_PIXEL_BOUNDS[0], "max_pixels": BLOCK_PIXEL_BOUNDS[1]}
+    answer = _post(live.url, {"messages": messages(data_uri(image)), "max_tokens": MAX,
+                              "mm_processor_kwargs": bounds}).json()
+    engine = live.engine
+    [expected] = engine.generate(engine.vision.encode([image], BLOCK_PIXEL_BOUNDS), ["OCR:"], MAX)
+    assert answer["ocrbatch"]["token_ids"] == expected.token_ids
+    assert answer["usage"]["prompt_tokens_details"]["image_tokens"] == expected.n_image_tokens
+    assert expected.n_image_tokens > engine.vision.n_tokens_for(*image.size)
+
+    uri = data_uri(image)
+    cases = [({"size": {"shortest_edge": 1}}, "unsupported key(s) 'size'"),
+             ({"min_pixels": "112896"}, "mm_processor_kwargs.min_pixels must be an integer from 784 to 1003520"),
+             ({"min_pixels": True}, "must be an integer"),
+             ({"min_pixels": 100}, "must be an integer"),
+             ({"max_pixels": 10**9}, "mm_processor_kwargs.max_pixels must be an integer"),
+             ({"min_pixels": 500000, "max_pixels": 200000}, "min_pixels (500000) exceeds max_pixels (200000)"),
+             ([112896], "mm_processor_kwargs")]
+    for kwargs, words in cases:
+        response = _post(live.url, {"messages": messages(uri), "max_tokens": 2, "mm_processor_kwargs": kwargs})
+        assert response.status_code == 400, (kwargs, response.text)
+        assert words in response.json()["error"]["message"], (kwargs, response.text)
+    assert_slots_free(live.service)
+
+
 def test_detokenizer_pieces_join_to_the_full_decode(engine_f32):
     from ocrbatch.server import Detokenizer, ordinary_token_ids
 
