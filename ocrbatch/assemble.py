@@ -92,6 +92,9 @@ class PageWork:
             return {**row, "n_image_tokens": unit.n_image_tokens, "vision_s": unit.vision_s, "blocks": [],
                     **unit.columns}
         by_order = {unit.block.order: unit for unit in self.units}
+        # A remote server counts a block's image tokens itself (its usage), the local encoder here.
+        image_tokens = {unit.block.order: unit.columns.get("n_image_tokens", unit.n_image_tokens)
+                        for unit in self.units}
         blocks, texts = [], []
         for block in page.blocks:
             unit = by_order.get(block.order)
@@ -100,12 +103,12 @@ class PageWork:
             texts.append((block, text, self.image_links.get(block.order)))
             blocks.append({"order": block.order, "label": block.label, "score": block.score, "x0": block.x0,
                            "y0": block.y0, "x1": block.x1, "y1": block.y1, "prompt": unit.prompt if unit else "",
-                           "text": text, "n_image_tokens": unit.n_image_tokens if unit else 0,
+                           "text": text, "n_image_tokens": image_tokens.get(block.order, 0),
                            "n_output_tokens": columns.get("n_output_tokens", 0),
                            "finish_reason": columns.get("finish_reason", "")})
         reasons = {unit.columns.get("finish_reason") for unit in self.units}
         return {**row, "text": page_markdown(texts), "blocks": blocks,
-                "n_image_tokens": _total(unit.n_image_tokens for unit in self.units),
+                "n_image_tokens": _total(image_tokens.values()),
                 "n_output_tokens": _total(unit.columns.get("n_output_tokens") for unit in self.units),
                 "finish_reason": next((reason for reason in FINISH_PRIORITY if reason in reasons), "stop"),
                 "vision_s": _total(unit.vision_s for unit in self.units),

@@ -71,12 +71,14 @@ def test_remote_backend_gives_the_local_engines_layout_text_and_blocks(tiny_mode
     local_rows, remote_rows = local_and_remote_rows(tiny_model, served, tmp_path, "cdla")
 
     def blocks(row):
-        return [(b["order"], b["label"], b["prompt"], b["text"], b["n_output_tokens"], b["finish_reason"])
-                for b in row["blocks"]]
+        return [(b["order"], b["label"], b["prompt"], b["text"], b["n_image_tokens"], b["n_output_tokens"],
+                 b["finish_reason"]) for b in row["blocks"]]
 
     for key, row in remote_rows.items():
         assert row["status"] == "ok" and row["text"] == local_rows[key]["text"], key
+        # image tokens too: the server's usage, block by block and summed, equals the local encoder's count
         assert blocks(row) == blocks(local_rows[key]), key
+        assert row["n_image_tokens"] == local_rows[key]["n_image_tokens"], key
     # The comparison means something only for crops that the block bounds resize differently from a
     # server's own bounds: small ones, below the block minimum (so also below PaddleOCR-VL's default
     # min_pixels, 147,456), which the local engine upscales and the tiny server, left to its own
