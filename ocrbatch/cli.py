@@ -255,6 +255,15 @@ def _setup_logging(quiet: bool, log_file: str | None) -> None:
                    "'ocrbatch[ray]').")
 @click.option("--ray-address", help="Join this Ray cluster (auto, ray://host:10001, host:6379) "
               "[default: start a fresh local instance].")
+@click.option("--ray-vision-actors", type=click.IntRange(1), default=1, show_default=True,
+              help="--engine ray: actors that render, analyse the layout and run the vision encoder.")
+@click.option("--ray-vision-cpus", type=click.FloatRange(min=0.01), default=1.0, show_default=True,
+              help="--engine ray: CPUs each vision actor reserves; its torch threads are as many.")
+@click.option("--ray-vision-gpus", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="--engine ray: GPUs each vision actor reserves (above 0: the encoder runs on CUDA).")
+@click.option("--ray-decode-cpus", type=click.FloatRange(min=0.01), default=1.0, show_default=True,
+              help="--engine ray: CPUs each decode actor reserves; its llama.cpp threads are as many. "
+                   "There are --workers decode actors, each decoding --seqs-per-worker pages at once.")
 @click.option("--backend", type=click.Choice(BACKENDS), default=job_default("backend"), show_default=True,
               help="local: the models run here; openai: pages go to an OpenAI-compatible PaddleOCR-VL server "
                    "(vLLM, llama-server, ocrbatch serve) and no model is loaded here.")
@@ -288,7 +297,8 @@ def _setup_logging(quiet: bool, log_file: str | None) -> None:
 @click.option("--log-file", type=click.Path(dir_okay=False), help="Also log to this file.")
 def run(paths, out, output_format, checkpoint, include, exclude, dry_run, retry_failed, max_retries,
         max_page_error_rate, min_file_age, model, quant, gguf, vision_dtype, device, threads, cache_dir, task,
-        layout, layout_model, pdf_text, trust_ocr_layer, max_tokens, engine_name, ray_address, backend, base_url,
+        layout, layout_model, pdf_text, trust_ocr_layer, max_tokens, engine_name, ray_address, ray_vision_actors,
+        ray_vision_cpus, ray_vision_gpus, ray_decode_cpus, backend, base_url,
         api_key, remote_model, concurrency, page_timeout, stop_grace, workers, seqs_per_worker, dpi, max_pixels, batch_size, max_batch_patches, markdown_dir,
         ignore_eos, quiet, log_file):
     """OCR every PDF and image under PATHS into one row per page in OUT.
@@ -319,7 +329,11 @@ def run(paths, out, output_format, checkpoint, include, exclude, dry_run, retry_
         if backend != "local":
             raise click.BadParameter("the ray engine runs the models on its actors, not --backend openai",
                                      param_hint="--engine")
-        _run_on_ray(options, ray_address, dry_run)
+        from .ray_engine import RaySettings
+
+        settings = RaySettings(vision_actors=ray_vision_actors, vision_cpus=ray_vision_cpus,
+                               vision_gpus=ray_vision_gpus, decode_cpus=ray_decode_cpus)
+        _run_on_ray(options, ray_address, settings, dry_run)
         return
     if out.is_dir():
         raise click.BadParameter(f"{out} is a folder; the local engine writes one file", param_hint="--out")
@@ -366,7 +380,7 @@ def _run_to_exit(job, out: Path) -> None:
     sys.exit(summary.exit_code)
 
 
-def _run_on_ray(options: JobOptions, address: str | None, dry_run: bool) -> None:
+def _run_on_ray(options: JobOptions, address: str | None, settings, dry_run: bool) -> None:
     """``ocrbatch run --engine ray``: the same job on Ray Data, ``--out`` a Parquet dataset folder."""
     try:
         from .ray_engine import run_ray_job
@@ -385,7 +399,7 @@ def _run_on_ray(options: JobOptions, address: str | None, dry_run: bool) -> None
             click.echo(f"unreadable\t{document.path}\t{error}")
         click.echo(f"{len(plan.manifest)} pages to process", err=True)
         return
-    _run_to_exit(lambda: run_ray_job(options, address=address), options.out)
+    _run_to_exit(lambda: run_ray_job(options, address=address, settings=settings), options.out)
 
 
 def _routes(item, options: JobOptions) -> str:

@@ -478,7 +478,8 @@ def _stream(ray, manifest: list[dict], config: StageConfig, settings: RaySetting
             max_retries: int, one_page_per_task: bool, vision_batch: int) -> Iterator[dict]:
     """Run the manifest through the two actor pools and yield output rows as they finish."""
     vision_batch = 1 if one_page_per_task else vision_batch
-    decode_batch = 1 if one_page_per_task else 2 * config.seqs  # a second batch's worth keeps slots busy
+    # A second batch's worth keeps an actor's slots busy; a small run is still shared by every actor.
+    decode_batch = 1 if one_page_per_task else max(1, min(2 * config.seqs, math.ceil(len(manifest) / decode_actors)))
     vision_tasks = math.ceil(len(manifest) / vision_batch)
     # When pages run alone, an actor holds one task at a time: tasks queued on an actor die with
     # it, and would spend their retries on another page's crash.

@@ -243,6 +243,32 @@ def test_the_command_line_gives_the_ray_engine_layout_and_text_layers(tmp_path, 
     assert asked == [("cdla", "never"), ("pp-doclayout", "auto")]  # the local engine's defaults, and as asked
 
 
+def test_the_command_line_lays_out_the_actors_as_asked(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from ocrbatch import ray_engine
+    from ocrbatch.cli import main
+
+    asked = []
+
+    def run_ray_job(options, address=None, settings=None):
+        asked.append((address, settings, options.workers, options.seqs_per_worker))
+        return ray_engine.RayJobSummary()
+
+    monkeypatch.setattr(ray_engine, "run_ray_job", run_ray_job)
+    run = ["run", str(tmp_path), "--out", str(tmp_path / "out"), "--engine", "ray", "--workers", "3",
+           "--seqs-per-worker", "5"]
+    extra = ["--ray-address", "auto", "--ray-vision-actors", "2", "--ray-vision-cpus", "4", "--ray-vision-gpus",
+             "0.5", "--ray-decode-cpus", "2"]
+    for arguments in (run, run + extra):
+        result = CliRunner().invoke(main, arguments)
+        assert result.exit_code == 0, result.output
+    default, chosen = asked
+    assert default == (None, ray_engine.RaySettings(), 3, 5)
+    assert chosen == ("auto", ray_engine.RaySettings(vision_actors=2, vision_cpus=4, vision_gpus=0.5, decode_cpus=2),
+                      3, 5)
+
+
 def test_without_ray_the_error_says_how_to_install_it(tmp_path, monkeypatch):
     from ocrbatch.ray_engine import run_ray_job
 
