@@ -87,22 +87,24 @@ def make_pages(folder: Path, count: int, size: int) -> list[Path]:
     return paths
 
 
-def run_child(kind: str, spec: dict, timeout: float = 3600) -> dict:
-    """Run one measurement in a fresh process; its last stdout line is its JSON result."""
+def run_child(kind: str, spec: dict, timeout: float = 3600, script: str = __file__) -> dict:
+    """Run one measurement in a fresh process (``script --child kind spec``); its last stdout line is its JSON."""
+    name = Path(script).stem
     started = time.perf_counter()
     load_before = os.getloadavg()[0]
-    process = subprocess.run([sys.executable, __file__, "--child", kind, json.dumps(spec)],
-                             capture_output=True, text=True, timeout=timeout)
+    process = subprocess.run([sys.executable, script, "--child", kind, json.dumps(spec)],
+                             capture_output=True, text=True, timeout=timeout, check=False)
+    wall_s = time.perf_counter() - started
     if process.returncode != 0:
         error = process.stderr.strip().splitlines()[-1] if process.stderr.strip() else "failed"
-        print(f"bench: {kind} failed: {error}", file=sys.stderr, flush=True)
-        return {"error": error, "wall_s": time.perf_counter() - started}
+        print(f"{name}: {kind} failed: {error}", file=sys.stderr, flush=True)
+        return {"error": error, "wall_s": wall_s}
     result = json.loads(process.stdout.strip().splitlines()[-1])
-    result["wall_s"] = time.perf_counter() - started
+    result["wall_s"] = wall_s
     # Other jobs' load moves single figures (CPU seconds less): recorded beside each run.
     result["load_average_1min_before_after"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
-    print(f"bench: {kind} {spec.get('quant', '')} {spec.get('vision_dtype', spec.get('dtype', ''))} "
-          f"done in {result['wall_s']:.0f} s", file=sys.stderr, flush=True)
+    print(f"{name}: {kind} {spec.get('quant', '')} {spec.get('vision_dtype', spec.get('dtype', ''))} "
+          f"{spec.get('layout', '')} done in {wall_s:.0f} s", file=sys.stderr, flush=True)
     return result
 
 
@@ -158,7 +160,9 @@ def child_transformers(spec: dict) -> dict:
         begin = time.perf_counter()
         model.model.get_image_features(first["pixel_values"].to(dtype), first["image_grid_thw"])
         vision_s = time.perf_counter() - begin
+    cpu_before = cpu_seconds([])
     runs = [generate(inputs_for(path), tokens) for path in spec["pages"]]
+    cpu_s = cpu_seconds([]) - cpu_before
     page_times = [total for total, _, _ in runs]
     warm = runs[1:] or runs  # the first call also warms up
     decode_s = sum(decode for _, decode, _ in warm)
@@ -173,6 +177,7 @@ def child_transformers(spec: dict) -> dict:
         "decode_tok_s": (tokens - 1) * len(warm) / decode_s,
         "process_s": sum(page_times),
         "pages_per_min": len(page_times) / sum(page_times) * 60,
+        "cpu_s_per_page": cpu_s / len(page_times),
         "peak_rss_mb": peak_rss_mb(),
     }
     if spec.get("batched", True):  # four pages in one generate call: what batching buys transformers' decoder
@@ -403,6 +408,32 @@ def build_mmproj(model: str, work: Path) -> tuple[str | None, str]:
         return None, f"{type(exc).__name__}: {exc}"
 
 
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every benchmark has: threads, notes, the output file, and the hidden child entry."""
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--note", action="append", default=[], help="A note to store in the results (repeatable).")
+    parser.add_argument("--out", type=Path, help="Also write the results (JSON) here.")
+    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+
+
+def child_if_asked(args, children: dict) -> bool:
+    """Run the child measurement ``--child KIND SPEC`` asks for, printing its JSON; False when not a child."""
+    if not args.child:
+        return False
+    kind, spec = args.child
+    print(json.dumps(children[kind](json.loads(spec))))
+    return True
+
+
+def write_results(results: dict, out: Path | None) -> None:
+    """Print the results as JSON, and write them to ``out`` when given."""
+    text = json.dumps(results, indent=2)
+    print(text)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+
+
 def ratio(a, b):
     return round(a / b, 3) if a and b else None
 
@@ -414,7 +445,6 @@ def main() -> None:
     parser.add_argument("--pages", type=int, default=16)
     parser.add_argument("--image-size", type=int, default=448)
     parser.add_argument("--tokens", type=int, default=64, help="Forced output length per page.")
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--skip-scaling", action="store_true")
     parser.add_argument("--skip-mmproj", action="store_true")
     parser.add_argument("--fidelity-model", action="append", default=[],
@@ -434,13 +464,9 @@ def main() -> None:
     parser.add_argument("--page-tokens", type=int,
                         help="With --layout: output tokens per page (default: a page's text-layer length in "
                              "estimated tokens, what a faithful transcription would decode).")
-    parser.add_argument("--note", action="append", default=[], help="A note to store in the results (repeatable).")
-    parser.add_argument("--out", type=Path)
-    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    add_common_arguments(parser)
     args = parser.parse_args()
-    if args.child:
-        kind, spec = args.child
-        print(json.dumps(CHILDREN[kind](json.loads(spec))))
+    if child_if_asked(args, CHILDREN):
         return
 
     work = Path(tempfile.mkdtemp(prefix="ocrbatch-bench-"))
@@ -448,11 +474,7 @@ def main() -> None:
         results = measure_layout(args, work) if args.layout else measure(args, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)  # pages, the llama.cpp sdist, the mmproj
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    write_results(results, args.out)
 
 
 def measure(args, work: Path) -> dict:
@@ -624,6 +646,9 @@ def measure_layout(args, work: Path) -> dict:
         ratios[f"vision-{vision}"] = {
             "pages_per_min_whole_page_vs_transformers_fp32": ratio(whole.get("pages_per_min"),
                                                                    tf32.get("pages_per_min")),
+            # CPU seconds per page: what the pages cost, much less moved by other jobs' load
+            "cpu_s_per_page_transformers_fp32_vs_whole_page": ratio(tf32.get("cpu_s_per_page"),
+                                                                    whole.get("cpu_s_per_page")),
             **{f"{layout}_vs_whole_page": {
                 key: ratio(engines.get(f"ocrbatch-Q4_K_M-vision-{vision}-layout-{layout}", {}).get(key),
                            whole.get(key))

@@ -37,7 +37,16 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench import cpu_seconds, machine_info, peak_rss_mb  # helpers in the same folder
+from bench import (  # helpers in the same folder
+    add_common_arguments,
+    child_if_asked,
+    cpu_seconds,
+    machine_info,
+    peak_rss_mb,
+    ratio,
+    run_child,
+    write_results,
+)
 from report_pages import SCAN_DPI, make_documents
 
 # llama.cpp's AMX repacking of quantized weights segfaults on the first decode on some
@@ -70,24 +79,6 @@ if os.environ.get(NO_REPACK_ENV) == "1":
 # configs/cpu.toml's settings for the job (its pdf-text is what this benchmark varies).
 CPU_TOML = {"quant": "Q4_K_M", "workers": 2, "seqs": 2, "batch_size": 4, "dpi": 110, "max_pixels": 1254400}
 # -- the children ------------------------------------------------------------------------
-
-def run_child(kind: str, spec: dict, timeout: float = 3600) -> dict:
-    """One measurement in a fresh process; its last stdout line is its JSON result."""
-    started = time.perf_counter()
-    load_before = os.getloadavg()[0]
-    process = subprocess.run([sys.executable, __file__, "--child", kind, json.dumps(spec)],
-                             capture_output=True, text=True, timeout=timeout, check=False)
-    wall_s = time.perf_counter() - started
-    if process.returncode != 0:
-        error = process.stderr.strip().splitlines()[-1] if process.stderr.strip() else "failed"
-        print(f"bench_pdf_text: {kind} {spec.get('pdf_text', '')} failed: {error}", file=sys.stderr, flush=True)
-        return {"error": error, "wall_s": wall_s}
-    result = json.loads(process.stdout.strip().splitlines()[-1])
-    result["wall_s"] = wall_s
-    result["load_average_1min_before_after"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
-    print(f"bench_pdf_text: {kind} {spec.get('pdf_text', '')} done in {wall_s:.0f} s", file=sys.stderr, flush=True)
-    return result
-
 
 def child_job(spec: dict) -> dict:
     """The real batch job over the folder with ``spec['pdf_text']``, engine and pool loaded (and warm) first."""
@@ -237,10 +228,6 @@ def cpu_flags() -> list[str]:
     return []
 
 
-def ratio(a, b):
-    return round(a / b, 3) if a and b else None
-
-
 def measure(args, work: Path) -> dict:
     from ocrbatch.gguf_convert import convert
 
@@ -273,7 +260,7 @@ def measure(args, work: Path) -> dict:
     rounds = []
     for index in range(args.rounds):
         order = ("never", "auto") if index % 2 == 0 else ("auto", "never")
-        rounds.append({"order": list(order), **{mode: run_child("job", {**spec, "pdf_text": mode}) for mode in order}})
+        rounds.append({"order": list(order), **{mode: run_child("job", {**spec, "pdf_text": mode}, script=__file__) for mode in order}})
     runs = {mode: rounds[0][mode] for mode in ("never", "auto")}
     results["runs"] = runs
     if args.rounds > 1:
@@ -281,7 +268,7 @@ def measure(args, work: Path) -> dict:
             "process_s", "pages_per_min", "cpu_s", "load_average_1min_before_after", "error")} for mode in r["order"]}}
             for r in rounds]
     results["text_layer"] = run_child("text-layer", {"docs": str(docs), "documents": [
-        [d["name"], d["pages"]] for d in documents]})
+        [d["name"], d["pages"]] for d in documents]}, script=__file__)
 
     expected = sorted([d["name"], number + 1, "text-layer" if kind == "text" else "model"]
                       for d in documents for number, kind in enumerate(d["pages"]))
@@ -326,17 +313,12 @@ def main() -> None:
     parser.add_argument("--pages", type=int, default=8, help="Pages in the folder, half born-digital.")
     parser.add_argument("--tokens", type=int, default=128, help="Forced output length per model page.")
     parser.add_argument("--vision-dtype", default="int8", choices=["float32", "bfloat16", "int8"])
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--rounds", type=int, default=1,
                         help="Run both modes this many times, alternating the order (never-auto, auto-never, ...).")
-    parser.add_argument("--note", action="append", default=[], help="A note to store in the results (repeatable).")
     parser.add_argument("--keep-docs", type=Path, help="Also copy the generated PDFs to this folder.")
-    parser.add_argument("--out", type=Path)
-    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    add_common_arguments(parser)
     args = parser.parse_args()
-    if args.child:
-        kind, spec = args.child
-        print(json.dumps(CHILDREN[kind](json.loads(spec))))
+    if child_if_asked(args, CHILDREN):
         return
     if args.model is None and not args.quick:
         parser.error("--model is required without --quick")
@@ -348,11 +330,7 @@ def main() -> None:
             shutil.copytree(work / "docs", args.keep_docs, dirs_exist_ok=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    write_results(results, args.out)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from bench import _lm_requests, make_pages, time_generation  # noqa: E402
+from bench import _lm_requests, make_pages, time_generation
 
 
 def profile_vision(model: str, dtype: str, image_size: int, threads: int, top: int) -> dict:
