@@ -477,9 +477,12 @@ def connect(ray, address: str | None, settings: RaySettings, cpus_needed: float)
 def _stream(ray, manifest: list[dict], config: StageConfig, settings: RaySettings, decode_actors: int,
             max_retries: int, one_page_per_task: bool, vision_batch: int) -> Iterator[dict]:
     """Run the manifest through the two actor pools and yield output rows as they finish."""
-    vision_batch = 1 if one_page_per_task else vision_batch
-    # A second batch's worth keeps an actor's slots busy; a small run is still shared by every actor.
-    decode_batch = 1 if one_page_per_task else max(1, min(2 * config.seqs, math.ceil(len(manifest) / decode_actors)))
+    # Each vision batch reaches the decode pool as one block, which one decode actor takes whole; a
+    # small run is cut finer so that every decode actor gets some of it.
+    share = max(1, math.ceil(len(manifest) / decode_actors))
+    vision_batch = 1 if one_page_per_task else min(vision_batch, share)
+    # A second batch's worth keeps an actor's slots busy.
+    decode_batch = 1 if one_page_per_task else min(2 * config.seqs, share)
     vision_tasks = math.ceil(len(manifest) / vision_batch)
     # When pages run alone, an actor holds one task at a time: tasks queued on an actor die with
     # it, and would spend their retries on another page's crash.
