@@ -392,9 +392,13 @@ def test_a_second_ctrl_c_stops_at_once_and_stays_resumable(tiny_model, docs, tmp
 
 @pytest.mark.slow
 def test_kill_9_at_20_random_moments_then_every_page_exactly_once(tiny_model, many_pages, tmp_path):
+    # Long enough pages that a run rarely finishes more than one or two of them between its first
+    # finished page and the kill; with shorter ones a fast machine ran out of pages before 12 kills
+    # had landed mid-decode.
+    tokens = 300
     clean_out = tmp_path / "clean.jsonl"
     out = tmp_path / "out.jsonl"
-    clean = cli(*slow_run_args(tiny_model, many_pages, clean_out, tokens=120))
+    clean = cli(*slow_run_args(tiny_model, many_pages, clean_out, tokens=tokens))
     assert clean.returncode == 0, clean.stderr
     reference = {(Path(r["path"]).name, r["page"]): (r["status"], r["text"]) for r in read_rows(clean_out)}
     assert len(reference) == 24
@@ -405,7 +409,7 @@ def test_kill_9_at_20_random_moments_then_every_page_exactly_once(tiny_model, ma
         before = page_states(out).get("ok", 0) if checkpoint_path_for(out).exists() else 0
         if before == 24:
             break
-        process = popen(slow_run_args(tiny_model, many_pages, out, tokens=120))
+        process = popen(slow_run_args(tiny_model, many_pages, out, tokens=tokens))
         try:
             wait_for_ok_pages(out, process, at_least=before + 1)  # decoding is under way
             time.sleep(rng.uniform(0, 0.8))
@@ -419,7 +423,7 @@ def test_kill_9_at_20_random_moments_then_every_page_exactly_once(tiny_model, ma
             mid_decode += 1
         time.sleep(0.3)  # orphaned workers see their pipe close and exit
     assert mid_decode >= 12, f"only {mid_decode} kills landed mid-decode"
-    final = cli(*slow_run_args(tiny_model, many_pages, out, tokens=120))
+    final = cli(*slow_run_args(tiny_model, many_pages, out, tokens=tokens))
     assert final.returncode == 0, final.stderr
     rows = read_rows(out)
     keys = [(Path(r["path"]).name, r["page"]) for r in rows]
