@@ -187,12 +187,12 @@ def child_transformers(spec: dict) -> dict:
     return result
 
 
-def child_ocrbatch(spec: dict) -> dict:
-    """The real batch job (run_job) over the page folder, engine and pool loaded (and warm) first.
+def timed_job(spec: dict, **job) -> dict:
+    """The real batch job (run_job) with the engine and pool loaded and warm before the clock starts.
 
-    ``spec`` may set ``layout`` (default none: whole pages), ``dpi`` and
-    ``max_pixels`` (the job's defaults otherwise); PDFs go to the model even
-    where they have a text layer.
+    ``job`` is the JobOptions fields besides the pool, model and forced output
+    length taken from ``spec``. Returns the summary, the rows, load/process
+    seconds, the CPU seconds of the job's processes and the workers' peak RSS.
     """
     import pyarrow.parquet as pq
     from PIL import Image
@@ -213,14 +213,12 @@ def child_ocrbatch(spec: dict) -> dict:
     while pool.pending or not all(w.ready for w in pool._workers):
         time.sleep(0.05)  # let the workers finish loading before the clock starts
     load_s = time.perf_counter() - started
-    rendering = {key: spec[key] for key in ("dpi", "max_pixels") if key in spec}
     with tempfile.TemporaryDirectory() as scratch:
         out = Path(scratch) / "out.parquet"
-        options = JobOptions(paths=[Path(spec["pages_dir"])], out=out, model=spec["model"], quant=spec["quant"],
-                             max_tokens=spec["tokens"], ignore_eos=True, workers=spec["workers"],
-                             seqs_per_worker=spec["seqs"], batch_size=spec["batch_size"],
-                             vision_dtype=spec["vision_dtype"], threads=spec["threads"], progress=False,
-                             min_file_age=0, layout=spec.get("layout", "none"), pdf_text="never", **rendering)
+        options = JobOptions(out=out, model=spec["model"], quant=spec["quant"], max_tokens=spec["tokens"],
+                             ignore_eos=True, workers=spec["workers"], seqs_per_worker=spec["seqs"],
+                             batch_size=spec["batch_size"], vision_dtype=spec["vision_dtype"],
+                             threads=spec["threads"], progress=False, min_file_age=0, **job)
         cpu_before = cpu_seconds(pool.worker_pids)
         begin = time.perf_counter()
         summary = run_job(options, engine=engine, pool=pool)
@@ -229,6 +227,22 @@ def child_ocrbatch(spec: dict) -> dict:
         rows = pq.read_table(out).to_pylist()
     workers_mb = [peak_rss_mb(pid) for pid in pool.worker_pids]
     pool.close()
+    return {"summary": summary, "rows": rows, "load_s": load_s, "process_s": process_s, "cpu_s": cpu_s,
+            "workers_mb": workers_mb}
+
+
+def child_ocrbatch(spec: dict) -> dict:
+    """The real batch job over the page folder (see :func:`timed_job`).
+
+    ``spec`` may set ``layout`` (default none: whole pages), ``dpi`` and
+    ``max_pixels`` (the job's defaults otherwise); PDFs go to the model even
+    where they have a text layer.
+    """
+    rendering = {key: spec[key] for key in ("dpi", "max_pixels") if key in spec}
+    run = timed_job(spec, paths=[Path(spec["pages_dir"])], layout=spec.get("layout", "none"), pdf_text="never",
+                    **rendering)
+    summary, rows, load_s, process_s = run["summary"], run["rows"], run["load_s"], run["process_s"]
+    cpu_s, workers_mb = run["cpu_s"], run["workers_mb"]
     assert summary.pages_failed == 0, [r["error"] for r in rows if r["error"]]
     count = len(rows)
     recognised = [block for row in rows for block in row["blocks"] if block["prompt"]]

@@ -40,11 +40,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench import (  # helpers in the same folder
     add_common_arguments,
     child_if_asked,
-    cpu_seconds,
     machine_info,
     peak_rss_mb,
     ratio,
     run_child,
+    timed_job,
     write_results,
 )
 from report_pages import SCAN_DPI, make_documents
@@ -81,44 +81,12 @@ CPU_TOML = {"quant": "Q4_K_M", "workers": 2, "seqs": 2, "batch_size": 4, "dpi": 
 # -- the children ------------------------------------------------------------------------
 
 def child_job(spec: dict) -> dict:
-    """The real batch job over the folder with ``spec['pdf_text']``, engine and pool loaded (and warm) first."""
-    from dataclasses import fields
-
-    import pyarrow.parquet as pq
-    from PIL import Image
-
-    from ocrbatch.engine import Engine
-    from ocrbatch.options import JobOptions
-    from ocrbatch.pipeline import run_job
-    from ocrbatch.pool import WorkerPool
-
-    started = time.perf_counter()
-    engine = Engine(spec["model"], quant=spec["quant"], vision_dtype=spec["vision_dtype"],
-                    max_tokens=spec["tokens"], threads=spec["threads"], with_language=False)
-    pool = WorkerPool(engine.gguf_path, workers=spec["workers"], n_seq_max=spec["seqs"],
-                      n_ctx=engine.context_size(spec["seqs"]), threads=max(1, spec["threads"] // spec["workers"]))
-    # int8 vision compiles on its first batch (dynamic shapes: once); do it before the clock, in both runs.
-    engine.vision.encode([Image.new("RGB", (224, 224), "white")])
-    while pool.pending or not all(w.ready for w in pool._workers):
-        time.sleep(0.05)  # let the workers finish loading before the clock starts
-    load_s = time.perf_counter() - started
-    # Whole pages, one request each: layout analysis (where JobOptions has it) would split a page into blocks.
-    extra = {"layout": "none"} if "layout" in {f.name for f in fields(JobOptions)} else {}
-    with tempfile.TemporaryDirectory() as scratch:
-        out = Path(scratch) / "out.parquet"
-        options = JobOptions(**extra, paths=[Path(spec["docs"])], out=out, model=spec["model"], quant=spec["quant"],
-                             pdf_text=spec["pdf_text"], max_tokens=spec["tokens"], ignore_eos=True,
-                             workers=spec["workers"], seqs_per_worker=spec["seqs"], batch_size=spec["batch_size"],
-                             dpi=spec["dpi"], max_pixels=spec["max_pixels"], vision_dtype=spec["vision_dtype"],
-                             threads=spec["threads"], progress=False, min_file_age=0)
-        cpu_before = cpu_seconds(pool.worker_pids)
-        begin = time.perf_counter()
-        summary = run_job(options, engine=engine, pool=pool)
-        process_s = time.perf_counter() - begin
-        cpu_s = cpu_seconds(pool.worker_pids) - cpu_before  # the render process is reaped by now
-        rows = pq.read_table(out).to_pylist()
-    workers_mb = [peak_rss_mb(pid) for pid in pool.worker_pids]
-    pool.close()
+    """The real batch job over the folder with ``spec['pdf_text']`` (see bench.py's ``timed_job``)."""
+    # Whole pages, one request each: layout analysis would split a page into blocks.
+    run = timed_job(spec, paths=[Path(spec["docs"])], layout="none", pdf_text=spec["pdf_text"], dpi=spec["dpi"],
+                    max_pixels=spec["max_pixels"])
+    summary, rows, load_s, process_s = run["summary"], run["rows"], run["load_s"], run["process_s"]
+    cpu_s, workers_mb = run["cpu_s"], run["workers_mb"]
     model_rows = [r for r in rows if r["source"] == "model"]
     text_rows = [r for r in rows if r["source"] == "text-layer"]
     return {
