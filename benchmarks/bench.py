@@ -374,9 +374,11 @@ def child_mmproj(spec: dict) -> dict:
     """llama.cpp's all-GGUF path: mtmd with an mmproj, through llama-cpp-python's chat handler."""
     import base64
 
-    from llama_cpp import Llama
     from llama_cpp.llama_chat_format import MTMDChatHandler
 
+    from ocrbatch.llama_runtime import llama_cpp_module
+
+    Llama = llama_cpp_module().Llama  # with ocrbatch's build, llama.cpp's CPU backend loads from here
     started = time.perf_counter()
     handler = MTMDChatHandler(clip_model_path=spec["mmproj"], verbose=False)
     llm = Llama(model_path=spec["gguf"], chat_handler=handler, n_ctx=spec["n_ctx"], n_threads=spec["threads"],

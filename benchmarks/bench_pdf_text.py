@@ -163,9 +163,9 @@ def child_text_layer(spec: dict) -> dict:
 
 def child_probe(spec: dict) -> dict:
     """Load the GGUF with llama.cpp's defaults and decode a few tokens (segfaults where AMX repacking does)."""
-    from llama_cpp import Llama
+    from ocrbatch.llama_runtime import llama_cpp_module
 
-    llm = Llama(spec["gguf"], n_ctx=256, n_threads=1, verbose=False)
+    llm = llama_cpp_module().Llama(spec["gguf"], n_ctx=256, n_threads=1, verbose=False)
     llm("The harbour", max_tokens=4)
     return {"ok": True}
 

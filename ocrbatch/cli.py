@@ -19,6 +19,8 @@ from .textlayer import PDF_TEXT_MODES
 from .vision import DTYPES as VISION_DTYPES
 
 DEFAULT_MODEL = job_default("model")
+# How long `ocrbatch serve` waits for its llama.cpp workers to load the model and pass their warm-up.
+SERVE_START_TIMEOUT_S = 600
 
 
 class _Group(click.Group):
@@ -137,10 +139,13 @@ def dev():
 @click.option("--size", type=click.Choice(["tiny", "full"]), default="tiny", show_default=True,
               help="tiny: seconds to run, for tests; full: the real 0.9B dimensions, for benchmarks.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, byte-identical weights.")
-@click.option("--version", "model_version", type=click.Choice(["1.0", "1.5"]), default="1.0", show_default=True,
-              help="Which chat template to write (1.5 adds the seal and spotting tasks).")
+@click.option("--version", "model_version", type=click.Choice(["1.0", "1.5", "1.6"]), default="1.0", show_default=True,
+              help="Which release to imitate: its chat template (1.5 and 1.6 add the seal and spotting tasks) "
+                   "and, with --layout official, its config and processor files.")
 @click.option("--layout", type=click.Choice(["transformers", "official"]), default="transformers", show_default=True,
-              help="Weight names and files as transformers saves them, or as PaddlePaddle publishes them.")
+              help="Files as transformers saves them (tied embeddings, test-sized pixel bounds), or as PaddlePaddle "
+                   "publishes the release: flat config.json, its weight names, an lm_head of its own, the "
+                   "release's preprocessor_config.json.")
 def make_model(directory, size, seed, model_version, layout):
     """Write a random-weight PaddleOCR-VL checkpoint to DIRECTORY."""
     from .devmodel import make_model as make
@@ -284,8 +289,9 @@ def _setup_logging(quiet: bool, log_file: str | None) -> None:
               show_default=True, help="Pages each worker decodes at once.")
 @click.option("--dpi", type=click.FloatRange(min=10), default=job_default("dpi"), show_default=True,
               help="PDF render resolution.")
-@click.option("--max-pixels", type=click.IntRange(1), help="Cap on a page's rendered pixels "
-              "[default: the model processor's max_pixels, which is also the upper bound].")
+@click.option("--max-pixels", type=click.IntRange(1), help="Cap on a whole page's rendered pixels with --layout "
+              "none [default: the model's max_pixels, which is also the upper bound]; layout mode renders at --dpi "
+              "and resizes each block within the block bounds.")
 @click.option("--batch-size", type=click.IntRange(1), default=job_default("batch_size"), show_default=True,
               help="Pages per vision forward pass.")
 @click.option("--max-batch-patches", type=click.IntRange(1), default=job_default("max_batch_patches"),
@@ -438,6 +444,32 @@ def status(target):
         store.close()
 
 
+@main.command()
+@click.option("--quant", "-q", "quants", multiple=True, type=click.Choice(QUANTS, case_sensitive=False),
+              help="Self-check these GGUF types only (repeatable) [default: every one].")
+@click.option("--cache-dir", type=click.Path(file_okay=False),
+              help="Where the self-check's tiny model and GGUFs are kept [default: $OCRBATCH_CACHE_DIR or "
+                   "~/.cache/ocrbatch].")
+@click.option("--skip-self-check", is_flag=True, help="Only report; decode nothing.")
+def doctor(quants, cache_dir, skip_self_check):
+    """What this machine has and what ocrbatch will use on it, then a decode with every quant.
+
+    Exits 1, with the fix, when something cannot work here (a llama.cpp build this CPU cannot run).
+    """
+    from .doctor import diagnose
+
+    _quiet_libraries()
+    findings = diagnose(cache=cache_dir, self_check=not skip_self_check,
+                        quants=[q.upper() for q in quants] or QUANTS)
+    for finding in findings:
+        click.echo(f"{finding.topic}: {finding.value}")
+    problems = [finding for finding in findings if finding.problem]
+    for finding in problems:
+        click.echo(f"PROBLEM with {finding.topic}: {finding.problem}")
+    click.echo("ocrbatch doctor: " + (f"{len(problems)} problem(s)" if problems else "everything works here"))
+    sys.exit(1 if problems else 0)
+
+
 def _print_status(counts: dict, failed: list) -> None:
     for kind in ("pages", "documents"):
         line = ", ".join(f"{n} {state}" for state, n in sorted(counts[kind].items())) or "none"
@@ -476,7 +508,8 @@ def serve(model, quant, gguf, vision_dtype, device, threads, cache_dir, host, po
     import uvicorn
 
     from .engine import Engine
-    from .pool import WorkerPool
+    from .pool import PoolFailed, WorkerPool
+    from .record import EXIT_FATAL
     from .server import ServerSettings, create_app
 
     engine = Engine(model, quant=quant, gguf=gguf, vision_dtype=vision_dtype, device=device,
@@ -489,6 +522,11 @@ def serve(model, quant, gguf, vision_dtype, device, threads, cache_dir, host, po
                               max_tokens_limit=max_tokens_limit, default_max_tokens=max_tokens,
                               allow_remote_images=allow_remote_images, allow_local_files=allow_local_files)
     try:
+        try:  # every worker proves the llama.cpp build before the first answer
+            pool.wait_ready(timeout=SERVE_START_TIMEOUT_S)
+        except PoolFailed as exc:
+            click.echo(f"Error: {exc}", err=True)
+            sys.exit(EXIT_FATAL)
         uvicorn.run(create_app(engine, pool, settings), host=host, port=port, log_level="info")
     finally:
         pool.close()

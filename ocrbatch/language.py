@@ -285,6 +285,28 @@ class LanguageModel:
         self._llama_cpp.llama_memory_clear(self._memory, True)
         return choices
 
+    def warm_up(self, prompt_tokens: int = 64, steps: int = 4) -> list[int]:
+        """Decode a short text prompt and a few greedy steps; returns the tokens chosen.
+
+        It runs the kernels a page uses at this GGUF's quant: a batched prefill
+        (matrix-matrix, repacked weights) and single-token steps (matrix-vector).
+        A llama.cpp build that this CPU cannot run dies here (SIGILL) rather than
+        on a page. The ids are arbitrary: only the arithmetic matters.
+        """
+        self._llama_cpp.llama_memory_clear(self._memory, True)
+        prompt = np.arange(prompt_tokens, dtype=np.int32) % self.n_vocab
+        self._decode_tokens(0, prompt, np.arange(prompt_tokens, dtype=np.int32), want_logits=True)
+        chosen = []
+        for position in range(prompt_tokens, prompt_tokens + steps):
+            logits = self._logits(-1 if not chosen else 0)
+            if not np.isfinite(logits).all():
+                raise ModelError(f"{self.path}: llama.cpp computed non-finite logits in its warm-up")
+            chosen.append(int(np.argmax(logits)))
+            self._decode(_Batch(self._llama_cpp, 1, np.array([0]), np.array([position]),
+                                tokens=np.array([chosen[-1]]), outputs=np.ones(1, dtype=np.int8)))
+        self._llama_cpp.llama_memory_clear(self._memory, True)
+        return chosen
+
 
 class Scheduler:
     """Runs many requests through one :class:`LanguageModel`, admitting new ones as others finish.

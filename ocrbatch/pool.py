@@ -17,9 +17,14 @@ Failures are kept apart by who caused them:
 * a request with no result after ``request_timeout`` seconds on a worker
   fails with :class:`RequestTimedOut`; a worker that does not let go of it is
   killed and replaced, and its other requests are retried uncharged;
-* a pool that cannot run at all (workers cannot load the model) fails every
-  future with :class:`PoolFailed`, which callers treat as fatal, not as a
-  fault of the request.
+* a pool that cannot run at all fails every future with :class:`PoolFailed`,
+  which callers treat as fatal, not as a fault of the request: workers that
+  cannot load the model or die before they are ready (each worker decodes a
+  short warm-up through the quant's kernels before it counts as started, so a
+  llama.cpp build this CPU cannot run fails here), a worker killed by SIGILL,
+  SIGBUS or SIGSYS (a build or machine fault, never a page's), or
+  :data:`LONE_CRASH_LIMIT` different requests in a row each killing a worker
+  while running alone with none finished since the pool started.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import itertools
 import logging
 import multiprocessing
 import queue
+import signal
 import threading
 import time
 from collections import deque
@@ -46,6 +52,13 @@ log = logging.getLogger(__name__)
 STUCK_GRACE_S = 10.0
 # A dead worker that never got ready this many times in a row means the model cannot load.
 MAX_STARTUP_FAILURES = 3
+# This many different requests, each killing a worker while running alone, with no request finished
+# since the pool started: the build or the machine is broken, not every one of those pages.
+LONE_CRASH_LIMIT = 3
+# Signals that say the llama.cpp build or the machine is at fault (an instruction this CPU lacks, a
+# bad memory mapping, a forbidden system call), whatever request the worker held.
+BROKEN_BUILD_SIGNALS = (signal.SIGILL, signal.SIGBUS, signal.SIGSYS)
+DOCTOR_HINT = "run `ocrbatch doctor` to check this machine's llama.cpp build"
 
 
 class WorkerCrashed(OcrbatchError):
@@ -82,6 +95,7 @@ def _worker_main(conn, settings: WorkerSettings) -> None:
     try:
         model = LanguageModel(settings.gguf_path, n_ctx=settings.n_ctx, n_seq_max=settings.n_seq_max,
                               n_threads=settings.threads)
+        model.warm_up()  # through the quant's kernels before it counts as started (see the module docstring)
     except Exception as exc:
         conn.send(("fatal", None, f"{type(exc).__name__}: {exc}"))
         return
@@ -192,6 +206,7 @@ class WorkerPool:
         self._worker_main = worker_main
         self._context = multiprocessing.get_context("spawn")
         self._lock = threading.Lock()
+        self._started = threading.Condition(self._lock)  # a worker got ready, or the pool failed
         self._queue: deque[tuple[int, _Job]] = deque()
         self._suspects: deque[tuple[int, _Job]] = deque()
         self._keys = itertools.count()
@@ -200,6 +215,8 @@ class WorkerPool:
         self._fatal: str | None = None
         self.crashes = 0
         self._startup_failures = 0
+        self._finished_any = False  # a request has come back from a worker since the pool started
+        self._lone_crashers: set[int] = set()  # requests that killed a worker running alone, since then
         self._wake_reader, self._wake = self._context.Pipe(duplex=False)
         for _ in range(workers):
             self._workers.append(self._spawn())
@@ -237,6 +254,23 @@ class WorkerPool:
                     if job.future is future:
                         self._send_cancel(worker, key)
                         return
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        """Block until every worker has loaded the model and passed its warm-up.
+
+        Raises :class:`PoolFailed` when the pool cannot run (see the module
+        docstring) or is not ready within ``timeout`` seconds. A server calls
+        this before it answers anything.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._started:
+            while not self._fatal and not (self._workers and all(w.ready for w in self._workers)):
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise PoolFailed(f"the llama.cpp workers did not start within {timeout:.0f} s")
+                self._started.wait(remaining)
+            if self._fatal:
+                raise PoolFailed(self._fatal)
 
     @property
     def pending(self) -> int:
@@ -364,6 +398,7 @@ class WorkerPool:
     def _fail_all(self, message: str) -> None:
         with self._lock:
             self._fatal = message
+            self._started.notify_all()
             jobs = [job for _, job in (*self._queue, *self._suspects)]
             jobs += [j for w in self._workers for j in w.jobs.values()]
             self._queue.clear()
@@ -379,15 +414,13 @@ class WorkerPool:
         worker.process.join(timeout=5)
         exitcode = worker.process.exitcode
         worker.outbox.put(None)  # ends its sender thread, which closes the pipe
-        if not worker.ready:
-            self._startup_failures += 1
-            if self._startup_failures >= MAX_STARTUP_FAILURES:
-                self._fail_all(f"llama.cpp worker died while starting (exit code {exitcode}), "
-                               f"{MAX_STARTUP_FAILURES} times in a row")
-                with self._lock:
-                    self._workers.remove(worker)
-                return
-        else:
+        broken = self._broken_build(worker, exitcode)
+        if broken is not None:
+            self._fail_all(broken)
+            with self._lock:
+                self._workers.remove(worker)
+            return
+        if worker.ready:
             self._startup_failures = 0
         with self._lock:
             live = [(key, job) for key, job in worker.jobs.items() if not job.future.done()]
@@ -412,6 +445,29 @@ class WorkerPool:
                 self._suspects.extend(live)
             index = self._workers.index(worker)
             self._workers[index] = self._spawn()
+
+    def _broken_build(self, worker: _Worker, exitcode) -> str | None:
+        """Why this worker's death means the pool cannot work (see the module docstring), or None."""
+        if worker.killed_by_pool:
+            return None
+        if exitcode is not None and -exitcode in BROKEN_BUILD_SIGNALS:
+            return (f"llama.cpp worker was killed by {signal.Signals(-exitcode).name} "
+                    f"{'while decoding' if worker.ready else 'during its start-up warm-up'}: the llama.cpp build "
+                    f"or the machine is at fault, not a page; {DOCTOR_HINT}")
+        if not worker.ready:
+            self._startup_failures += 1
+            if self._startup_failures >= MAX_STARTUP_FAILURES:
+                return (f"llama.cpp worker died while starting (exit code {exitcode}), "
+                        f"{MAX_STARTUP_FAILURES} times in a row; {DOCTOR_HINT}")
+            return None
+        live = [key for key, job in worker.jobs.items() if not job.future.done()]
+        if len(live) == 1 and not self._finished_any:
+            self._lone_crashers.add(live[0])
+            if len(self._lone_crashers) >= LONE_CRASH_LIMIT:
+                return (f"llama.cpp workers crashed on {len(self._lone_crashers)} different pages, each running "
+                        f"alone (last exit code {exitcode}), and none has decoded since the pool started: "
+                        f"the build or the machine is at fault, not the pages; {DOCTOR_HINT}")
+        return None
 
     def _gave_up(self, attempts: int, stuck: bool, exitcode) -> OcrbatchError:
         """The error of a request that brought its worker down alone more than ``max_retries`` times."""
@@ -462,7 +518,9 @@ class WorkerPool:
             while worker.conn.poll():
                 kind, key, payload = worker.conn.recv()
                 if kind == "ready":
-                    worker.ready = True
+                    with self._started:
+                        worker.ready = True
+                        self._started.notify_all()
                 elif kind == "received":
                     job = worker.jobs.get(key)
                     if job is not None:
@@ -477,6 +535,7 @@ class WorkerPool:
                         except Exception:  # a caller's callback must not take the pool down
                             log.exception("token callback failed")
                 elif kind == "done":
+                    self._finished_any = True
                     with self._lock:
                         job = worker.jobs.pop(key, None)
                         if job is not None and job.timed_out and not any(j.timed_out for j in worker.jobs.values()):

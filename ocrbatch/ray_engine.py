@@ -62,7 +62,7 @@ from .encode import encode_units
 from .errors import InputError, OcrbatchError
 from .output import SCHEMA
 from .prompt import TASK_PROMPTS
-from .rasterize import PageImage, count_pages
+from .rasterize import PageImage, count_pages, page_pixel_cap
 from .record import JobSummary, failure_row, text_layer_row
 from .render import LayoutSettings, RenderJob, RenderStage, StageFailed, TextLayerSettings
 
@@ -196,13 +196,14 @@ class VisionStage:
                              max_tokens=config.max_tokens, threads=config.vision_threads, with_language=False)
         self.prompt = self.engine.prompt_text(config.task)
         self.requests = LocalDecoder(self.engine, _HandBack(), config.max_tokens, config.ignore_eos)
-        longest = self.engine.vision.image_processor.size.longest_edge
+        max_pixels = page_pixel_cap(config.layout.name, self.engine.vision.image_processor.size.longest_edge,
+                                    config.max_pixels)
         # The local engine's render stage, one for the actor's life: its render process (and layout
         # model) starts once, and a document that crashes it is quarantined there instead of killing
         # the actor. Each batch's documents are fed to it through ``jobs``.
         self.jobs: queue.Queue = queue.Queue()
         self.pages: queue.Queue = queue.Queue()
-        RenderStage(iter(self.jobs.get, None), config.dpi, min(config.max_pixels or longest, longest), self.pages,
+        RenderStage(iter(self.jobs.get, None), config.dpi, max_pixels, self.pages,
                     threading.Event(), text_layer=config.text_layer, layout=config.layout).start()
         self.failure: StageFailed | None = None
         self.node = _node_id()
@@ -293,6 +294,9 @@ class DecodeStage:
         n_ctx = context_size(AutoImageProcessor.from_pretrained(checkpoint.path), merge_size, config.seqs,
                              config.max_tokens)
         self.model = LanguageModel(config.gguf, n_ctx=n_ctx, n_seq_max=config.seqs, n_threads=config.decode_threads)
+        # A llama.cpp build this node's CPU cannot run kills the actor here, before it takes a page:
+        # the pool cannot start and the run stops with its pages pending, as the local pool does.
+        self.model.warm_up()
         self.node = _node_id()
 
     def __call__(self, batch: pa.Table) -> pa.Table:

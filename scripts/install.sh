@@ -1,26 +1,26 @@
 #!/usr/bin/env bash
-# Install ocrbatch and its test tools into the active virtual environment.
+# Install ocrbatch and its test tools into the active virtual environment, for the machine it runs on.
 #
 # torch==2.13.0 first: a bare "torch" requirement pulls a multi-GB CUDA build.
-# llama-cpp-python is compiled from source (10-20 minutes on 2 cores) for the
-# AVX-512 family but without AMX: on the AMX machines (VMs) this project runs on,
-# llama.cpp's AMX kernels crash quantized models (Q8_0, Q4_K_M, ...) with a
-# segmentation fault, and a native build (-march=native) turns them on. The wheel
-# is kept under ~/.cache/ocrbatch-wheels, keyed by these flags, because pip's own
-# wheel cache ignores build flags and would hand back a native build.
+# llama-cpp-python is compiled from source (15-30 minutes on 2 cores the first time) by
+# ocrbatch/llama_build.py, which says how: on x86-64 one wheel whose CPU backend is built for
+# several instruction-set levels and picked at load time (it runs on any x86-64 CPU; AMX kernels
+# left out), elsewhere a native build; with a CUDA toolkit and a GPU, the CUDA backend too.
+# The wheel is kept under ~/.cache/ocrbatch-wheels ($OCRBATCH_WHEEL_CACHE), keyed by the recipe
+# (and, for native builds, the CPU's features), because pip's own wheel cache ignores build
+# flags. Last, `ocrbatch doctor` decodes with every quant in a child process: an install whose
+# llama.cpp cannot run on this CPU fails here, not on every page of the first job.
 set -euo pipefail
-
-LLAMA_VERSION=0.3.36
-LLAMA_FLAGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON \
--DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AVX_VNNI=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF \
--DGGML_AMX_BF16=OFF"
-WHEELS="${OCRBATCH_WHEEL_CACHE:-$HOME/.cache/ocrbatch-wheels}/llama-cpp-python-$LLAMA_VERSION-$(echo "$LLAMA_FLAGS" | sha256sum | cut -c1-12)"
+cd "$(dirname "$0")/.."
 
 python -m pip install --quiet --upgrade pip
 python -m pip install --quiet torch==2.13.0
-if ! compgen -G "$WHEELS/llama_cpp_python-*.whl" > /dev/null; then
-    CMAKE_ARGS="$LLAMA_FLAGS" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
-        python -m pip wheel --quiet --no-deps --no-cache-dir "llama-cpp-python==$LLAMA_VERSION" -w "$WHEELS"
-fi
-python -m pip install --quiet --force-reinstall --no-deps "$WHEELS"/llama_cpp_python-*.whl
+python ocrbatch/llama_build.py plan
+wheel=$(python ocrbatch/llama_build.py wheel)
+python -m pip install --quiet --force-reinstall --no-deps "$wheel"
 python -m pip install --quiet -e '.[test]'
+
+if ! ocrbatch doctor; then
+    echo "install: the self-check failed on this machine (see PROBLEM above); ocrbatch would fail every page" >&2
+    exit 1
+fi

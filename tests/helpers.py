@@ -98,6 +98,24 @@ def good_documents(folder) -> dict[str, int]:
             "old.bmp": 1, "fax.tiff": 2}
 
 
+def llama_workers(process) -> list:
+    """The llama.cpp worker processes of a running job (psutil processes): each maps its GGUF,
+    which the render process and others do not."""
+    import psutil
+
+    def holds_a_gguf(child) -> bool:
+        try:
+            return any(region.path.endswith(".gguf") for region in child.memory_maps())
+        except psutil.Error:
+            return False
+
+    try:
+        children = psutil.Process(process.pid).children(recursive=True)
+    except psutil.Error:
+        return []
+    return [child for child in children if holds_a_gguf(child)]
+
+
 def settle(folder, age_s: float = 3600) -> None:
     """Date every file under ``folder`` back by ``age_s``: written long ago, not still being written."""
     import os

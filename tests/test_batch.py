@@ -11,7 +11,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
-from helpers import (document_image, good_documents, settle, write_encrypted_pdf, write_pdf,
+from helpers import (document_image, good_documents, llama_workers, settle, write_encrypted_pdf, write_pdf,
                      write_png_claiming_size, write_zero_page_pdf)
 
 from ocrbatch.cli import main
@@ -124,21 +124,9 @@ def pages_folder(tmp_path):
     return folder
 
 
-def _holds_a_gguf(process) -> bool:
-    """A llama.cpp worker maps its GGUF; the render process and others do not."""
-    import psutil
-
-    try:
-        return any(region.path.endswith(".gguf") for region in process.memory_maps())
-    except psutil.Error:
-        return False
-
-
 def _kill_a_worker_when_busy(process: subprocess.Popen, out: Path, deadline: float) -> bool:
     """Once the job has finished a page (so the worker holds more), kill the llama.cpp worker."""
     import sqlite3
-
-    import psutil
 
     database = checkpoint_path_for(out)
     while time.monotonic() < deadline and process.poll() is None:
@@ -150,7 +138,7 @@ def _kill_a_worker_when_busy(process: subprocess.Popen, out: Path, deadline: flo
             continue
         if not done:
             continue
-        workers = [c for c in psutil.Process(process.pid).children(recursive=True) if _holds_a_gguf(c)]
+        workers = llama_workers(process)
         if workers:
             workers[0].kill()
             return True

@@ -36,9 +36,9 @@ def test_f32_gguf_is_self_contained(tiny_model):
 
 
 def test_loads_in_plain_llama_cpp(tiny_model):
-    from llama_cpp import Llama
+    from ocrbatch.llama_runtime import llama_cpp_module
 
-    llm = Llama(model_path=str(convert(tiny_model, "Q8_0")), n_ctx=256, verbose=False)
+    llm = llama_cpp_module().Llama(model_path=str(convert(tiny_model, "Q8_0")), n_ctx=256, verbose=False)
     assert llm.metadata["general.architecture"] == "paddleocr"
     # llama.cpp's own tokenizer reads our vocabulary the way transformers does.
     from transformers import AutoTokenizer

@@ -276,9 +276,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start(command: list[str], port: int, log: Path, startup_s: float = 300) -> subprocess.Popen:
+def start(command: list[str], port: int, log: Path, startup_s: float = 300, env: dict | None = None) -> subprocess.Popen:
     """Start a server process; return once ``GET /v1/models`` answers (polled: a process has no event for it)."""
-    process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + startup_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -372,6 +372,15 @@ def build_mmproj(checkpoint: Path, work: Path) -> Path:
     return target
 
 
+def llama_cpp_server_env() -> dict:
+    """llama-cpp-python's own server looks for llama.cpp's CPU backend module beside the Python
+    executable only; with ocrbatch's build (modules beside libllama.so) it is named for it."""
+    from ocrbatch.llama_runtime import best_cpu_module
+
+    module = best_cpu_module()
+    return {**os.environ, **({"GGML_BACKEND_PATH": str(module)} if module else {})}
+
+
 @pytest.mark.slow
 def test_smoke_against_llama_cpp_pythons_own_server(tmp_path):
     pytest.importorskip("llama_cpp.server.app", reason="needs llama-cpp-python[server]")
@@ -385,7 +394,7 @@ def test_smoke_against_llama_cpp_pythons_own_server(tmp_path):
     process = start([sys.executable, "-m", "llama_cpp.server", "--model", str(convert(checkpoint, "F32")),
                      "--clip_model_path", str(mmproj), "--chat_format", "mtmd", "--n_ctx", "4096",
                      "--host", "127.0.0.1", "--port", str(port), "--model_alias", "paddleocr-vl-tiny"],
-                    port, tmp_path / "llama-server.log")
+                    port, tmp_path / "llama-server.log", env=llama_cpp_server_env())
     try:
         with RemoteRecognizer(f"http://127.0.0.1:{port}/v1", concurrency=2, timeout_s=120) as remote:
             assert remote.check() == "paddleocr-vl-tiny"
