@@ -5,7 +5,10 @@ tested, so it builds its own checkpoints: the real architecture
 (``PaddleOCRVLForConditionalGeneration``), random weights, a SentencePiece
 tokenizer trained here that carries the real special tokens, and processor
 files with a chat template equivalent to the official one. ``tiny`` is small
-enough for CI; ``full`` has the real 0.9B dimensions, for benchmarks.
+enough for CI; ``full`` has the real 0.9B dimensions, for benchmarks. The
+``official`` layout is shaped as PaddlePaddle's releases are: a flat
+remote-code ``config.json``, PaddlePaddle's weight names, an output
+projection (``lm_head``) of its own and the release's processor settings.
 """
 
 from __future__ import annotations
@@ -56,7 +59,15 @@ CHAT_TEMPLATE = """{%- if not add_generation_prompt is defined -%}{%- set add_ge
 {%- endfor -%}
 {%- if add_generation_prompt -%}{{- "ASSISTANT_PROMPT" -}}{%- endif -%}"""
 
-GENERATION_PROMPTS = {"1.0": "Assistant: ", "1.5": "Assistant:\\n"}
+GENERATION_PROMPTS = {"1.0": "Assistant: ", "1.5": "Assistant:\\n", "1.6": "Assistant:\\n"}
+VERSIONS = tuple(GENERATION_PROMPTS)
+
+# Image bounds in each release's preprocessor_config.json. 1.0: 147,384 to
+# 2,822,400, as public transcriptions of PaddlePaddle/PaddleOCR-VL's file and
+# PaddleX's defaults give them. 1.5: 112,896 to 1,003,520, as ports of
+# PaddleOCR-VL-1.5 copy them. 1.6 could not be checked against its own file:
+# 1.5's values, which PaddleX's 1.6 pipeline settings also use (max 1,003,520).
+RELEASE_PIXEL_BOUNDS = {"1.0": (147384, 2822400), "1.5": (112896, 1003520), "1.6": (112896, 1003520)}
 
 
 @dataclass(frozen=True)
@@ -199,10 +210,25 @@ LAYOUTS = ("transformers", "official")
 _OFFICIAL_PREFIXES = (("model.projector.", "mlp_AR."), ("model.visual.", "visual."), ("model.language_model.", "model."))
 
 
-def _write_preprocessor_config(out: Path, image_processor) -> None:
+# The remote code a release's files point to; transformers has its own classes for them.
+_REMOTE_CODE = {
+    "config": {
+        "AutoConfig": "configuration_paddleocr_vl.PaddleOCRVLConfig",
+        "AutoModel": "modeling_paddleocr_vl.PaddleOCRVLForConditionalGeneration",
+        "AutoModelForCausalLM": "modeling_paddleocr_vl.PaddleOCRVLForConditionalGeneration",
+    },
+    "processor": {
+        "AutoImageProcessor": "image_processing_paddleocr_vl.PaddleOCRVLImageProcessor",
+        "AutoProcessor": "processing_paddleocr_vl.PaddleOCRVLProcessor",
+    },
+}
+
+
+def _write_preprocessor_config(out: Path, image_processor, extra: dict | None = None) -> None:
     """``preprocessor_config.json`` as PaddlePaddle's release has it (min/max pixels spelled out)."""
     size = image_processor.size
     preprocessor = {
+        **(extra or {}),
         "image_processor_type": "PaddleOCRVLImageProcessor", "processor_class": "PaddleOCRVLProcessor",
         "min_pixels": size.shortest_edge, "max_pixels": size.longest_edge, "patch_size": 14, "merge_size": 2,
         "temporal_patch_size": 1, "do_convert_rgb": True, "do_normalize": True, "do_rescale": True,
@@ -212,8 +238,77 @@ def _write_preprocessor_config(out: Path, image_processor) -> None:
     (out / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2))
 
 
-def _rewrite_as_official(out: Path) -> None:
-    """Rename weights and mark the vision tower the way PaddlePaddle publishes PaddleOCR-VL."""
+def _release_config(config, dtype: str) -> dict:
+    """``config.json`` as PaddlePaddle's releases ship it: the remote code's flat format (text
+    settings at the top level, ERNIE's own keys) with ``tie_word_embeddings: false``.
+
+    The keys follow ports that parse the 1.0 release's file; 1.5's and 1.6's files
+    could not be seen and are taken to be the same (the architecture is).
+    """
+    text, vision = config.text_config, config.vision_config
+    return {
+        "architectures": ["PaddleOCRVLForConditionalGeneration"],
+        "auto_map": _REMOTE_CODE["config"],
+        "model_type": "paddleocr_vl",
+        "compression_ratio": 1.0,
+        "head_dim": text.head_dim,
+        "hidden_act": text.hidden_act,
+        "hidden_dropout_prob": 0.0,
+        "hidden_size": text.hidden_size,
+        "ignored_index": -100,
+        "intermediate_size": text.intermediate_size,
+        "max_position_embeddings": text.max_position_embeddings,
+        "max_sequence_length": None,
+        "num_attention_heads": text.num_attention_heads,
+        "num_hidden_layers": text.num_hidden_layers,
+        "num_key_value_heads": text.num_key_value_heads,
+        "pad_token_id": text.pad_token_id,
+        "rms_norm_eps": text.rms_norm_eps,
+        "rope_scaling": {"mrope_section": list(text.rope_parameters["mrope_section"]), "rope_type": "default",
+                         "type": "default"},
+        "rope_theta": text.rope_parameters["rope_theta"],
+        "sliding_window": None,
+        "tie_word_embeddings": False,
+        "torch_dtype": dtype,
+        "use_bias": text.use_bias,
+        "use_cache": False,
+        "use_flash_attention": False,
+        "vocab_size": text.vocab_size,
+        "weight_share_add_bias": True,
+        "use_3d_rope": True,
+        "rope_is_neox_style": True,
+        # The release's ids belong to its tokenizer; these are the generated tokenizer's.
+        "image_token_id": config.image_token_id,
+        "video_token_id": config.video_token_id,
+        "vision_start_token_id": config.vision_start_token_id,
+        "vision_end_token_id": config.vision_end_token_id,
+        "vision_config": {
+            "architectures": ["PaddleOCRVisionModel"],
+            "model_type": "paddleocr_vl",
+            "attention_dropout": vision.attention_dropout,
+            "hidden_act": vision.hidden_act,
+            "hidden_size": vision.hidden_size,
+            "image_size": vision.image_size,
+            "intermediate_size": vision.intermediate_size,
+            "layer_norm_eps": vision.layer_norm_eps,
+            "num_attention_heads": vision.num_attention_heads,
+            "num_channels": vision.num_channels,
+            "num_hidden_layers": vision.num_hidden_layers,
+            "pad_token_id": 0,
+            "patch_size": vision.patch_size,
+            "spatial_merge_size": vision.spatial_merge_size,
+            "temporal_patch_size": 2,
+            "tokens_per_second": 2,
+            "torch_dtype": dtype,
+        },
+    }
+
+
+def _rewrite_as_official(out: Path, config, dims: ModelSize, seed: int) -> None:
+    """Reshape a saved checkpoint into a PaddlePaddle release: weight names, a separate
+    ``lm_head``, the flat ``config.json``, and no ``processor_config.json`` (the release
+    has none; its processor settings are in ``preprocessor_config.json``)."""
+    import torch
     from safetensors.torch import load_file, save_file
 
     weights_file = out / "model.safetensors"
@@ -225,10 +320,15 @@ def _rewrite_as_official(out: Path) -> None:
                 name = old + name[len(new):]
                 break
         renamed[name] = tensor
+    # The release's output projection is a matrix of its own. Drawn from a generator of its
+    # own, so every other weight equals the transformers layout's for the same seed.
+    embeddings = renamed["model.embed_tokens.weight"]
+    generator = torch.Generator().manual_seed(seed)
+    lm_head = torch.randn(embeddings.shape, generator=generator) * dims.initializer_range
+    renamed["lm_head.weight"] = lm_head.to(embeddings.dtype)
     save_file(renamed, weights_file, metadata={"format": "pt"})
-    config = json.loads((out / "config.json").read_text())
-    config["vision_config"]["architectures"] = ["PaddleOCRVisionModel"]
-    (out / "config.json").write_text(json.dumps(config, indent=2))
+    (out / "config.json").write_text(json.dumps(_release_config(config, dims.dtype), indent=2))
+    (out / "processor_config.json").unlink()
 
 
 def make_model(out_dir: str | Path, size: str = "tiny", seed: int = 0, version: str = "1.0",
@@ -238,8 +338,11 @@ def make_model(out_dir: str | Path, size: str = "tiny", seed: int = 0, version: 
     The same ``size``, ``seed`` and ``version`` give byte-identical weights.
     ``AutoProcessor.from_pretrained`` and
     ``PaddleOCRVLForConditionalGeneration.from_pretrained`` load the result.
-    ``layout="official"`` names the weights as PaddlePaddle's release does
-    (``visual.*``, ``mlp_AR.*``, ``model.*``).
+    ``layout="official"`` writes the files as PaddlePaddle's ``version``
+    release has them: flat ``config.json`` with ``tie_word_embeddings: false``,
+    weights named ``visual.*``, ``mlp_AR.*``, ``model.*`` plus an
+    ``lm_head.weight`` that differs from the embeddings, and the release's
+    ``preprocessor_config.json`` (its pixel bounds, mean and std 0.5).
     """
     import sentencepiece as spm
     import torch
@@ -258,8 +361,8 @@ def make_model(out_dir: str | Path, size: str = "tiny", seed: int = 0, version: 
         raise ValueError(f"unknown size {size!r}; choose one of {', '.join(SIZES)}")
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
-    if version not in GENERATION_PROMPTS:
-        raise ValueError(f"unknown version {version!r}; choose one of {', '.join(GENERATION_PROMPTS)}")
+    if version not in VERSIONS:
+        raise ValueError(f"unknown version {version!r}; choose one of {', '.join(VERSIONS)}")
     dims = SIZES[size]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -320,10 +423,17 @@ def make_model(out_dir: str | Path, size: str = "tiny", seed: int = 0, version: 
     model.save_pretrained(out)
 
     tokenizer = AutoTokenizer.from_pretrained(out)
-    image_processor = PaddleOCRVLImageProcessorPil(min_pixels=dims.min_pixels, max_pixels=dims.max_pixels)
+    if layout == "official":
+        min_pixels, max_pixels = RELEASE_PIXEL_BOUNDS[version]
+        image_processor = PaddleOCRVLImageProcessorPil(
+            min_pixels=min_pixels, max_pixels=max_pixels, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    else:
+        image_processor = PaddleOCRVLImageProcessorPil(min_pixels=dims.min_pixels, max_pixels=dims.max_pixels)
     processor = PaddleOCRVLProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template)
     processor.save_pretrained(out)
-    _write_preprocessor_config(out, image_processor)
     if layout == "official":
-        _rewrite_as_official(out)
+        _write_preprocessor_config(out, image_processor, extra={"auto_map": _REMOTE_CODE["processor"]})
+        _rewrite_as_official(out, config, dims, seed)
+    else:
+        _write_preprocessor_config(out, image_processor)
     return out

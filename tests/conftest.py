@@ -30,6 +30,24 @@ def tiny_model_15(tmp_path_factory):
     return make_model(tmp_path_factory.mktemp("tiny15") / "tiny-1.5", size="tiny", seed=1, version="1.5")
 
 
+@pytest.fixture(scope="session")
+def release_model(tmp_path_factory):
+    """``release_model(version)``: a tiny checkpoint shaped as PaddlePaddle's release of that version
+    (``--layout official``: flat config, its own lm_head, the release's processor files), built once.
+    Seed 0, so every weight but the lm_head equals ``tiny_model``'s."""
+    from ocrbatch.devmodel import make_model
+
+    built = {}
+
+    def build(version: str = "1.0"):
+        if version not in built:
+            folder = tmp_path_factory.mktemp("release") / f"release-{version}"
+            built[version] = make_model(folder, size="tiny", seed=0, version=version, layout="official")
+        return built[version]
+
+    return build
+
+
 # (width, height): ordinary, below the tiny processor's min-pixels bound, very
 # wide, tall, square, and one above its max-pixels bound.
 IMAGE_SIZES = [(300, 200), (40, 30), (1400, 60), (180, 520), (333, 333), (900, 700)]
