@@ -25,7 +25,8 @@ from .checkpoint import LANGUAGE_PREFIX, LM_HEAD, Checkpoint
 from .errors import ModelError
 
 # Bump when the written GGUF changes, so cached files are rebuilt.
-CONVERTER_VERSION = "1"
+# 2: a checkpoint's own lm_head is written as output.weight (1 dropped it).
+CONVERTER_VERSION = "2"
 ARCH = "paddleocr"
 
 # llama.cpp's llama_ftype values (include/llama.h) for the quants we offer.
@@ -178,9 +179,18 @@ def _chat_template(ckpt: Checkpoint) -> str | None:
     return None
 
 
+def _gguf_array(tensor, dtype: str) -> np.ndarray:
+    array = tensor.float().numpy()
+    # llama.cpp keeps 1-D tensors (norms, biases) in F32 whatever the file type.
+    if dtype == "F16" and array.ndim > 1:
+        array = array.astype(np.float16)
+    return array
+
+
 def write_language_gguf(ckpt: Checkpoint, out: str | Path, dtype: str = "F32") -> Path:
     """Write the checkpoint's language model to ``out`` as an F32 or F16 GGUF."""
     import gguf
+    import torch
 
     if dtype not in ("F32", "F16"):
         raise ValueError(f"write_language_gguf writes F32 or F16, not {dtype}")
@@ -229,23 +239,26 @@ def write_language_gguf(ckpt: Checkpoint, out: str | Path, dtype: str = "F32") -
     if template:
         writer.add_chat_template(template)
 
-    tied = bool(getattr(ckpt.config, "tie_word_embeddings", True))
-    seen = set()
+    # Tying is decided from the tensors, not the config: PaddlePaddle's flat release config
+    # says tie_word_embeddings false, transformers' config class parses it as tied, and
+    # transformers' model still projects with the stored lm_head when it differs from the
+    # embeddings. llama.cpp falls back to the embeddings when output.weight is absent.
+    embeddings = lm_head = None
     for name, tensor in ckpt.tensors((LANGUAGE_PREFIX, LM_HEAD)):
-        if name == LM_HEAD and tied:
+        if name == LM_HEAD:
+            lm_head = tensor
             continue
-        hf_name = "model." + name[len(LANGUAGE_PREFIX):] if name.startswith(LANGUAGE_PREFIX) else name
+        if name == LANGUAGE_PREFIX + "embed_tokens.weight":
+            embeddings = tensor
+        hf_name = "model." + name[len(LANGUAGE_PREFIX):]
         gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
             raise ModelError(f"{ckpt.path}: language-model weight {name} has no GGUF equivalent")
-        array = tensor.float().numpy()
-        # llama.cpp keeps 1-D tensors (norms, biases) in F32 whatever the file type.
-        if dtype == "F16" and array.ndim > 1:
-            array = array.astype(np.float16)
-        writer.add_tensor(gguf_name, array)
-        seen.add(gguf_name)
-    if "token_embd.weight" not in seen:
+        writer.add_tensor(gguf_name, _gguf_array(tensor, dtype))
+    if embeddings is None:
         raise ModelError(f"{ckpt.path}: no language-model weights found")
+    if lm_head is not None and not torch.equal(lm_head, embeddings):
+        writer.add_tensor(name_map.get_name(LM_HEAD, try_suffixes=(".weight",)), _gguf_array(lm_head, dtype))
 
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

@@ -27,6 +27,24 @@ def reference_generate(processor, model, image, text, max_new_tokens):
     return generated, inputs
 
 
+def llama_cpp_source(folder):
+    """The llama.cpp tree vendored in the pinned llama-cpp-python sdist (for its ``convert_hf_to_gguf.py``),
+    downloaded into ``folder``; skips the calling test when the sdist cannot be downloaded."""
+    import subprocess
+    import sys
+
+    import pytest
+
+    download = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-binary", ":all:",
+                               "--no-deps", "llama-cpp-python==0.3.36", "-d", str(folder)],
+                              capture_output=True, text=True, timeout=900)
+    if download.returncode != 0:
+        pytest.skip(f"cannot download llama-cpp-python's sdist for its converter: {download.stderr[-500:]}")
+    archive = next(folder.glob("llama_cpp_python-*.tar.gz"))
+    subprocess.run(["tar", "xzf", str(archive), "-C", str(folder)], check=True)
+    return next(folder.glob("llama_cpp_python-*/vendor/llama.cpp"))
+
+
 def write_pdf(path, pages: int, width: float = 595, height: float = 842, text: str = "Page") -> None:
     """A text PDF with ``pages`` pages."""
     import pymupdf

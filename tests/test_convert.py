@@ -127,3 +127,75 @@ def test_not_a_gguf(tmp_path):
     junk.write_bytes(b"not a gguf at all")
     with pytest.raises(ModelError, match="junk.gguf"):
         inspect_gguf(junk)
+
+
+def _gguf_tensors(path) -> dict:
+    import gguf
+
+    return {tensor.name: np.array(tensor.data) for tensor in gguf.GGUFReader(str(path)).tensors}
+
+
+def test_own_lm_head_becomes_output_weight(release_model):
+    """PaddlePaddle's releases project with an lm_head of their own, though their flat config parses as tied."""
+    from safetensors.torch import load_file
+
+    release = release_model("1.0")
+    weights = load_file(release / "model.safetensors")
+    tensors = _gguf_tensors(convert(release, "F32"))
+    assert np.array_equal(tensors["output.weight"], weights["lm_head.weight"].numpy())
+    assert np.array_equal(tensors["token_embd.weight"], weights["model.embed_tokens.weight"].numpy())
+
+
+def test_lm_head_equal_to_embeddings_is_tied(tmp_path, release_model):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    copy = tmp_path / "same-head"
+    shutil.copytree(release_model("1.0"), copy)
+    weights = load_file(copy / "model.safetensors")
+    weights["lm_head.weight"] = weights["model.embed_tokens.weight"].clone()
+    save_file(weights, copy / "model.safetensors")
+    tensors = _gguf_tensors(convert(copy, "F32"))
+    assert "token_embd.weight" in tensors and "output.weight" not in tensors
+
+
+@pytest.fixture(scope="module")
+def llama_cpp_converted(tmp_path_factory, release_model):
+    """The release-shaped checkpoint's language model as llama.cpp's own convert_hf_to_gguf.py writes it."""
+    import subprocess
+    import sys
+
+    from helpers import llama_cpp_source
+
+    work = tmp_path_factory.mktemp("llama-cpp-converter")
+    converter = llama_cpp_source(work) / "convert_hf_to_gguf.py"
+    target = work / "release-1.0-f32.gguf"
+    converted = subprocess.run([sys.executable, str(converter), str(release_model("1.0")), "--outtype", "f32",
+                                "--outfile", str(target)], capture_output=True, text=True, timeout=600)
+    assert converted.returncode == 0, converted.stderr[-3000:]
+    return target
+
+
+@pytest.mark.slow
+def test_same_tensors_as_llama_cpps_own_converter(release_model, llama_cpp_converted):
+    ours, theirs = _gguf_tensors(convert(release_model("1.0"), "F32")), _gguf_tensors(llama_cpp_converted)
+    assert "output.weight" in theirs and ours.keys() == theirs.keys()
+    assert [name for name in ours if not np.array_equal(ours[name], theirs[name])] == []
+
+
+@pytest.mark.slow
+def test_llama_cpp_converted_gguf_decodes_like_transformers(release_model, llama_cpp_converted, test_images):
+    """--gguf with the file llama.cpp's converter writes gives transformers' greedy tokens."""
+    from transformers import AutoProcessor, PaddleOCRVLForConditionalGeneration
+
+    from helpers import reference_generate
+
+    release = release_model("1.0")
+    processor = AutoProcessor.from_pretrained(release)
+    model = PaddleOCRVLForConditionalGeneration.from_pretrained(release).eval()
+    engine = Engine(release, gguf=llama_cpp_converted, quant="F32", max_tokens=16)
+    for image, result in zip(test_images[:3], engine.ocr(test_images[:3])):
+        expected, _ = reference_generate(processor, model, image, "OCR:", 16)
+        assert result.token_ids == expected, f"{image.size}"
+    engine.close()

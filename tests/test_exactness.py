@@ -88,15 +88,21 @@ def test_f16_agreement_is_reported(tiny_model, reference, test_images, record_pr
 
 
 @pytest.mark.slow
-def test_official_layout_checkpoint_gives_the_same_tokens(tmp_path, tiny_model, engine_f32, test_images):
-    """PaddlePaddle's weight names (visual.*, mlp_AR.*, model.*) load into both stages."""
-    from ocrbatch.devmodel import make_model
+@pytest.mark.parametrize("version", ["1.0", "1.5"])
+def test_release_shaped_checkpoint_identical_to_transformers(release_model, test_images, version):
+    """A checkpoint shaped as PaddlePaddle publishes it: flat config, weights named visual.*,
+    mlp_AR.*, model.*, an lm_head of its own (transformers projects with it) and the release's
+    pixel bounds."""
+    from transformers import AutoProcessor, PaddleOCRVLForConditionalGeneration
 
-    official = make_model(tmp_path / "official", size="tiny", seed=0, layout="official")
-    engine = Engine(official, quant="F32", max_tokens=24)
+    release = release_model(version)
+    processor = AutoProcessor.from_pretrained(release)
+    model = PaddleOCRVLForConditionalGeneration.from_pretrained(release).eval()
+    engine = Engine(release, quant="F32", max_tokens=24)
     for image, result in zip(test_images, engine.ocr(test_images)):
-        [expected] = engine_f32.ocr([image], max_tokens=24)
-        assert result.token_ids == expected.token_ids
+        expected, _ = reference_generate(processor, model, image, "OCR:", 24)
+        assert result.error is None
+        assert result.token_ids == expected, f"{image.size}"
     engine.close()
 
 
