@@ -35,7 +35,7 @@ from .options import REMOTE_MAX_PIXELS, JobOptions
 from .output import open_output
 from .plan import Plan, plan_job
 from .prompt import TASK_PROMPTS
-from .rasterize import PageImage
+from .rasterize import PageImage, page_pixel_cap
 from .record import JobSummary, OutputError, Recorder
 from .render import LayoutSettings, RenderJob, RenderStage, StageFailed, TextLayerSettings, iter_pages
 from .store import Store
@@ -192,8 +192,8 @@ def _run_locked(options: JobOptions, store: Store, engine, pool, render_pages, s
                 engine = Engine(options.model, quant=quant, gguf=options.gguf, vision_dtype=options.vision_dtype,
                                 device=options.device, max_tokens=options.max_tokens, threads=options.threads,
                                 cache_dir=options.cache_dir, with_language=False)
-            processor_max = engine.vision.image_processor.size.longest_edge
-            max_pixels = min(options.max_pixels or processor_max, processor_max)
+            max_pixels = page_pixel_cap(options.layout, engine.vision.image_processor.size.longest_edge,
+                                        options.max_pixels)
             if pool is None:
                 cores = os.cpu_count() or 1
                 threads = options.threads or max(1, cores // options.workers)

@@ -3,7 +3,7 @@
 Pages are produced one at a time, so a large PDF never has all its pages in
 memory. Every render is capped at ``max_pixels``: the zoom is lowered before
 rendering, so a poster or an engineering drawing never becomes a giant
-pixmap first.
+pixmap first. :func:`page_pixel_cap` says what the cap is for a job.
 """
 
 from __future__ import annotations
@@ -39,6 +39,27 @@ class PageImage:
     # The page's layout blocks in reading order (``--layout``); None: the page is one unit.
     blocks: list | None = None
     layout_s: float = 0.0
+
+
+# Layout mode renders pages at --dpi, as PaddleX does (zoom 2.0, no cap): the model's pixel bounds
+# apply to each block crop, never to the page. Only pages far beyond any paper size are capped, so
+# that one poster's pixmap (3 bytes a pixel, copied a few times on its way) stays within memory:
+# A3 at 300 dpi (17.4 million pixels) renders whole, an A0 poster at 150 dpi (27 million) does not.
+LAYOUT_PAGE_MAX_PIXELS = 20_000_000
+
+
+def page_pixel_cap(layout: str, model_max_pixels: int, max_pixels: int | None = None) -> int:
+    """The most pixels a page of a job is rendered with.
+
+    A whole page (``layout`` none) is the image the model encodes: at most
+    ``max_pixels`` (``--max-pixels``) and never above the model processor's
+    ``model_max_pixels``. In layout mode the layout model sees the page and
+    the language model only its block crops, each resized within the block
+    bounds, so the page keeps its ``--dpi`` up to :data:`LAYOUT_PAGE_MAX_PIXELS`.
+    """
+    if layout != "none":
+        return LAYOUT_PAGE_MAX_PIXELS
+    return min(max_pixels or model_max_pixels, model_max_pixels)
 
 
 def pdf_zoom(width_pt: float, height_pt: float, dpi: float, max_pixels: int) -> float:

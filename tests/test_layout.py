@@ -137,6 +137,39 @@ def test_cdla_on_every_sample_page(cdla):
     assert counts["minutes-3-pages.pdf"] == ["paragraph_title", "text"]
 
 
+def test_layout_mode_renders_at_the_dpi_where_cdla_finds_a_small_type_scans_columns(cdla, tmp_path):
+    from scanned_article import write_scanned_article
+
+    from ocrbatch.discover import Document
+    from ocrbatch.rasterize import LAYOUT_PAGE_MAX_PIXELS, iter_pages, page_pixel_cap
+
+    scan = Document(write_scanned_article(tmp_path / "scan.pdf"), "scan")
+    model_max = 672 * 672  # the tiny checkpoint's processor maximum
+
+    def rendered(layout: str) -> Image.Image:
+        [page] = iter_pages(scan, [1], dpi=DPI, max_pixels=page_pixel_cap(layout, model_max))
+        return page.image
+
+    # Whole pages keep the model's cap, --max-pixels only lowering it...
+    assert page_pixel_cap("none", model_max) == model_max
+    assert page_pixel_cap("none", model_max, 200_000) == 200_000
+    assert page_pixel_cap("none", model_max, 10**9) == model_max
+    # ...where CDLA, on this page, sees the two columns of body text as one picture.
+    assert [b.label for b in cdla.detect(rendered("none"))].count("image") == 1
+    # A layout page is rendered at the dpi (US Letter at 110 dpi), capped only for memory.
+    assert page_pixel_cap("cdla", model_max, 200_000) == LAYOUT_PAGE_MAX_PIXELS
+    image = rendered("cdla")
+    assert image.size == (935, 1210)
+    blocks = cdla.detect(image)
+    middle = image.width / 2
+    text = [b for b in blocks if b.label == "text"]
+    assert "image" not in [b.label for b in blocks]
+    left, right = [b for b in text if b.x1 < middle], [b for b in text if b.x0 > middle]
+    assert len(left) >= 4 and len(right) >= 4 and len(left) + len(right) == len(text)
+    body = [b for b in blocks if b.label not in ("header", "footer")]
+    assert body.index(left[-1]) < body.index(right[0])  # the left column is read first
+
+
 def test_a_page_with_no_blocks(cdla):
     assert cdla.detect(Image.new("RGB", (935, 1210), "white")) == []
     assert page_markdown([]) == ""
