@@ -16,8 +16,6 @@ from .store import checkpoint_path_for
 # slower than any CPU decodes (about 2 tokens/s per sequence).
 PAGE_TIMEOUT_BASE_S = 300.0
 PAGE_TIMEOUT_PER_TOKEN_S = 0.5
-# Page render cap with a remote backend (no local image processor to ask): PaddleOCR-VL's own max_pixels.
-REMOTE_MAX_PIXELS = 1003520
 BACKENDS = ("local", "openai")
 
 

@@ -31,7 +31,7 @@ from .assemble import PageWork, Unit
 from .decode import PAGE_FAILURES, LocalDecoder, RemoteDecoder
 from .encode import encode_units, next_batch
 from .errors import OcrbatchError
-from .options import REMOTE_MAX_PIXELS, JobOptions
+from .options import JobOptions
 from .output import open_output
 from .plan import Plan, plan_job
 from .prompt import TASK_PROMPTS
@@ -184,7 +184,7 @@ def _run_locked(options: JobOptions, store: Store, engine, pool, render_pages, s
         if plan.work and not stop.requested and recognizer is not None:
             for item in plan.work:
                 recorder.expect(item.document, len(item.pages))
-            max_pixels = options.max_pixels or REMOTE_MAX_PIXELS
+            max_pixels = page_pixel_cap(options.layout, recognizer.model_pixel_bounds[1], options.max_pixels)
             decoder = RemoteDecoder(recognizer, options.max_tokens, options.ignore_eos)
             _process(recorder, None, decoder, plan, max_pixels, stop, render_pages)
         elif plan.work and not stop.requested:

@@ -7,16 +7,19 @@ with ``max_tokens`` and ``temperature`` 0. No model is loaded here.
 blocks once ``concurrency + queue_size`` requests are unfinished, so a fast
 producer (the page renderer) cannot run ahead of the server.
 
-A layout block comes with the pixel bounds the local engine encodes it
-within (small crops are upscaled). A server would apply its own processor's
-bounds instead (PaddleOCR-VL's default min_pixels is 147,456), so the block is
-resized here, exactly as the local image processor resizes it (transformers'
-``smart_resize`` for PaddleOCR-VL, bicubic), and the bounds also go as vLLM's
-per-request ``mm_processor_kwargs``: a server that honours them leaves the
-resized image as it is, and one that ignores them gets an image already
-within them. Whole pages are sent as rendered, without bounds. Benchmarks may
-ask for ``ignore_eos`` (vLLM's and llama-server's extension), so that every
-answer is ``max_tokens`` long.
+Every image is sent at the size the local engine would encode it for the
+same model: a layout block within the block bounds (small crops are
+upscaled), a whole page within the model's own bounds, which ``ocrbatch
+serve`` reports on ``/v1/models`` (:data:`DEFAULT_MODEL_PIXEL_BOUNDS`, the
+current releases', for a server that does not). A server would otherwise
+apply its own processor's bounds (PaddleOCR-VL's default min_pixels is
+147,456) to whatever it is sent, so the image is resized here, exactly as
+the local image processor resizes it (transformers' ``smart_resize`` for
+PaddleOCR-VL, bicubic), and the bounds also go as vLLM's per-request
+``mm_processor_kwargs``: a server that honours them leaves the resized image
+as it is, and one that ignores them gets an image already within them.
+Benchmarks may ask for ``ignore_eos`` (vLLM's and llama-server's extension),
+so that every answer is ``max_tokens`` long.
 
 Retry policy, per request:
 
@@ -76,6 +79,9 @@ T = TypeVar("T")
 RETRYABLE_STATUS = frozenset({408, 429})  # and every 5xx
 # PaddleOCR-VL's 14-pixel patches merge 2x2 into one token: resized sides are multiples of 28.
 RESIZE_FACTOR = 28
+# A whole page's resize bounds when the server does not report its model's: PaddleOCR-VL 1.5 and
+# 1.6's own (their preprocessor_config.json), the releases a server most likely runs.
+DEFAULT_MODEL_PIXEL_BOUNDS = (112896, 1003520)
 # Server messages go into one-line error columns; a stack trace or an HTML page must not.
 MESSAGE_LIMIT = 300
 
@@ -151,6 +157,8 @@ class RemoteRecognizer:
             raise OcrbatchError("concurrency and max_attempts must be at least 1, timeout_s above 0")
         self.base_url = str(url).rstrip("/")
         self.model = model
+        # Whole pages' resize bounds (min, max pixels): the served model's, once check() has read them.
+        self.model_pixel_bounds = DEFAULT_MODEL_PIXEL_BOUNDS
         self.timeout_s = timeout_s
         self.max_attempts = max_attempts
         self.max_retry_after_s = max_retry_after_s
@@ -179,28 +187,35 @@ class RemoteRecognizer:
     def check(self) -> str:
         """Confirm the server answers and serves the model (retrying as requests do); return the model name.
 
-        Raises :class:`BackendUnavailable` naming the server and the reason.
+        Also takes the model's pixel bounds from the listing where the server
+        reports them (``ocrbatch serve`` does). Raises :class:`BackendUnavailable`
+        naming the server and the reason.
         """
         try:
             listing, _ = self._with_retries(self._list_models)
         except _GaveUp as exc:
             raise BackendUnavailable(f"{self.base_url}: {exc.message}") from None
-        served = [entry["id"] for entry in listing]
+        served = {entry["id"]: entry for entry in listing}
         if self.model is None:
             if not served:
                 raise BackendUnavailable(f"{self.base_url}: the server lists no models")
-            self.model = served[0]
+            self.model = next(iter(served))
         elif self.model not in served:
             raise BackendUnavailable(f"{self.base_url}: model {self.model!r} is not served here; "
                                      f"it serves {', '.join(map(repr, served)) or 'nothing'}")
+        reported = _reported_pixel_bounds(served[self.model])
+        self.model_pixel_bounds = reported or DEFAULT_MODEL_PIXEL_BOUNDS
+        log.info("%s: whole pages are sized within %d to %d pixels (%s)", self.base_url, *self.model_pixel_bounds,
+                 "the server's model" if reported else "the server reports no bounds: PaddleOCR-VL 1.5's")
         return self.model
 
     def submit(self, image: Image.Image, prompt: str, max_tokens: int, pixel_bounds: tuple[int, int] | None = None,
                ignore_eos: bool = False) -> Future:
         """Queue one image; the future resolves to a :class:`RemoteResult` (failures included, as ``error``).
 
-        ``pixel_bounds`` (min, max pixels): resize the image within them before
-        sending it, and ask the server to keep to them (layout blocks).
+        ``pixel_bounds`` (min, max pixels; None: the model's own, for a whole
+        page): resize the image within them before sending it, and ask the
+        server to keep to them.
         ``ignore_eos``: ask the server to generate ``max_tokens`` tokens
         whatever it samples (benchmarks). Blocks while ``concurrency +
         queue_size`` requests are unfinished.
@@ -259,16 +274,15 @@ class RemoteRecognizer:
 
     def _recognize(self, image: Image.Image, prompt: str, max_tokens: int, pixel_bounds: tuple[int, int] | None,
                    ignore_eos: bool) -> RemoteResult:
-        if pixel_bounds:
-            image = resize_within(image, pixel_bounds)
+        pixel_bounds = pixel_bounds or self.model_pixel_bounds
+        image = resize_within(image, pixel_bounds)
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")  # lossless: the server sees the pixels the local engine would
         uri = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
         body = {"model": self.model, "max_tokens": max_tokens, "temperature": 0,
                 "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}},
-                                                          {"type": "text", "text": prompt}]}]}
-        if pixel_bounds:
-            body["mm_processor_kwargs"] = {"min_pixels": pixel_bounds[0], "max_pixels": pixel_bounds[1]}
+                                                          {"type": "text", "text": prompt}]}],
+                "mm_processor_kwargs": {"min_pixels": pixel_bounds[0], "max_pixels": pixel_bounds[1]}}
         if ignore_eos:
             body["ignore_eos"] = True
         started = time.monotonic()
@@ -373,7 +387,7 @@ def resize_within(image: Image.Image, pixel_bounds: tuple[int, int]) -> Image.Im
     resampling (PIL bicubic, which the processor's PIL backend applies), so a
     server's processor finds the size already right and encodes these very pixels.
     """
-    # Imported here: it loads torch, which only layout blocks need.
+    # Imported here: it loads torch, which nothing else of the client needs.
     from transformers.models.paddleocr_vl.image_processing_pil_paddleocr_vl import (
         smart_resize,
     )
@@ -381,6 +395,17 @@ def resize_within(image: Image.Image, pixel_bounds: tuple[int, int]) -> Image.Im
     height, width = smart_resize(image.height, image.width, factor=RESIZE_FACTOR, min_pixels=pixel_bounds[0],
                                  max_pixels=pixel_bounds[1])
     return image.resize((width, height), Image.Resampling.BICUBIC)
+
+
+def _reported_pixel_bounds(entry: dict) -> tuple[int, int] | None:
+    """The ``(min_pixels, max_pixels)`` a ``/v1/models`` entry reports in its ``ocrbatch`` field, if it does."""
+    reported = entry.get("ocrbatch")
+    if not isinstance(reported, dict):
+        return None
+    bounds = reported.get("min_pixels"), reported.get("max_pixels")
+    if not all(type(value) is int for value in bounds) or not 0 < bounds[0] <= bounds[1]:
+        return None
+    return bounds
 
 
 def _cancel(future: Future) -> None:

@@ -7,11 +7,13 @@ encoded by the shared :class:`VisionEncoder` and decoded by the same
 workers' sequence slots. A full queue answers 503 with ``Retry-After``.
 Errors use OpenAI's error body; no request can take the server down.
 
-Two of vLLM's request extensions are honoured: ``mm_processor_kwargs``
-with ``min_pixels`` / ``max_pixels`` (the image's resize bounds, as the batch
-job sends for layout blocks; any other key is refused, since silently
-ignoring it would change the answer unannounced) and ``ignore_eos``
-(generate ``max_tokens`` tokens: benchmarks).
+``/v1/models`` reports the model's own image resize bounds (an ``ocrbatch``
+field with ``min_pixels`` and ``max_pixels``). Two of vLLM's request
+extensions are honoured: ``mm_processor_kwargs`` with ``min_pixels`` /
+``max_pixels`` (the image's resize bounds, as the batch job sends for pages
+and layout blocks; any other key is refused, since silently ignoring it would
+change the answer unannounced) and ``ignore_eos`` (generate ``max_tokens``
+tokens: benchmarks).
 """
 
 from __future__ import annotations
@@ -438,8 +440,12 @@ def create_app(engine, pool, settings: ServerSettings) -> FastAPI:
 
     @app.get("/v1/models", dependencies=[Depends(authorised)])
     async def models():
+        # The processor's own resize bounds, so that a client can size whole pages as this model
+        # encodes them locally (what ``--backend openai`` does) instead of guessing.
+        size = engine.vision.image_processor.size
         return {"object": "list", "data": [
-            {"id": settings.model_name, "object": "model", "created": 0, "owned_by": "ocrbatch"}]}
+            {"id": settings.model_name, "object": "model", "created": 0, "owned_by": "ocrbatch",
+             "ocrbatch": {"min_pixels": size.shortest_edge, "max_pixels": size.longest_edge}}]}
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorised)])
     async def chat_completions(body: ChatCompletionRequest, http: Request):

@@ -74,9 +74,12 @@ class Seen:
 class FaultServer:
     """The server; use as a context manager. ``url`` is its OpenAI base URL (``.../v1``)."""
 
-    def __init__(self, models: tuple[str, ...] = ("fault-model",), api_key: str | None = None):
+    def __init__(self, models: tuple[str, ...] = ("fault-model",), api_key: str | None = None,
+                 pixel_bounds: tuple[int, int] | None = None):
+        """``pixel_bounds``: the model image bounds to report on ``/v1/models``, as ``ocrbatch serve`` does."""
         self.models = list(models)
         self.api_key = api_key
+        self.pixel_bounds = pixel_bounds
         self.seen: list[Seen] = []
         self.in_flight = 0
         self.max_in_flight = 0
@@ -170,8 +173,11 @@ def _handler_for(server: FaultServer):
             if self.path != "/v1/models":
                 return self._error(404, f"no route {self.path}")
             if self._authorised():
+                reported = {} if server.pixel_bounds is None else {"ocrbatch": dict(
+                    zip(("min_pixels", "max_pixels"), server.pixel_bounds))}
                 self._send_json(200, {"object": "list", "data": [
-                    {"id": name, "object": "model", "created": 0, "owned_by": "test"} for name in server.models]})
+                    {"id": name, "object": "model", "created": 0, "owned_by": "test", **reported}
+                    for name in server.models]})
 
         def do_POST(self) -> None:
             body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))

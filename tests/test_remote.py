@@ -23,9 +23,11 @@ from helpers import document_image
 from PIL import Image
 
 from ocrbatch.errors import OcrbatchError
-from ocrbatch.remote import BackendUnavailable, RemoteRecognizer
+from ocrbatch.remote import DEFAULT_MODEL_PIXEL_BOUNDS, BackendUnavailable, RemoteRecognizer
 
-IMAGE = document_image(64, 48, 0)
+# Already the size PaddleOCR-VL's processor gives it (sides multiples of 28, at the current releases'
+# minimum): the client sends it as it is, and the fault server's answer names that size.
+IMAGE = document_image(336, 336, 0)
 TIMEOUT_S = 0.5
 SAMPLE_DOCS = Path(__file__).resolve().parent.parent / "sample_docs"
 
@@ -68,7 +70,7 @@ def test_every_transient_failure_is_retried_until_the_page_completes(server, rec
     remote.check()
     result = remote.submit(IMAGE, "OCR:", 32).result(timeout=30)
     assert result.ok
-    assert result.text == "OCR: 64x48"  # the fault server read the image back
+    assert result.text == "OCR: 336x336"  # the fault server read the image back
     assert (result.n_output_tokens, result.n_image_tokens, result.finish_reason) == (7, 30, "stop")
     assert result.attempts == len(faults) + 1 == len(server.requests_for("OCR:"))
     assert result.elapsed_s >= TIMEOUT_S  # the stalled attempt was waited out, then retried
@@ -174,7 +176,7 @@ def test_request_is_one_image_and_the_prompt_greedy_and_usage_may_be_absent(serv
     remote = recognizer()
     remote.check()
     result = remote.submit(IMAGE, "Table Recognition:", 77).result(timeout=30)
-    assert result.text == "Table Recognition: 64x48"
+    assert result.text == "Table Recognition: 336x336"
     assert result.n_output_tokens is None and result.n_image_tokens is None
     [seen] = server.requests_for("Table Recognition:")
     assert {k: seen.body[k] for k in ("model", "max_tokens", "temperature")} == {
@@ -184,7 +186,14 @@ def test_request_is_one_image_and_the_prompt_greedy_and_usage_may_be_absent(serv
     assert image["image_url"]["url"].startswith("data:image/png;base64,") and text["text"] == "Table Recognition:"
 
 
-def test_a_block_goes_resized_within_its_bounds_with_the_bounds_and_a_page_goes_as_it_is(server, recognizer):
+def sent_image(seen) -> Image.Image:
+    """The image of a request the fault server saw, as sent (a PNG ``data:`` URL)."""
+    url = seen.body["messages"][0]["content"][0]["image_url"]["url"]
+    assert url.startswith("data:image/png;base64,")
+    return Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
+
+
+def test_a_block_goes_resized_within_its_bounds_with_the_bounds(server, recognizer):
     from transformers.models.paddleocr_vl.image_processing_pil_paddleocr_vl import (
         PaddleOCRVLImageProcessorPil,
     )
@@ -195,19 +204,39 @@ def test_a_block_goes_resized_within_its_bounds_with_the_bounds_and_a_page_goes_
     remote.check()
     small = document_image(300, 120, 1)  # 36,000 pixels: below the block minimum, so upscaled
     block = remote.submit(small, "block", 8, pixel_bounds=BLOCK_PIXEL_BOUNDS).result(timeout=30)
-    page = remote.submit(small, "page", 8).result(timeout=30)
-    assert (block.text, page.text) == ("block 532x224", "page 300x120")
-    [seen_block], [seen_page] = server.requests_for("block"), server.requests_for("page")
-    assert seen_block.body["mm_processor_kwargs"] == {"min_pixels": 112896, "max_pixels": 1003520}
-    assert "mm_processor_kwargs" not in seen_page.body
-    assert "ignore_eos" not in seen_block.body and "ignore_eos" not in seen_page.body
+    assert block.text == "block 532x224"
+    [seen] = server.requests_for("block")
+    assert seen.body["mm_processor_kwargs"] == {"min_pixels": 112896, "max_pixels": 1003520}
+    assert "ignore_eos" not in seen.body
     # The pixels sent are those PaddleOCR-VL's processor encodes from the crop within the same bounds.
     processor = PaddleOCRVLImageProcessorPil(min_pixels=BLOCK_PIXEL_BOUNDS[0], max_pixels=BLOCK_PIXEL_BOUNDS[1])
-    url = seen_block.body["messages"][0]["content"][0]["image_url"]["url"]
-    sent = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
-    assert url.startswith("data:image/png;base64,")
-    assert (processor(images=[sent], return_tensors="np")["pixel_values"]
+    assert (processor(images=[sent_image(seen)], return_tensors="np")["pixel_values"]
             == processor(images=[small], return_tensors="np")["pixel_values"]).all()
+
+
+@pytest.mark.parametrize(("reported", "bounds"), [
+    ((12544, 451584), (12544, 451584)),  # ocrbatch serve with the tiny checkpoint
+    (None, DEFAULT_MODEL_PIXEL_BOUNDS),  # a server that does not say (vLLM, llama-server)
+    ((451584, 12544), DEFAULT_MODEL_PIXEL_BOUNDS),  # nonsense is not taken
+])
+def test_a_page_goes_resized_within_the_models_bounds_that_the_server_reports(reported, bounds):
+    from transformers.models.paddleocr_vl.image_processing_pil_paddleocr_vl import (
+        PaddleOCRVLImageProcessorPil,
+    )
+
+    page = document_image(900, 700, 2)  # 630,000 pixels: above the tiny model's maximum, within the releases'
+    with FaultServer(pixel_bounds=reported) as server, RemoteRecognizer(server.url) as remote:
+        remote.check()
+        assert remote.model_pixel_bounds == bounds
+        result = remote.submit(page, "page", 8).result(timeout=30)
+    [seen] = server.requests_for("page")
+    assert seen.body["mm_processor_kwargs"] == {"min_pixels": bounds[0], "max_pixels": bounds[1]}
+    sent = sent_image(seen)
+    assert result.text == f"page {sent.width}x{sent.height}" and sent.size != page.size
+    # The server encodes what the model's own processor would encode from the page here.
+    processor = PaddleOCRVLImageProcessorPil(min_pixels=bounds[0], max_pixels=bounds[1])
+    assert (processor(images=[sent], return_tensors="np")["pixel_values"]
+            == processor(images=[page], return_tensors="np")["pixel_values"]).all()
 
 
 def test_ignore_eos_is_sent_only_when_asked(server, recognizer):
@@ -236,7 +265,7 @@ def test_submit_blocks_while_concurrency_plus_queue_requests_are_unfinished(serv
     submitter.join(timeout=10)
     assert fourth
     results = [f.result(timeout=30) for f in futures + fourth]
-    assert [r.text for r in results] == ["a 64x48", "b 64x48", "c 64x48", "d 64x48"]
+    assert [r.text for r in results] == ["a 336x336", "b 336x336", "c 336x336", "d 336x336"]
     assert server.max_in_flight == 2
 
 
@@ -259,7 +288,7 @@ def test_close_resolves_or_cancels_every_future(server, recognizer):
     assert closer.is_alive()  # still waiting for the attempt in flight
     server.release_held()
     closer.join(timeout=10)
-    assert not closer.is_alive() and in_flight.result(timeout=0).text == "in flight 64x48"
+    assert not closer.is_alive() and in_flight.result(timeout=0).text == "in flight 336x336"
     assert len(server.seen) == 2
     with pytest.raises(OcrbatchError, match="closed"):
         remote.submit(IMAGE, "late", 8)
