@@ -30,18 +30,24 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
 
 from .errors import InputError
 from .images import open_image
 from .language import GenerationResult, Sampling
 from .layout import BLOCK_MAX_PIXELS
 
+# Sampling seeds are unsigned 64-bit, as llama.cpp's and most servers' are (numpy takes any, but
+# a seed another server would refuse should not quietly work here).
+SEED_MAX = 2**64 - 1
+# A URL's scheme (two characters at least: "C:/page.png" is a Windows path, not a URL).
+URL_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]+):")
 # Resize bounds below one 28x28 group of patches (one image token) mean nothing to the encoder.
 MIN_BOUND_PIXELS = 28 * 28
 BOUND_KEYS = ("min_pixels", "max_pixels")
@@ -70,6 +76,25 @@ class ApiError(Exception):
     def response(self) -> JSONResponse:
         body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
         return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def _characters_only(text: str, what: str) -> None:
+    """Refuse a lone UTF-16 surrogate (JSON's ``"\\ud800"``): it is no character, and neither the
+    tokenizer nor a URL or file name takes it."""
+    surrogate = LONE_SURROGATE.search(text)
+    if surrogate:
+        raise ApiError(400, f"the {what} holds a lone UTF-16 surrogate (\\u{ord(surrogate.group()):04x} at "
+                       f"character {surrogate.start()}), which is not a character", param="messages")
+
+
+def _stops_not_empty(stop):
+    """An empty stop string would be found before any text: refuse it rather than answer nothing."""
+    if stop == "" or (isinstance(stop, list) and "" in stop):
+        raise ValueError("stop strings must not be empty")
+    return stop
 
 
 class ImageURL(BaseModel):
@@ -102,10 +127,10 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
+    stop: Annotated[str | list[str] | None, AfterValidator(_stops_not_empty)] = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, le=SEED_MAX)
     mm_processor_kwargs: dict | None = None
     ignore_eos: bool = False
 
@@ -171,6 +196,10 @@ def _image_bytes(url: str, settings: ServerSettings) -> bytes:
                 return data
         except httpx.HTTPError as exc:
             raise ApiError(400, f"could not fetch the image: {exc}", param="image_url") from None
+    scheme = URL_SCHEME.match(url)
+    if scheme and scheme.group(1).lower() != "file":
+        raise ApiError(400, f"unsupported image URL scheme {scheme.group(1)!r}: send the image as a data: URI "
+                       "(or an http(s) URL, or a file path, where the server allows them)", param="image_url")
     if not settings.allow_local_files:
         raise ApiError(400, "local file paths are disabled on this server (start it with --allow-local-files); "
                        "send the image as a data: URI", param="image_url")
@@ -180,6 +209,24 @@ def _image_bytes(url: str, settings: ServerSettings) -> bytes:
             return handle.read(settings.max_body_bytes + 1)
     except OSError as exc:
         raise ApiError(400, f"cannot read {path}: {exc.strerror}", param="image_url") from None
+
+
+def _routing_error(request: Request, exc: HTTPException) -> ApiError:
+    """Starlette's own errors (no such route, a wrong method, a body it cannot parse) as OpenAI's error."""
+    where = f"{request.method} {request.url.path}"
+    if exc.status_code == 404:
+        return ApiError(404, f"Invalid URL ({where}): this server serves POST /v1/chat/completions, "
+                        "GET /v1/models and GET /health")
+    if exc.status_code == 405:
+        allowed = (exc.headers or {}).get("Allow", "another method")
+        return ApiError(405, f"method not allowed ({where}): use {allowed}", headers=exc.headers)
+    cause = exc.__cause__
+    if isinstance(cause, UnicodeDecodeError):
+        return ApiError(400, f"request body is not valid UTF-8 (byte {cause.object[cause.start]:#04x} at "
+                        f"offset {cause.start})")
+    if isinstance(cause, RecursionError):
+        return ApiError(400, "request body is nested too deeply to parse")
+    return ApiError(exc.status_code, str(exc.detail), headers=exc.headers)
 
 
 def _parse_prompt(body: ChatCompletionRequest) -> tuple[str, str]:
@@ -199,6 +246,8 @@ def _parse_prompt(body: ChatCompletionRequest) -> tuple[str, str]:
     if not url:
         raise ApiError(400, "image_url part without a url", param="messages")
     text = "".join(p.text or "" for p in content if p.type in ("text", "input_text")).strip()
+    _characters_only(url, "image URL")
+    _characters_only(text, "prompt text")
     return url, text or "OCR:"
 
 
@@ -418,7 +467,12 @@ def create_app(engine, pool, settings: ServerSettings) -> FastAPI:
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         if not where:
             return ApiError(400, "request body must be a JSON object").response()
-        return ApiError(400, f"{where}: {first.get('msg', 'invalid request')}", param=where or None).response()
+        message = first.get("msg", "invalid request").removeprefix("Value error, ")  # pydantic's, for our checks
+        return ApiError(400, f"{where}: {message}", param=where).response()
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        return _routing_error(request, exc).response()
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception):

@@ -198,6 +198,39 @@ def test_bad_requests_get_openai_errors_and_the_server_stays_up(server, test_ima
 
 
 @pytest.mark.slow
+def test_malformed_requests_get_openai_errors_naming_the_param(server, test_images):
+    uri = data_uri(test_images[0])
+    json_body = {"content-type": "application/json"}
+
+    def post(body: dict) -> dict:  # json.dumps escapes a lone surrogate as JSON's \udXXX, as clients send it
+        return dict(content=json.dumps(body).encode(), headers=json_body)
+
+    request = {"messages": messages(uri), "max_tokens": 2}
+    chat = "/v1/chat/completions"
+    cases = [
+        ("POST", chat, post({"messages": messages(uri, "OCR: \ud800")}), 400, "lone UTF-16 surrogate", "messages"),
+        ("POST", chat, dict(content=b"[" * 100_000 + b"]" * 100_000, headers=json_body), 400,
+         "nested too deeply", None),
+        ("POST", chat, dict(content=b'{"messages": "\xff"}', headers=json_body), 400, "not valid UTF-8", None),
+        ("GET", chat, {}, 405, "method not allowed (GET /v1/chat/completions): use POST", None),
+        ("GET", "/v2/nothing", {}, 404, "Invalid URL (GET /v2/nothing)", None),
+        ("POST", chat, post({**request, "seed": -1}), 400, "greater than or equal to 0", "seed"),
+        ("POST", chat, post({**request, "seed": 2**70}), 400, "less than or equal to 18446744073709551615", "seed"),
+        ("POST", chat, post({**request, "stop": [""]}), 400, "stop strings must not be empty", "stop"),
+        ("POST", chat, post({"messages": messages("gopher://example.com/1/page.png")}), 400,
+         "unsupported image URL scheme 'gopher'", "image_url"),
+    ]
+    for method, path, kwargs, status, words, param in cases:
+        response = httpx.request(method, server + path, timeout=60, **kwargs)
+        assert response.status_code == status, (path, kwargs.get("content", b"")[:80], response.text)
+        error = response.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"}, error
+        assert words in error["message"] and error["param"] == param and error["type"], (words, error)
+        assert httpx.get(server + "/health", timeout=10).status_code == 200  # still up
+    assert _post(server, {**request, "seed": 2**64 - 1, "temperature": 1.0}).status_code == 200
+
+
+@pytest.mark.slow
 def test_api_key_queue_and_body_limits(guarded_server, test_images):
     uri = data_uri(test_images[0])
     assert _post(guarded_server, {"messages": messages(uri)}).status_code == 401
