@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from .discover import PathError, check_paths, escaped
 from .errors import OcrbatchError
 from .gguf_convert import QUANTS
 from .options import BACKENDS, PAGE_TIMEOUT_BASE_S, PAGE_TIMEOUT_PER_TOKEN_S, JobOptions
@@ -208,7 +209,7 @@ def _setup_logging(quiet: bool, log_file: str | None) -> None:
     console.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
     root.addHandler(console)
     if log_file:
-        handler = logging.FileHandler(log_file)
+        handler = logging.FileHandler(log_file, errors="backslashreplace")  # file names need not be UTF-8
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
         root.addHandler(handler)
     root.propagate = False
@@ -310,9 +311,12 @@ def run(paths, out, output_format, checkpoint, include, exclude, dry_run, retry_
     """OCR every PDF and image under PATHS into one row per page in OUT.
 
     Resumable: finished pages are recorded in a SQLite checkpoint, so running
-    the same command again only does what is left. Exit codes: 0 all pages ok,
-    1 some pages failed, 3 fatal error (unfinished pages stay pending for the
-    next run), 4 another run holds this output, 130/143 stopped by SIGINT/SIGTERM.
+    the same command again only does what is left. Exit codes describe OUT
+    after the run, earlier runs' pages included: 0 every page ok, 1 some pages
+    failed (in this run or an earlier one), 2 bad command line (also a PATH
+    that names no file or folder), 3 fatal error (unfinished pages stay
+    pending for the next run), 4 another run holds this output, 130/143
+    stopped by SIGINT/SIGTERM.
     """
     from .pipeline import dry_run as plan_only, run_job
 
@@ -331,6 +335,10 @@ def run(paths, out, output_format, checkpoint, include, exclude, dry_run, retry_
         raise click.BadParameter("applies to --layout pp-doclayout only", param_hint="--layout-model")
     if pdf_text != "never" and task != "ocr":
         raise click.BadParameter(f"the text layer stands in for OCR only, not task {task!r}", param_hint="--pdf-text")
+    try:
+        check_paths(paths)  # before anything is written: a typo or an unmounted share is a bad command line
+    except PathError as exc:
+        raise click.BadParameter(str(exc), param_hint="PATHS") from None
     if engine_name == "ray":
         if backend != "local":
             raise click.BadParameter("the ray engine runs the models on its actors, not --backend openai",
@@ -348,14 +356,17 @@ def run(paths, out, output_format, checkpoint, include, exclude, dry_run, retry_
     if dry_run:
         plan = plan_only(options)
         for item in sorted(plan.work, key=lambda item: str(item.document.path)):
-            click.echo(f"{len(item.pages)}\t{item.document.path}{_routes(item, options)}")
+            click.echo(f"{len(item.pages)}\t{escaped(item.document.path)}{_routes(item, options)}")
         for document, error in sorted(plan.unreadable, key=lambda entry: str(entry[0].path)):
-            click.echo(f"unreadable\t{document.path}\t{error}")
+            click.echo(f"unreadable\t{escaped(document.path)}\t{escaped(error)}")
         for document in plan.deferred:
-            click.echo(f"deferred\t{document.path}\t{document.deferred}")
+            click.echo(f"deferred\t{escaped(document.path)}\t{document.deferred}")
         for document, original in plan.copies:
-            click.echo(f"copy\t{document.path}\tsame content as {original}")
-        click.echo(f"{plan.pages} pages to process", err=True)
+            click.echo(f"copy\t{escaped(document.path)}\tsame content as {escaped(original)}")
+        for document in plan.special:
+            click.echo(f"special\t{escaped(document.path)}\t{escaped(document.special)}: not a regular file, skipped")
+        special = f", {len(plan.special)} special files skipped" if plan.special else ""
+        click.echo(f"{plan.pages} pages to process{special}", err=True)
         return
     _run_to_exit(lambda: run_job(options), out)
 
@@ -400,9 +411,9 @@ def _run_on_ray(options: JobOptions, address: str | None, settings, dry_run: boo
 
         plan = plan_pages(options, DatasetRecord(options.out), dry_run=True)
         for path, pages in sorted(Counter(item["path"] for item in plan.manifest).items()):
-            click.echo(f"{pages}\t{path}")
+            click.echo(f"{pages}\t{escaped(path)}")
         for document, error in plan.unreadable:
-            click.echo(f"unreadable\t{document.path}\t{error}")
+            click.echo(f"unreadable\t{escaped(document.path)}\t{escaped(error)}")
         click.echo(f"{len(plan.manifest)} pages to process", err=True)
         return
     _run_to_exit(lambda: run_ray_job(options, address=address, settings=settings), options.out)
@@ -417,7 +428,7 @@ def _routes(item, options: JobOptions) -> str:
     try:
         routes = route(item.document.path, item.pages, options.pdf_text, options.trust_ocr_layer)
     except Exception as exc:  # the run itself reports the document's problem
-        return f"\troutes unknown ({type(exc).__name__}: {exc})"
+        return f"\troutes unknown ({escaped(f'{type(exc).__name__}: {exc}')})"
     notes = []
     for number, chosen in sorted(routes.items()):
         where = "failed" if chosen.error else chosen.source

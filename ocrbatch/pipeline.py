@@ -36,7 +36,7 @@ from .output import open_output
 from .plan import Plan, plan_job
 from .prompt import TASK_PROMPTS
 from .rasterize import PageImage, page_pixel_cap
-from .record import JobSummary, OutputError, Recorder
+from .record import JobSummary, OutputError, Recorder, markdown_stem
 from .render import LayoutSettings, RenderJob, RenderStage, StageFailed, TextLayerSettings, iter_pages
 from .store import Store
 
@@ -168,6 +168,7 @@ def _run_locked(options: JobOptions, store: Store, engine, pool, render_pages, s
     summary.pages_skipped = plan.skipped
     summary.documents = len(plan.work) + len(plan.unreadable)
     summary.deferred_files = len(plan.deferred)
+    summary.special_files = len(plan.special)
     own_pool = pool is None
     try:
         batch = []
@@ -211,6 +212,7 @@ def _run_locked(options: JobOptions, store: Store, engine, pool, render_pages, s
                 if doc_id not in recorder.markdown_written:
                     recorder.markdown(doc_id)
         summary.pages_left = sum(recorder.remaining.values())
+        summary.failed_earlier = store.counts()["pages"].get("failed", 0) - summary.pages_failed
         try:
             writer.commit()
         except OSError as exc:
@@ -364,7 +366,7 @@ def _page_work(recorder: Recorder, page: PageImage, prompt: str) -> PageWork | N
     options = recorder.options
     images = None
     if options.markdown_dir is not None and page.blocks is not None:
-        images = options.markdown_dir / f"{page.document.path.stem}-{page.document.doc_id[:8]}-images"
+        images = options.markdown_dir / f"{markdown_stem(page.document.path, page.document.doc_id)}-images"
     try:
         return PageWork.of(page, prompt, images)
     except ValueError as exc:

@@ -4,7 +4,8 @@ Discovered documents are matched against the checkpoint: finished pages are
 skipped, and each content id (``doc_id``) becomes at most one work item, so
 overlapping PATHS and copies of one file at several paths are decoded once.
 The output has one row set per ``doc_id``, under the first path found in
-discovery order; copies at other paths are logged, not repeated. Any error
+discovery order; copies at other paths are logged, not repeated. Files that
+are not regular files (FIFOs, devices) are listed, never opened. Any error
 while planning a document makes that document a failed one with the reason;
 it never stops the plan.
 """
@@ -15,7 +16,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .discover import Document, discover
+from .discover import Document, discover, escaped
 from .errors import InputError
 from .options import JobOptions
 from .rasterize import count_pages
@@ -40,6 +41,7 @@ class Plan:
     skipped: int = 0  # pages (or unopenable documents) already done
     deferred: list[Document] = field(default_factory=list)  # still being written: left for a later run
     copies: list[tuple[Document, Path]] = field(default_factory=list)  # (copy, the path processed instead)
+    special: list[Document] = field(default_factory=list)  # FIFOs, devices, sockets: never opened
 
     @property
     def pages(self) -> int:
@@ -60,13 +62,17 @@ def plan_job(options: JobOptions, store: Store | None, record: bool = True) -> P
     for document in discover(options.paths, options.include, options.exclude, known_id=known,
                              min_file_age=options.min_file_age):
         if document.deferred:
-            log.info("%s: %s; left for a later run", document.path, document.deferred)
+            log.info("%s: %s; left for a later run", escaped(document.path), document.deferred)
             plan.deferred.append(document)
+            continue
+        if document.special:
+            log.info("%s: %s, not a regular file; skipped", escaped(document.path), escaped(document.special))
+            plan.special.append(document)
             continue
         if document.doc_id in first_path:
             if first_path[document.doc_id] != document.path:
-                log.info("%s: same content as %s, processed once under that path", document.path,
-                         first_path[document.doc_id])
+                log.info("%s: same content as %s, processed once under that path", escaped(document.path),
+                         escaped(first_path[document.doc_id]))
                 plan.copies.append((document, first_path[document.doc_id]))
             if store and record and not document.error:
                 store.remember_file(document.path, document.size, document.mtime_ns, document.doc_id)

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable, Iterator
 
 from PIL import Image
@@ -74,11 +76,29 @@ def pdf_zoom(width_pt: float, height_pt: float, dpi: float, max_pixels: int) -> 
     return zoom
 
 
-def _open_pdf(document: Document):
+def open_pdf_file(path: Path):
+    """``pymupdf.open`` of the PDF at ``path``, whatever bytes its name holds.
+
+    MuPDF takes a file name as UTF-8 text, so a name that is not UTF-8 (as files written by other
+    systems may have) is opened through the /proc/self/fd name of a descriptor; MuPDF opens that
+    name anew, so the descriptor is closed at once.
+    """
     import pymupdf
 
     try:
-        pdf = pymupdf.open(document.path, filetype="pdf")
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        descriptor = os.open(path, os.O_RDONLY)
+        try:
+            return pymupdf.open(f"/proc/self/fd/{descriptor}", filetype="pdf")
+        finally:
+            os.close(descriptor)
+    return pymupdf.open(path, filetype="pdf")
+
+
+def _open_pdf(document: Document):
+    try:
+        pdf = open_pdf_file(document.path)
     except Exception as exc:
         raise InputError(f"{document.path}: not a readable PDF ({exc})") from None
     if pdf.needs_pass:

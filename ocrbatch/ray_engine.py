@@ -134,6 +134,7 @@ class RayPlan:
     skipped: int = 0
     documents: int = 0
     deferred: int = 0  # files still being written (--min-file-age), left for a later run
+    special: int = 0  # FIFOs, devices, sockets: never opened
 
 
 @dataclass
@@ -353,12 +354,16 @@ def plan_pages(options, record: DatasetRecord, dry_run: bool = False) -> RayPlan
     ``dry_run`` plans the same pages and changes nothing.
     """
     documents: dict[str, Document] = {}
-    deferred = 0
+    deferred = special = 0
     for document in discover([Path(p).absolute() for p in options.paths], options.include, options.exclude,
                              min_file_age=options.min_file_age):
         if document.deferred:
             log.info("%s: %s; left for a later run", document.path, document.deferred)
             deferred += 1
+            continue
+        if document.special:
+            log.info("%s: %s, not a regular file; skipped", document.path, document.special)
+            special += 1
             continue
         documents.setdefault(document.doc_id, document)
     retry = set(documents) if options.retry_failed else set()
@@ -369,7 +374,7 @@ def plan_pages(options, record: DatasetRecord, dry_run: bool = False) -> RayPlan
     done: dict[str, dict[int, int | None]] = defaultdict(dict)
     for (doc_id, page), entry in best_entries(remaining).items():
         done[doc_id][page] = entry.page_count
-    plan = RayPlan(deferred=deferred)
+    plan = RayPlan(deferred=deferred, special=special)
     for doc_id, document in documents.items():
         finished = done.get(doc_id, {})
         if 0 in finished:  # could not be opened last time; --retry-failed removed that row
@@ -570,6 +575,7 @@ def run_ray_job(options, address: str | None = None, settings: RaySettings | Non
             log.info("%s: removed %d duplicate rows left by an interrupted run", options.out, repaired)
         plan = plan_pages(options, record)
         summary.pages_skipped, summary.documents, summary.deferred_files = plan.skipped, plan.documents, plan.deferred
+        summary.special_files = plan.special
         log.info("%d pages to process in %d documents (%d unreadable), %d already done",
                  len(plan.manifest), plan.documents, len(plan.unreadable), plan.skipped)
         config = _stage_config(options, settings, seqs) if plan.manifest else None
@@ -586,6 +592,7 @@ def run_ray_job(options, address: str | None = None, settings: RaySettings | Non
             sink.flush()
             sink.close()
         record.compact(run_id)
+        summary.failed_earlier = record.counts()["pages"].get("failed", 0) - summary.pages_failed
     summary.elapsed_s = time.monotonic() - started
     return summary
 

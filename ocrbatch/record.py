@@ -10,12 +10,13 @@ checkpoint intact.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .discover import Document
+from .discover import Document, escaped
 from .errors import OcrbatchError
 from .options import JobOptions
 from .store import Store
@@ -39,8 +40,10 @@ class JobSummary:
     pages_failed: int = 0
     pages_skipped: int = 0
     pages_left: int = 0  # planned but neither ok nor failed when the run ended
+    failed_earlier: int = 0  # failed pages in the output from earlier runs, not redone in this one
     documents: int = 0
     deferred_files: int = 0
+    special_files: int = 0  # FIFOs, devices, sockets found under the paths: skipped
     elapsed_s: float = 0.0
     worker_crashes: int = 0
     render_crashes: int = 0
@@ -48,11 +51,15 @@ class JobSummary:
 
     @property
     def exit_code(self) -> int:
+        """The state of the output, not only of this run: 1 while it holds a failed page from any run.
+
+        So a re-run, or the run that resumes a killed one, does not report 0 over failed rows.
+        """
         if self.stopped_by is not None:
             return 128 + self.stopped_by
         if self.pages_left:
             return EXIT_FATAL
-        return EXIT_SOME_FAILED if self.pages_failed else EXIT_OK
+        return EXIT_SOME_FAILED if self.pages_failed or self.failed_earlier else EXIT_OK
 
     def line(self, out: Path) -> str:
         done = self.pages_ok + self.pages_failed
@@ -60,8 +67,12 @@ class JobSummary:
         extras = []
         if self.pages_left:
             extras.append(f"{self.pages_left} left pending")
+        if self.failed_earlier:
+            extras.append(f"{self.failed_earlier} failed pages from earlier runs in the output")
         if self.deferred_files:
             extras.append(f"{self.deferred_files} files still being written, left for the next run")
+        if self.special_files:
+            extras.append(f"{self.special_files} special files (FIFOs, devices, sockets) skipped")
         if self.worker_crashes:
             extras.append(f"{self.worker_crashes} llama.cpp worker crashes")
         if self.render_crashes:
@@ -76,9 +87,12 @@ class JobSummary:
 
 
 def failure_row(page: int, page_count: int, task: str, error: str, model: str, quant: str) -> dict:
-    """The output row of a page (or, as page 0, a document) that failed."""
+    """The output row of a page (or, as page 0, a document) that failed.
+
+    ``error`` names the file as Python keeps its name; it is written :func:`escaped`, one line of UTF-8.
+    """
     return {"page": page, "page_count": page_count, "task": task, "text": "", "status": "failed",
-            "error": error, "model": model, "quant": quant,
+            "error": escaped(error), "model": model, "quant": quant,
             "created_at": datetime.now(timezone.utc).isoformat()}
 
 
@@ -92,11 +106,19 @@ def text_layer_row(page, task: str, model: str, quant: str) -> dict:
             "created_at": datetime.now(timezone.utc).isoformat()}
 
 
+def markdown_stem(path: Path, doc_id: str) -> str:
+    """The name (less suffix) of a document's Markdown file and of its picture folder.
+
+    It is linked from the Markdown, which is UTF-8: bytes of the name that are not UTF-8 become
+    U+FFFD (the document id in the name keeps it unique).
+    """
+    return os.fsencode(path.stem).decode("utf-8", "replace") + f"-{doc_id[:8]}"
+
+
 def write_markdown(store: Store, doc_id: str, folder: Path) -> Path:
     """One Markdown file per document, pages in order."""
     folder.mkdir(parents=True, exist_ok=True)
-    path = store.document_path(doc_id)
-    target = folder / f"{path.stem}-{doc_id[:8]}.md"
+    target = folder / f"{markdown_stem(store.document_path(doc_id), doc_id)}.md"
     parts = []
     for page in store.document_pages(doc_id):
         body = page.get("text") or f"<!-- page {page['page']} failed: {page.get('error')} -->"
@@ -146,7 +168,7 @@ class Recorder:
     def page_done(self, document: Document, page: int, row: dict) -> None:
         status = row["status"]
         self.store.record_page(document.doc_id, page, status, row, row.get("error"))
-        self.emit({"path": str(document.path), "doc_id": document.doc_id, **row})
+        self.emit({"path": escaped(document.path), "doc_id": document.doc_id, **row})
         if status == "ok":
             self.summary.pages_ok += 1
         else:
@@ -170,11 +192,11 @@ class Recorder:
     def document_failed(self, document: Document, error: str) -> None:
         """A document that cannot be opened: one failed row, page 0."""
         row = failure_row(0, 0, self.options.task, error, self.model_name, self.quant)
-        self.store.record_document_failure(document.doc_id, document.path, error, row)
-        self.emit({"path": str(document.path), "doc_id": document.doc_id, **row})
+        self.store.record_document_failure(document.doc_id, document.path, row["error"], row)
+        self.emit({"path": escaped(document.path), "doc_id": document.doc_id, **row})
         self.summary.pages_failed += 1
         self.progress.update(1)
-        log.warning("%s", error)
+        log.warning("%s", row["error"])
 
     def markdown(self, doc_id: str) -> None:
         try:

@@ -28,7 +28,7 @@ from PIL import Image
 
 from .discover import Document
 from .errors import InputError
-from .rasterize import PageImage, iter_pages, pdf_zoom
+from .rasterize import PageImage, iter_pages, open_pdf_file, pdf_zoom
 
 log = logging.getLogger("ocrbatch")
 
@@ -98,7 +98,7 @@ def _text_layer_pages(conn, document: Document, pages: list[int], dpi: float, ma
         return pages
     routes = route(document.path, pages, settings.mode, settings.trust_ocr_layer)
     model_pages = []
-    with pymupdf.open(document.path, filetype="pdf") as pdf:  # page_markdown alters the document it reads
+    with open_pdf_file(document.path) as pdf:  # page_markdown alters the document it reads
         for number in pages:
             chosen = routes[number]
             if chosen.error:

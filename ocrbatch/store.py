@@ -4,16 +4,22 @@ It is the source of truth for resuming. A page is ``pending`` until its
 result (or failure) is committed here; the output file is rebuilt from these
 rows on every run, so a run killed at any moment and re-run yields every page
 exactly once.
+
+Paths are kept as text, or as their bytes (a BLOB) when they are not UTF-8,
+which SQLite text must be: every path is kept exactly, and a checkpoint
+written before keeps working.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
+from .discover import escaped
 from .errors import OcrbatchError
 
 SCHEMA = """
@@ -42,6 +48,16 @@ CREATE INDEX IF NOT EXISTS pages_status ON pages(status);
 
 def now() -> str:
     return datetime.now(timezone.utc).isoformat()
+
+
+def _stored_path(path: Path) -> str | bytes:
+    """``path`` as the checkpoint keeps it: its text, or its bytes when they are not UTF-8."""
+    text = str(path)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # os.fsdecode kept bytes that are not UTF-8 as lone surrogates
+        return os.fsencode(path)
+    return text
 
 
 def checkpoint_path_for(target: str | Path) -> Path:
@@ -89,11 +105,12 @@ class Store:
 
     def known_id(self, path: Path, size: int, mtime_ns: int) -> str | None:
         row = self.db.execute("SELECT doc_id FROM files WHERE path = ? AND size = ? AND mtime_ns = ?",
-                              (str(path), size, mtime_ns)).fetchone()
+                              (_stored_path(path), size, mtime_ns)).fetchone()
         return row["doc_id"] if row else None
 
     def remember_file(self, path: Path, size: int, mtime_ns: int, doc_id: str) -> None:
-        self.db.execute("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?)", (str(path), size, mtime_ns, doc_id))
+        self.db.execute("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?)",
+                        (_stored_path(path), size, mtime_ns, doc_id))
 
     def upsert_document(self, doc_id: str, path: Path) -> None:
         """Note a document at ``path``; an older version of the same path is superseded."""
@@ -102,9 +119,9 @@ class Store:
                 "INSERT INTO documents (doc_id, path, updated_at) VALUES (?, ?, ?) "
                 "ON CONFLICT(doc_id) DO UPDATE SET path = excluded.path, "
                 "status = CASE WHEN status = 'superseded' THEN 'pending' ELSE status END",
-                (doc_id, str(path), now()))
+                (doc_id, _stored_path(path), now()))
             self.db.execute("UPDATE documents SET status = 'superseded', updated_at = ? "
-                            "WHERE path = ? AND doc_id != ?", (now(), str(path), doc_id))
+                            "WHERE path = ? AND doc_id != ?", (now(), _stored_path(path), doc_id))
 
     def set_page_count(self, doc_id: str, page_count: int) -> None:
         with self.db:
@@ -141,7 +158,7 @@ class Store:
                 "INSERT INTO documents (doc_id, path, page_count, status, error, updated_at) "
                 "VALUES (?, ?, 0, 'failed', ?, ?) ON CONFLICT(doc_id) DO UPDATE SET "
                 "path = excluded.path, status = 'failed', error = excluded.error, updated_at = excluded.updated_at",
-                (doc_id, str(path), error, now()))
+                (doc_id, _stored_path(path), error, now()))
         self.record_page(doc_id, 0, "failed", result, error)
 
     def finish_document(self, doc_id: str, max_page_error_rate: float) -> str:
@@ -161,13 +178,16 @@ class Store:
         return status
 
     def rows(self, exclude: set[tuple[str, int]] = frozenset()) -> Iterator[dict]:
-        """Output rows for every finished page of every current document, in path and page order."""
+        """Output rows for every finished page of every current document, in path and page order.
+
+        Paths are written :func:`~ocrbatch.discover.escaped`: text that reads back to their bytes.
+        """
         query = ("SELECT d.path, p.doc_id, p.page, p.result FROM pages p JOIN documents d USING (doc_id) "
                  "WHERE p.status != 'pending' AND d.status != 'superseded' ORDER BY d.path, p.page")
         for row in self.db.execute(query):
             if (row["doc_id"], row["page"]) in exclude:
                 continue
-            yield {"path": row["path"], "doc_id": row["doc_id"], **json.loads(row["result"])}
+            yield {"path": escaped(os.fsdecode(row["path"])), "doc_id": row["doc_id"], **json.loads(row["result"])}
 
     def document_pages(self, doc_id: str) -> list[dict]:
         rows = self.db.execute("SELECT page, status, result FROM pages WHERE doc_id = ? ORDER BY page", (doc_id,))
@@ -183,9 +203,10 @@ class Store:
         return {"pages": pages, "documents": documents}
 
     def failed_pages(self) -> list[tuple[str, int, str]]:
+        """``(path, page, error)`` of every failed page, the path escaped as in the output."""
         query = ("SELECT d.path, p.page, p.error FROM pages p JOIN documents d USING (doc_id) "
                  "WHERE p.status = 'failed' AND d.status != 'superseded' ORDER BY d.path, p.page")
-        return [(row[0], row[1], row[2]) for row in self.db.execute(query)]
+        return [(escaped(os.fsdecode(row[0])), row[1], row[2]) for row in self.db.execute(query)]
 
     def failed_document_ids(self) -> list[str]:
         query = ("SELECT DISTINCT doc_id FROM pages JOIN documents USING (doc_id) "
@@ -198,7 +219,7 @@ class Store:
 
     def document_path(self, doc_id: str) -> Path | None:
         row = self.db.execute("SELECT path FROM documents WHERE doc_id = ?", (doc_id,)).fetchone()
-        return Path(row["path"]) if row else None
+        return Path(os.fsdecode(row["path"])) if row else None
 
     def commit(self) -> None:
         self.db.commit()

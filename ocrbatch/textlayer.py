@@ -293,10 +293,10 @@ def route(path: str | Path, pages: Iterable[int], mode: str, trust_ocr_layer: bo
     pages = sorted(set(pages))
     if mode == "never":
         return {number: Route("model", None) for number in pages}
-    import pymupdf
+    from .rasterize import open_pdf_file
 
     routes = {}
-    with pymupdf.open(path, filetype="pdf") as pdf:
+    with open_pdf_file(path) as pdf:
         for number in pages:
             if not 1 <= number <= pdf.page_count:
                 raise ValueError(f"{path}: no page {number} (the PDF has {pdf.page_count})")

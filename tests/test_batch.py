@@ -332,3 +332,46 @@ def test_log_file_and_quiet(tiny_model, pages_folder, tmp_path):
     assert result.stderr.strip().splitlines() == [result.stderr.strip().splitlines()[-1]]  # the summary alone
     assert "ocrbatch: 3 pages processed (3 ok, 0 failed)" in result.stderr
     assert "3 pages to process in 1 documents" in log.read_text()
+
+
+def test_a_rerun_exits_1_while_the_output_holds_failed_pages(tmp_path):
+    folder = tmp_path / "inbox"
+    folder.mkdir()
+    write_encrypted_pdf(folder / "locked.pdf")
+    (folder / "notes.pdf").write_text("not a PDF")
+    settle(folder)
+    out = tmp_path / "out.parquet"
+    first = CliRunner().invoke(main, ["run", str(folder), "--out", str(out), "--quiet"])
+    assert first.exit_code == 1, first.output
+    again = CliRunner().invoke(main, ["run", str(folder), "--out", str(out), "--quiet"])
+    # Nothing to do, but the output still holds the failed rows: not 0.
+    assert again.exit_code == 1, again.output
+    assert ("0 pages processed (0 ok, 0 failed), 2 already done, 0 documents, 2 failed pages from earlier runs "
+            "in the output") in again.stderr
+    assert [r["status"] for r in read_rows(out)] == ["failed", "failed"]
+
+
+@pytest.mark.slow
+def test_names_that_are_not_utf8_among_good_files(tiny_model, tmp_path):
+    import codecs
+
+    folder = tmp_path / "share"
+    expected = good_documents(folder)
+    write_pdf(folder / "scratch.pdf", 2, text="Bytes")  # PyMuPDF saves only to names that are UTF-8
+    (folder / "scratch.pdf").rename(folder / os.fsdecode(b"r\xe9sum\xe9.pdf"))  # Latin-1, as old shares write
+    document_image(300, 200, 7).save(folder / os.fsdecode(b"scan\xff.png"))
+    settle(folder)
+    out = tmp_path / "out.parquet"
+    markdown = tmp_path / "md"
+    dry = cli("run", folder, "--out", out, "--dry-run")
+    assert f"2\t{folder}/r\\xe9sum\\xe9.pdf" in dry.stdout.splitlines(), dry.stdout  # the dry run agrees
+    result = cli("run", folder, "--out", out, "--model", tiny_model, "--quant", "F32", "--max-tokens", "4",
+                 "--dpi", "72", "--layout", "none", "--markdown-dir", markdown)
+    assert result.returncode == 0, result.stderr
+    rows = read_rows(out)
+    assert len(rows) == sum(expected.values()) + 3 and all(r["status"] == "ok" for r in rows)
+    paths = {codecs.escape_decode(r["path"].encode())[0] for r in rows}
+    assert {os.fsencode(folder) + b"/r\xe9sum\xe9.pdf", os.fsencode(folder) + b"/scan\xff.png"} <= paths
+    assert len(list(markdown.glob("r\ufffdsum\ufffd-*.md"))) == 1
+    status = cli("status", out)
+    assert status.returncode == 0 and f"pages: {len(rows)} ok" in status.stdout, status.stdout

@@ -437,6 +437,29 @@ def test_kill_9_at_20_random_moments_then_every_page_exactly_once(tiny_model, ma
     assert not list(tmp_path.glob(".out.jsonl.*.partial"))
 
 
+@pytest.mark.slow
+def test_the_run_resuming_a_killed_one_exits_1_over_its_failed_page(tiny_model, docs, tmp_path):
+    (docs / "notes.pdf").write_text("not a PDF")
+    settle(docs)
+    out = tmp_path / "out.jsonl"
+    args = slow_run_args(tiny_model, docs, out)
+    process = popen(args)
+    wait_for_ok_pages(out, process, at_least=1)  # notes.pdf is failed first, before any page decodes
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    states = page_states(out)
+    assert states["failed"] == 1 and states.get("pending", 0) > 0, states
+    resumed = cli(*args)
+    # This run's pages were all ok, but the output it wrote holds the killed run's failed row.
+    assert resumed.returncode == 1, resumed.stderr
+    assert "1 failed pages from earlier runs in the output" in resumed.stderr.splitlines()[-1]
+    write_pdf(docs / "notes.pdf", 1, text="Notes")  # fixed: its failed row is superseded
+    settle(docs)
+    fixed = cli(*args)
+    assert fixed.returncode == 0, fixed.stderr
+    assert all(r["status"] == "ok" for r in read_rows(out)) and len(read_rows(out)) == 7
+
+
 # -- output failures -----------------------------------------------------------------------
 
 @pytest.fixture
