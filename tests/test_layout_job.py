@@ -70,6 +70,43 @@ def test_cdla_blocks_prompts_and_markdown(cdla_run):
 
 
 @pytest.mark.slow
+def test_layout_pages_are_rendered_at_the_dpi_and_each_block_sized_within_the_block_bounds(tiny_model, tmp_path):
+    import math
+
+    from scanned_article import write_scanned_article
+    from transformers import AutoImageProcessor
+
+    from ocrbatch.assemble import BLOCK_PIXEL_BOUNDS
+
+    # A scanned two-column page in small type. Capped at the tiny checkpoint's 451,584 pixels, the
+    # whole-page cap, this Letter page is 591x764, where CDLA takes its body for one picture.
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    write_scanned_article(folder / "scan.pdf")
+    settle(folder)
+    rows = {}
+    for layout in ("cdla", "none"):
+        run_job(options(tiny_model, [folder], tmp_path / f"{layout}.jsonl", layout=layout))
+        [rows[layout]] = [json.loads(line) for line in (tmp_path / f"{layout}.jsonl").read_text().splitlines()]
+    assert (rows["none"]["width"], rows["none"]["height"]) == (591, 764)  # whole pages keep the model's cap
+    page = rows["cdla"]
+    assert page["status"] == "ok" and (page["width"], page["height"]) == (935, 1210)  # 110 dpi
+    blocks = page["blocks"]
+    assert "image" not in [b["label"] for b in blocks]
+    text = [b for b in blocks if b["label"] == "text"]
+    assert all(b["prompt"] == "OCR:" and b["n_output_tokens"] > 0 for b in text)
+    assert sum(b["x1"] < page["width"] / 2 for b in text) >= 4 and sum(b["x0"] > page["width"] / 2 for b in text) >= 4
+    # Each block is cropped from that render and encoded within the block bounds, as PaddleX sizes it.
+    processor = AutoImageProcessor.from_pretrained(tiny_model)
+    bounds = {"min_pixels": BLOCK_PIXEL_BOUNDS[0], "max_pixels": BLOCK_PIXEL_BOUNDS[1]}
+    for block in text:
+        width = math.ceil(block["x1"]) - math.floor(block["x0"])
+        height = math.ceil(block["y1"]) - math.floor(block["y0"])
+        patches = processor.get_number_of_image_patches(height, width, images_kwargs=bounds)
+        assert block["n_image_tokens"] == patches // 4, block
+
+
+@pytest.mark.slow
 def test_blocks_in_jsonl_and_duckdb(cdla_run, tiny_model, tmp_path):
     import duckdb
 
