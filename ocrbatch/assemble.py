@@ -3,7 +3,8 @@
 A page is recognised as one or more units, each an image with a prompt: in
 whole-page mode (``--layout none``) the page itself with the task's prompt;
 in layout mode one crop per layout block that goes to the model, with the
-block's prompt. A page is finished, and recorded once, when all its units
+block's prompt (a table's crop with the pictures inside it painted over with
+tokens, :mod:`.tables`). A page is finished, and recorded once, when all its units
 are; a unit that fails fails the page. Layout pages become Markdown in
 reading order (:mod:`.markdown`) and keep every block, headers and footers
 included, in the ``blocks`` column.
@@ -21,6 +22,7 @@ from .layout import BLOCK_MAX_PIXELS, BLOCK_MIN_PIXELS, Block, crop
 from .markdown import image_filename, page_markdown
 from .rasterize import PageImage
 from .repetition import PROSE, TABLE, TABLE_PROMPT, LoopSettings
+from .tables import paint_figure_tokens
 
 BLOCK_PIXEL_BOUNDS = (BLOCK_MIN_PIXELS, BLOCK_MAX_PIXELS)
 # When several blocks of a page end differently, the page reports the most telling reason.
@@ -66,7 +68,9 @@ class PageWork:
             return cls(page, [Unit(None, page.image, prompt, None)])
         units, links = [], {}
         for block in page.blocks:
-            region = crop(page.image, block)
+            # A table is cropped with the pictures inside it painted over with tokens; the pictures are saved whole.
+            source = paint_figure_tokens(page.image, block, page.blocks) if block.label == "table" else page.image
+            region = crop(source, block)
             if block.prompt is not None:
                 units.append(Unit(block, region, block.prompt, BLOCK_PIXEL_BOUNDS))
             elif images_folder is not None:
@@ -115,6 +119,12 @@ class PageWork:
                 "prefill_s": _total(unit.columns.get("prefill_s") for unit in self.units),
                 "decode_s": _total(unit.columns.get("decode_s") for unit in self.units),
                 "layout_s": page.layout_s}
+
+
+def recorded_blocks(row: dict) -> list[tuple[Block, str]]:
+    """A recorded layout page's blocks with their outputs, as :meth:`PageWork.row` wrote them."""
+    return [(Block(b["order"], b["label"], b["score"], b["x0"], b["y0"], b["x1"], b["y1"]), b["text"] or "")
+            for b in row.get("blocks") or []]
 
 
 def _total(values):

@@ -36,7 +36,7 @@ from .output import open_output
 from .plan import Plan, plan_job
 from .prompt import TASK_PROMPTS
 from .rasterize import PageImage, page_pixel_cap
-from .record import JobSummary, OutputError, Recorder, markdown_stem
+from .record import JobSummary, OutputError, Recorder, markdown_images_folder
 from .render import LayoutSettings, RenderJob, RenderStage, StageFailed, TextLayerSettings, iter_pages
 from .store import Store
 
@@ -366,7 +366,7 @@ def _page_work(recorder: Recorder, page: PageImage, prompt: str) -> PageWork | N
     options = recorder.options
     images = None
     if options.markdown_dir is not None and page.blocks is not None:
-        images = options.markdown_dir / f"{markdown_stem(page.document.path, page.document.doc_id)}-images"
+        images = markdown_images_folder(options.markdown_dir, page.document.path, page.document.doc_id)
     try:
         return PageWork.of(page, prompt, images)
     except ValueError as exc:

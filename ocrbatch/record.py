@@ -16,8 +16,10 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from .assemble import recorded_blocks
 from .discover import Document, escaped
 from .errors import OcrbatchError
+from .markdown import DocumentPage, document_markdown, image_filename
 from .options import JobOptions
 from .store import Store
 
@@ -115,16 +117,39 @@ def markdown_stem(path: Path, doc_id: str) -> str:
     return os.fsencode(path.stem).decode("utf-8", "replace") + f"-{doc_id[:8]}"
 
 
+def markdown_images_folder(folder: Path, path: Path, doc_id: str) -> Path:
+    """Where a document's picture crops are saved, beside its Markdown file in ``folder``."""
+    return folder / f"{markdown_stem(path, doc_id)}-images"
+
+
 def write_markdown(store: Store, doc_id: str, folder: Path) -> Path:
-    """One Markdown file per document, pages in order."""
+    """One Markdown file per document, pages in order, with the passes over the whole document.
+
+    Layout pages are written again from their recorded blocks (see
+    :func:`.markdown.document_markdown`), their pictures linked where their
+    crops were saved; other pages as recorded, failed ones as a comment.
+    """
     folder.mkdir(parents=True, exist_ok=True)
-    target = folder / f"{markdown_stem(store.document_path(doc_id), doc_id)}.md"
-    parts = []
-    for page in store.document_pages(doc_id):
-        body = page.get("text") or f"<!-- page {page['page']} failed: {page.get('error')} -->"
-        parts.append(f"<!-- page {page['page']} -->\n\n{body}\n")
-    target.write_text("\n".join(parts), encoding="utf-8")
+    path = store.document_path(doc_id)
+    images = markdown_images_folder(folder, path, doc_id)
+    pages = []
+    for row in store.document_pages(doc_id):
+        number = row["page"]
+        failed = row["status"] != "ok"
+        text = f"<!-- page {number} failed: {row.get('error')} -->" if failed else row.get("text") or ""
+        items = [(block, output, _saved_crop(images, number, block)) for block, output in recorded_blocks(row)]
+        pages.append(DocumentPage(number, text, items if items and not failed else None))
+    target = folder / f"{markdown_stem(path, doc_id)}.md"
+    target.write_text(document_markdown(pages), encoding="utf-8")
     return target
+
+
+def _saved_crop(images: Path, page: int, block) -> str | None:
+    """The link to a picture block's saved crop, if it was saved."""
+    if block.prompt is not None:
+        return None
+    name = image_filename(page, block)
+    return f"{images.name}/{name}" if (images / name).is_file() else None
 
 
 class Recorder:
