@@ -3,11 +3,14 @@
 A page is recognised as one or more units, each an image with a prompt: in
 whole-page mode (``--layout none``) the page itself with the task's prompt;
 in layout mode one crop per layout block that goes to the model, with the
-block's prompt (a table's crop with the pictures inside it painted over with
-tokens, :mod:`.tables`). A page is finished, and recorded once, when all its units
-are; a unit that fails fails the page. Layout pages become Markdown in
+block's prompt, except that pieces of text the layout model cut apart are
+stitched into one image (:mod:`.stitch`, ``--no-stitch`` to send every block
+alone) and a table's crop has the pictures inside it painted over with
+tokens (:mod:`.tables`). A page is finished, and recorded once, when all its
+units are; a unit that fails fails the page. Layout pages become Markdown in
 reading order (:mod:`.markdown`) and keep every block, headers and footers
-included, in the ``blocks`` column.
+included, in the ``blocks`` column, a stitched unit's output split back
+among its blocks.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from .layout import BLOCK_MAX_PIXELS, BLOCK_MIN_PIXELS, Block, crop
 from .markdown import image_filename, page_markdown
 from .rasterize import PageImage
 from .repetition import PROSE, TABLE, TABLE_PROMPT, LoopSettings
+from .stitch import Group, Stitched, stitch_groups
 from .tables import paint_figure_tokens
 
 BLOCK_PIXEL_BOUNDS = (BLOCK_MIN_PIXELS, BLOCK_MAX_PIXELS)
@@ -33,13 +37,27 @@ FINISH_PRIORITY = ("repetition", "length", "stop")
 class Unit:
     """One image and prompt of a page for the model."""
 
-    block: Block | None  # None: the whole page
+    block: Block | None  # None: the whole page; a stitched unit's first block
     image: Image.Image | None
     prompt: str
     pixel_bounds: tuple[int, int] | None  # None: the processor's own
     n_image_tokens: int | None = 0
     vision_s: float | None = 0.0
     columns: dict | None = None  # the decoder's columns, once done
+    stitched: Stitched | None = None  # several blocks in one image: whose output is whose
+
+    @property
+    def blocks(self) -> tuple[Block, ...]:
+        """The layout blocks this unit recognises."""
+        if self.stitched is not None:
+            return self.stitched.blocks
+        return () if self.block is None else (self.block,)
+
+    def texts(self, text: str) -> dict[int, str]:
+        """The unit's output for each of its blocks, by ``Block.order``."""
+        if self.stitched is not None:
+            return self.stitched.split(text)
+        return {block.order: text for block in self.blocks}
 
     @property
     def loop_guard(self) -> LoopSettings | None:
@@ -59,24 +77,21 @@ class PageWork:
     failed: bool = False
 
     @classmethod
-    def of(cls, page: PageImage, prompt: str, images_folder: Path | None = None) -> "PageWork":
+    def of(cls, page: PageImage, prompt: str, images_folder: Path | None = None, stitch: bool = True) -> "PageWork":
         """Units of a rendered page; in layout mode, pictures are saved to ``images_folder`` if given.
 
+        ``stitch`` lets pieces of text share one image (see :mod:`.stitch`).
         Raises ``ValueError`` for a block with no pixels on the page (a degenerate box).
         """
         if page.blocks is None:
             return cls(page, [Unit(None, page.image, prompt, None)])
-        units, links = [], {}
+        units, crops = layout_units(page.image, page.blocks, stitch)
+        links = {}
         for block in page.blocks:
-            # A table is cropped with the pictures inside it painted over with tokens; the pictures are saved whole.
-            source = paint_figure_tokens(page.image, block, page.blocks) if block.label == "table" else page.image
-            region = crop(source, block)
-            if block.prompt is not None:
-                units.append(Unit(block, region, block.prompt, BLOCK_PIXEL_BOUNDS))
-            elif images_folder is not None:
+            if block.prompt is None and images_folder is not None:
                 images_folder.mkdir(parents=True, exist_ok=True)
                 name = image_filename(page.page, block)
-                region.save(images_folder / name)
+                crops[block.order].save(images_folder / name)
                 links[block.order] = f"{images_folder.name}/{name}"
         return cls(page, units, links)
 
@@ -95,21 +110,25 @@ class PageWork:
             [unit] = self.units
             return {**row, "n_image_tokens": unit.n_image_tokens, "vision_s": unit.vision_s, "blocks": [],
                     **unit.columns}
-        by_order = {unit.block.order: unit for unit in self.units}
+        by_order = {block.order: unit for unit in self.units for block in unit.blocks}
         # A remote server counts a block's image tokens itself (its usage), the local encoder here.
         image_tokens = {unit.block.order: unit.columns.get("n_image_tokens", unit.n_image_tokens)
                         for unit in self.units}
+        outputs = {order: text for unit in self.units
+                   for order, text in unit.texts(unit.columns.get("text", "")).items()}
         blocks, texts = [], []
         for block in page.blocks:
             unit = by_order.get(block.order)
-            columns = unit.columns if unit else {}
-            text = columns.get("text", "")
+            # A stitched unit's token counts are its first block's; every block names that one as its group.
+            columns = unit.columns if unit and unit.block.order == block.order else {}
+            text = outputs.get(block.order, "")
             texts.append((block, text, self.image_links.get(block.order)))
             blocks.append({"order": block.order, "label": block.label, "score": block.score, "x0": block.x0,
                            "y0": block.y0, "x1": block.x1, "y1": block.y1, "prompt": unit.prompt if unit else "",
                            "text": text, "n_image_tokens": image_tokens.get(block.order, 0),
                            "n_output_tokens": columns.get("n_output_tokens", 0),
-                           "finish_reason": columns.get("finish_reason", "")})
+                           "finish_reason": unit.columns.get("finish_reason", "") if unit else "",
+                           "group": unit.block.order if unit else block.order})
         reasons = {unit.columns.get("finish_reason") for unit in self.units}
         return {**row, "text": page_markdown(texts), "blocks": blocks,
                 "n_image_tokens": _total(image_tokens.values()),
@@ -125,6 +144,32 @@ def recorded_blocks(row: dict) -> list[tuple[Block, str]]:
     """A recorded layout page's blocks with their outputs, as :meth:`PageWork.row` wrote them."""
     return [(Block(b["order"], b["label"], b["score"], b["x0"], b["y0"], b["x1"], b["y1"]), b["text"] or "")
             for b in row.get("blocks") or []]
+
+
+def layout_units(image: Image.Image, blocks: list[Block], stitch: bool = True
+                 ) -> tuple[list[Unit], dict[int, Image.Image]]:
+    """The units recognising a layout page's blocks, and every block's crop by ``Block.order``.
+
+    A table is cropped with the pictures inside it painted over with tokens;
+    the pictures' own crops are whole. Raises ``ValueError`` for a block with
+    no pixels on the page.
+    """
+    crops = {}
+    for block in blocks:
+        source = paint_figure_tokens(image, block, blocks) if block.label == "table" else image
+        crops[block.order] = crop(source, block)
+    groups = stitch_groups(blocks) if stitch else [Group((block,)) for block in blocks if block.prompt]
+    return [unit for group in groups for unit in _units(group, crops)], crops
+
+
+def _units(group: Group, crops: dict[int, Image.Image]) -> list[Unit]:
+    """The group's units: one stitched image, or each block alone when it is one block or stitches too tall."""
+    first = group.blocks[0]
+    if len(group.blocks) > 1:
+        stitched = Stitched.of(group, [crops[block.order] for block in group.blocks])
+        if stitched is not None:
+            return [Unit(first, stitched.image, first.prompt, BLOCK_PIXEL_BOUNDS, stitched=stitched)]
+    return [Unit(block, crops[block.order], block.prompt, BLOCK_PIXEL_BOUNDS) for block in group.blocks]
 
 
 def _total(values):

@@ -247,6 +247,9 @@ def _setup_logging(quiet: bool, log_file: str | None) -> None:
                    "is Markdown in reading order.")
 @click.option("--layout-model", help=f"PP-DocLayout checkpoint folder or Hugging Face id for --layout pp-doclayout "
               f"[default: {DEFAULT_PP_DOCLAYOUT}].")
+@click.option("--stitch/--no-stitch", default=job_default("stitch"), show_default=True,
+              help="With a layout, recognise pieces of text the layout model cut apart (text running around "
+                   "a figure, pieces of one line) as one image in one model call, as PaddleX does.")
 @click.option("--pdf-text", type=click.Choice(PDF_TEXT_MODES), default=job_default("pdf_text"), show_default=True,
               help="PDF pages from their text layer: never (all through the model), auto (pages whose layer is "
                    "good are taken from it, the rest go to the model), only (text layer only; pages without a "
@@ -304,7 +307,7 @@ def _setup_logging(quiet: bool, log_file: str | None) -> None:
 @click.option("--log-file", type=click.Path(dir_okay=False), help="Also log to this file.")
 def run(paths, out, output_format, checkpoint, include, exclude, dry_run, retry_failed, max_retries,
         max_page_error_rate, min_file_age, model, quant, gguf, vision_dtype, device, threads, cache_dir, task,
-        layout, layout_model, pdf_text, trust_ocr_layer, max_tokens, engine_name, ray_address, ray_vision_actors,
+        layout, layout_model, stitch, pdf_text, trust_ocr_layer, max_tokens, engine_name, ray_address, ray_vision_actors,
         ray_vision_cpus, ray_vision_gpus, ray_decode_cpus, backend, base_url,
         api_key, remote_model, concurrency, page_timeout, stop_grace, workers, seqs_per_worker, dpi, max_pixels, batch_size, max_batch_patches, markdown_dir,
         ignore_eos, quiet, log_file):
@@ -325,7 +328,7 @@ def run(paths, out, output_format, checkpoint, include, exclude, dry_run, retry_
         paths=list(paths), out=out, output_format=output_format, checkpoint=checkpoint, include=list(include),
         exclude=list(exclude), retry_failed=retry_failed, max_retries=max_retries,
         max_page_error_rate=max_page_error_rate, min_file_age=min_file_age, model=model, quant=quant, gguf=gguf,
-        task=task, layout=layout, layout_model=layout_model, pdf_text=pdf_text, trust_ocr_layer=trust_ocr_layer, max_tokens=max_tokens, backend=backend,
+        task=task, layout=layout, layout_model=layout_model, stitch=stitch, pdf_text=pdf_text, trust_ocr_layer=trust_ocr_layer, max_tokens=max_tokens, backend=backend,
         base_url=base_url, api_key=api_key, remote_model=remote_model, concurrency=concurrency,
         page_timeout=page_timeout, stop_grace=stop_grace, workers=workers,
         seqs_per_worker=seqs_per_worker, dpi=dpi, max_pixels=max_pixels, batch_size=batch_size,

@@ -75,6 +75,7 @@ class Engine:
         with_language: bool = True,
         layout: str = "none",
         layout_model: str | None = None,
+        stitch: bool = True,
     ):
         """Load ``model`` (checkpoint folder or Hub id) and its language model as a GGUF.
 
@@ -84,7 +85,8 @@ class Engine:
         the language model here, for callers that decode in a :class:`WorkerPool`.
         ``layout`` (``cdla``, ``pp-doclayout`` with ``layout_model``, or ``none``)
         makes :meth:`ocr` recognise each layout block with its own prompt and
-        return the page's Markdown.
+        return the page's Markdown; ``stitch`` lets pieces of text share one
+        image, as in the batch job (:mod:`.stitch`).
         """
         if threads:
             import torch
@@ -108,6 +110,7 @@ class Engine:
         from .layout import load_layout
 
         self.layout = load_layout(layout, layout_model, device=device, threads=threads)
+        self.stitch = stitch
         self.language = None
         if with_language:
             self.language = LanguageModel(self.gguf_path, n_ctx=n_ctx or self.context_size(n_seq_max),
@@ -202,30 +205,30 @@ class Engine:
 
     def _ocr_blocks(self, result: OcrResult, image, max_tokens: int | None, sampling: Sampling) -> None:
         """Layout mode: detect the blocks, recognise each with its prompt, assemble the Markdown."""
-        from .assemble import BLOCK_PIXEL_BOUNDS
-        from .layout import crop
+        from .assemble import BLOCK_PIXEL_BOUNDS, layout_units
         from .markdown import page_markdown
-        from .repetition import PROSE, TABLE, TABLE_PROMPT
 
         started = time.perf_counter()
         blocks = self.layout.detect(image)
         layout_s = time.perf_counter() - started
-        recognised = [block for block in blocks if block.prompt is not None]
-        encoded = self.vision.encode([crop(image, block) for block in recognised], BLOCK_PIXEL_BOUNDS)
-        requests = [self.request(enc, block.prompt, max_tokens, sampling) for enc, block in zip(encoded, recognised)]
-        for request, block in zip(requests, recognised):
-            request.loop_guard = TABLE if block.prompt == TABLE_PROMPT else PROSE
-        generated = dict(zip((block.order for block in recognised), self.language.generate(requests)))
-        texts = {order: self.prompts.decode(out.token_ids) for order, out in generated.items()}
+        units, _ = layout_units(image, blocks, self.stitch)
+        encoded = self.vision.encode([unit.image for unit in units], BLOCK_PIXEL_BOUNDS)
+        requests = [self.request(enc, unit.prompt, max_tokens, sampling) for enc, unit in zip(encoded, units)]
+        for request, unit in zip(requests, units):
+            request.loop_guard = unit.loop_guard
+        generated = self.language.generate(requests)
+        texts, finished = {}, {}
+        for unit, out in zip(units, generated):
+            texts.update(unit.texts(self.prompts.decode(out.token_ids)))
+            finished.update(dict.fromkeys((block.order for block in unit.blocks), out.finish_reason))
         result.text = page_markdown([(block, texts.get(block.order, "")) for block in blocks])
         result.blocks = [{"order": block.order, "label": block.label, "score": block.score,
                           "box": [block.x0, block.y0, block.x1, block.y1], "prompt": block.prompt or "",
-                          "text": texts.get(block.order, ""),
-                          "finish_reason": generated[block.order].finish_reason if block.order in generated else ""}
+                          "text": texts.get(block.order, ""), "finish_reason": finished.get(block.order, "")}
                          for block in blocks]
         result.n_image_tokens = sum(enc.n_tokens for enc in encoded)
-        result.token_ids = [token for out in generated.values() for token in out.token_ids]
-        errors = [f"block {order}: {out.error}" for order, out in generated.items() if out.error]
+        result.token_ids = [token for out in generated for token in out.token_ids]
+        errors = [f"block {unit.block.order}: {out.error}" for unit, out in zip(units, generated) if out.error]
         result.error = "; ".join(errors) or None
         result.timings = {"layout_s": layout_s, "total_s": time.perf_counter() - started}
 

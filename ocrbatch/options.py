@@ -39,6 +39,7 @@ class JobOptions:
     task: str = "ocr"
     layout: str = "cdla"  # cdla, pp-doclayout, none: see ocrbatch.layout
     layout_model: str | None = None  # PP-DocLayout checkpoint for --layout pp-doclayout
+    stitch: bool = True  # layout mode: pieces of text recognised as one image (see ocrbatch.stitch)
     pdf_text: str = "never"  # never, auto, only: see ocrbatch.textlayer
     trust_ocr_layer: bool = False
     max_tokens: int = 1024

@@ -42,7 +42,7 @@ SCHEMA = pa.schema([
         ("order", pa.int32()), ("label", pa.string()), ("score", pa.float32()),
         ("x0", pa.float32()), ("y0", pa.float32()), ("x1", pa.float32()), ("y1", pa.float32()),
         ("prompt", pa.string()), ("text", pa.string()), ("n_image_tokens", pa.int32()),
-        ("n_output_tokens", pa.int32()), ("finish_reason", pa.string()),
+        ("n_output_tokens", pa.int32()), ("finish_reason", pa.string()), ("group", pa.int32()),
     ]))),
     ("created_at", pa.timestamp("us", tz="UTC")),
 ])

@@ -368,7 +368,7 @@ def _page_work(recorder: Recorder, page: PageImage, prompt: str) -> PageWork | N
     if options.markdown_dir is not None and page.blocks is not None:
         images = markdown_images_folder(options.markdown_dir, page.document.path, page.document.doc_id)
     try:
-        return PageWork.of(page, prompt, images)
+        return PageWork.of(page, prompt, images, stitch=options.stitch)
     except ValueError as exc:
         recorder.page_failed(page.document, page.page, page.page_count,
                              f"{page.document.path} page {page.page}: {exc}")

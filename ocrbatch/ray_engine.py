@@ -117,6 +117,7 @@ class StageConfig:
     max_pixels: int | None
     text_layer: TextLayerSettings
     layout: LayoutSettings
+    stitch: bool
     max_batch_patches: int
     vision_dtype: str
     vision_device: str
@@ -219,7 +220,7 @@ class VisionStage:
                 out.append(self._finished(page, text_layer_row(page, config.task, config.model_name, config.quant)))
             else:
                 try:
-                    works.append(PageWork.of(page, self.prompt))
+                    works.append(PageWork.of(page, self.prompt, stitch=config.stitch))
                 except ValueError as exc:  # a degenerate layout box
                     out.append(self._failed(page, f"{page.document.path} page {page.page}: {exc}"))
         units = [(work, unit) for work in works for unit in work.units]
@@ -542,6 +543,7 @@ def _stage_config(options, settings: RaySettings, seqs: int) -> StageConfig:
         model_name=str(options.model), quant=quant, task=options.task, max_tokens=options.max_tokens,
         ignore_eos=options.ignore_eos, dpi=options.dpi, max_pixels=options.max_pixels,
         text_layer=TextLayerSettings(options.pdf_text, options.trust_ocr_layer), layout=layout,
+        stitch=options.stitch,
         max_batch_patches=options.max_batch_patches, vision_dtype=options.vision_dtype,
         vision_device="cuda" if settings.vision_gpus else options.device, vision_threads=vision_threads,
         decode_threads=max(1, int(settings.decode_cpus)), seqs=seqs)
