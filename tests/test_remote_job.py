@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 import signal
 import subprocess
 import sys
@@ -9,7 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import settle, write_pdf
+from helpers import document_image, settle, write_pdf
+from scanned_article import write_scanned_article
 from test_reliability import page_states, wait_for_ok_pages
 from test_remote import free_port, start, stop
 from test_server import live  # noqa: F401  (a fixture: ocrbatch serve in this process, its engine at hand)
@@ -37,25 +39,37 @@ def served(tiny_model, tmp_path_factory):
     stop(process)
 
 
-def local_and_remote_rows(tiny_model, served, tmp_path, layout: str) -> tuple[dict, dict]:
-    """The sample documents' rows from the local engine at F32 and from the tiny model's server."""
-    common = ["--max-tokens", MAX_TOKENS, "--dpi", "50", "--min-file-age", "0", "--layout", layout]
-    local = ocrbatch("run", SAMPLE_DOCS, "--out", tmp_path / "local.jsonl", "--model", tiny_model, "--quant", "F32",
+def local_and_remote_rows(tiny_model, served, tmp_path, layout: str, docs: Path = SAMPLE_DOCS,
+                          dpi: int = 50) -> tuple[dict, dict]:
+    """The rows of ``docs`` from the local engine at F32 and from the tiny model's server."""
+    common = ["--max-tokens", MAX_TOKENS, "--dpi", dpi, "--min-file-age", "0", "--layout", layout]
+    local = ocrbatch("run", docs, "--out", tmp_path / "local.jsonl", "--model", tiny_model, "--quant", "F32",
                      *common)
     assert local.returncode == 0, local.stderr
-    remote = ocrbatch("run", SAMPLE_DOCS, "--out", tmp_path / "remote.jsonl", "--backend", "openai", "--base-url",
+    remote = ocrbatch("run", docs, "--out", tmp_path / "remote.jsonl", "--backend", "openai", "--base-url",
                       served, "--concurrency", "2", *common)
     assert remote.returncode == 0, remote.stderr
     local_rows, remote_rows = rows_of(tmp_path / "local.jsonl"), rows_of(tmp_path / "remote.jsonl")
-    assert local_rows.keys() == remote_rows.keys() and len(local_rows) == 7
+    assert local_rows.keys() == remote_rows.keys()
     return local_rows, remote_rows
 
 
 @pytest.mark.slow
 def test_remote_backend_gives_the_local_engines_text(tiny_model, served, tmp_path):
-    local_rows, remote_rows = local_and_remote_rows(tiny_model, served, tmp_path, "none")
+    # Whole pages above the tiny model's maximum (451,584 pixels) and one below its minimum: at 110 dpi
+    # the A4 and Letter pages and the large image are above 1,003,520 pixels, the current releases'
+    # maximum, the purchase order between the two.
+    docs = tmp_path / "docs"
+    shutil.copytree(SAMPLE_DOCS, docs)
+    write_scanned_article(docs / "scanned-article.pdf")
+    document_image(1400, 1000, 5).save(docs / "large.png")
+    document_image(60, 40, 6).save(docs / "small.jpg")
+    settle(docs)
+    local_rows, remote_rows = local_and_remote_rows(tiny_model, served, tmp_path, "none", docs, dpi=110)
+    assert len(local_rows) == 10
     for key, row in remote_rows.items():
         assert row["status"] == "ok" and row["text"] == local_rows[key]["text"], key
+        assert (row["width"], row["height"]) == (local_rows[key]["width"], local_rows[key]["height"]), key
         assert row["n_output_tokens"] == local_rows[key]["n_output_tokens"]
         assert row["n_image_tokens"] == local_rows[key]["n_image_tokens"]
         assert row["model"] == str(tiny_model) and row["quant"] == "remote" and row["vision_s"] is None
@@ -69,6 +83,7 @@ def test_remote_backend_gives_the_local_engines_layout_text_and_blocks(tiny_mode
 
     # Block crops are resized within the block bounds on both sides: by the encoder here, by the client there.
     local_rows, remote_rows = local_and_remote_rows(tiny_model, served, tmp_path, "cdla")
+    assert len(local_rows) == 7
 
     def blocks(row):
         return [(b["order"], b["label"], b["prompt"], b["text"], b["n_image_tokens"], b["n_output_tokens"],
