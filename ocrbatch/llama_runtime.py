@@ -47,11 +47,16 @@ def llama_lib_dir() -> Path:
 
 @functools.cache
 def ggml_library() -> ctypes.CDLL:
-    """ggml's backend registry (``libggml``, already loaded by ``libllama``), for the calls
-    llama-cpp-python does not bind."""
-    import llama_cpp  # noqa: F401  (loads libllama and with it libggml)
+    """ggml's backend registry as ``libllama`` sees it, for the calls llama-cpp-python does not bind.
 
-    ggml = ctypes.CDLL(str(llama_lib_dir() / "libggml.so"))
+    Through ``libllama``'s own handle: a symbol looked up there resolves in the
+    ``libggml`` it was linked with. Opening ``libggml.so`` by path would load a
+    second copy (a wheel holds copies, not links, of ``libggml.so.0``) with a
+    registry of its own, which llama.cpp never reads.
+    """
+    from llama_cpp import llama_cpp as bindings
+
+    ggml = ctypes.CDLL(bindings._lib._name)
     ggml.ggml_backend_reg_count.restype = ctypes.c_size_t
     ggml.ggml_backend_load_all_from_path.argtypes = [ctypes.c_char_p]
     ggml.ggml_backend_load_all_from_path.restype = None

@@ -99,10 +99,10 @@ def _worker_main(conn, settings: WorkerSettings) -> None:
     except Exception as exc:
         conn.send(("fatal", None, f"{type(exc).__name__}: {exc}"))
         return
-    conn.send(("ready", None, os.getpid()))
     scheduler = model.scheduler()
     held: set = set()
     try:
+        conn.send(("ready", None, os.getpid()))
         while True:
             # Block only when there is nothing to decode.
             while conn.poll(0 if scheduler.busy else None):
@@ -434,11 +434,18 @@ class WorkerPool:
             if len(live) == 1:
                 key, job = live[0]
                 job.attempts += 1
-                if job.attempts > self.max_retries:
+                # Until some request has finished, a lone crash may be the build's fault, not the
+                # page's: other pages are tried alone first, and a page is charged only when none
+                # is left untried (with LONE_CRASH_LIMIT different lone crashes the pool fails first).
+                untried = any(waiting.attempts == 0 for _, waiting in (*self._queue, *self._suspects))
+                if job.attempts > self.max_retries and (self._finished_any or not untried):
                     job.future.set_exception(self._gave_up(job.attempts, worker.killed_by_pool, exitcode))
-                else:
+                elif self._finished_any:
                     job.suspect = True
                     self._suspects.appendleft((key, job))
+                else:
+                    job.suspect = True
+                    self._suspects.append((key, job))
             else:  # which one did it is unknown: each runs alone next
                 for key, job in live:
                     job.suspect = True
