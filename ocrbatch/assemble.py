@@ -25,7 +25,7 @@ from .layout import BLOCK_MAX_PIXELS, BLOCK_MIN_PIXELS, Block, crop
 from .markdown import image_filename, page_markdown
 from .rasterize import PageImage
 from .repetition import PROSE, TABLE, TABLE_PROMPT, LoopSettings
-from .stitch import Group, Stitched, stitch_groups
+from .stitch import Group, Stitched, stack, stitch_groups
 from .tables import paint_figure_tokens
 
 BLOCK_PIXEL_BOUNDS = (BLOCK_MIN_PIXELS, BLOCK_MAX_PIXELS)
@@ -165,10 +165,10 @@ def layout_units(image: Image.Image, blocks: list[Block], stitch: bool = True
 def _units(group: Group, crops: dict[int, Image.Image]) -> list[Unit]:
     """The group's units: one stitched image, or each block alone when it is one block or stitches too tall."""
     first = group.blocks[0]
-    if len(group.blocks) > 1:
-        stitched = Stitched.of(group, [crops[block.order] for block in group.blocks])
-        if stitched is not None:
-            return [Unit(first, stitched.image, first.prompt, BLOCK_PIXEL_BOUNDS, stitched=stitched)]
+    stacked = stack(group, [crops[block.order] for block in group.blocks]) if len(group.blocks) > 1 else None
+    if stacked is not None:
+        image, stitched = stacked
+        return [Unit(first, image, first.prompt, BLOCK_PIXEL_BOUNDS, stitched=stitched)]
     return [Unit(block, crops[block.order], block.prompt, BLOCK_PIXEL_BOUNDS) for block in group.blocks]
 
 

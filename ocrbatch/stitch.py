@@ -114,39 +114,41 @@ def stitch_groups(blocks: Sequence[Block]) -> list[Group]:
 
 @dataclass(frozen=True)
 class Stitched:
-    """Several blocks' crops stacked into one image, and the rows of it that each block fills."""
+    """Which rows of a stacked image each of its blocks fills: what it takes to split the output back.
+
+    It keeps no pixels, so a page's units can drop their images once encoded.
+    """
 
     blocks: tuple[Block, ...]
-    image: Image.Image
-    rows: tuple[tuple[int, int], ...]  # (top, bottom) of each block's crop in ``image``
-
-    @classmethod
-    def of(cls, group: Group, crops: Sequence[Image.Image]) -> "Stitched | None":
-        """The group's crops (one per block, in order) stacked; ``None`` when the stack would be too tall."""
-        width = max(image.width for image in crops)
-        height = sum(image.height for image in crops)
-        if height >= MAX_ASPECT * width:
-            return None
-        stacked, rows = crops[0], [(0, crops[0].height)]
-        for image, align in zip(crops[1:], group.aligns):
-            wider = max(stacked.width, image.width)
-            canvas = Image.new(stacked.mode, (wider, stacked.height + image.height), "white")
-            canvas.paste(stacked, (_offset(align, wider, stacked.width), 0))
-            canvas.paste(image, (_offset(align, wider, image.width), stacked.height))
-            rows.append((stacked.height, canvas.height))
-            stacked = canvas
-        return cls(group.blocks, stacked, tuple(rows))
+    rows: tuple[tuple[int, int], ...]  # (top, bottom) of each block's crop in the stacked image
 
     def split(self, text: str) -> dict[int, str]:
         """The model's output for the stacked image, dealt out to the blocks (by ``Block.order``)."""
         lines = [line for line in text.splitlines() if line.strip()]
-        height = self.image.height
+        height = self.rows[-1][1]
         shares: dict[int, list[str]] = {block.order: [] for block in self.blocks}
         for index, line in enumerate(lines):
             middle = (index + 0.5) * height / len(lines)
             block = next((b for b, (_, bottom) in zip(self.blocks, self.rows) if middle < bottom), self.blocks[-1])
             shares[block.order].append(line)
         return {order: "\n".join(share) for order, share in shares.items()}
+
+
+def stack(group: Group, crops: Sequence[Image.Image]) -> tuple[Image.Image, Stitched] | None:
+    """The group's crops (one per block, in order) stacked; ``None`` when the stack would be too tall."""
+    width = max(image.width for image in crops)
+    height = sum(image.height for image in crops)
+    if height >= MAX_ASPECT * width:
+        return None
+    stacked, rows = crops[0], [(0, crops[0].height)]
+    for image, align in zip(crops[1:], group.aligns):
+        wider = max(stacked.width, image.width)
+        canvas = Image.new(stacked.mode, (wider, stacked.height + image.height), "white")
+        canvas.paste(stacked, (_offset(align, wider, stacked.width), 0))
+        canvas.paste(image, (_offset(align, wider, image.width), stacked.height))
+        rows.append((stacked.height, canvas.height))
+        stacked = canvas
+    return stacked, Stitched(group.blocks, tuple(rows))
 
 
 def _offset(align: str, width: int, part: int) -> int:

@@ -11,7 +11,7 @@ from ocrbatch.assemble import PageWork
 from ocrbatch.discover import Document
 from ocrbatch.layout import Block
 from ocrbatch.rasterize import PageImage
-from ocrbatch.stitch import Group, Stitched, stitch_groups
+from ocrbatch.stitch import Group, stack, stitch_groups
 
 
 def box(label: str, order: int, x0, y0, x1, y1) -> Block:
@@ -73,24 +73,23 @@ def crops(*sizes, colour="black") -> list[Image.Image]:
 
 def test_crops_are_stacked_on_white_aligned_on_the_shared_edge():
     group = Group((ABOVE, BESIDE, box("text", 3, 0, 0, 10, 10)), ("left", "right"))
-    stitched = Stitched.of(group, crops((700, 100), (350, 190), (200, 50)))
-    assert stitched.image.size == (700, 340) and stitched.rows == ((0, 100), (100, 290), (290, 340))
-    image = stitched.image
+    image, stitched = stack(group, crops((700, 100), (350, 190), (200, 50)))
+    assert image.size == (700, 340) and stitched.rows == ((0, 100), (100, 290), (290, 340))
     assert image.getpixel((10, 150)) == (0, 0, 0) and image.getpixel((690, 150)) == (255, 255, 255)  # left
     assert image.getpixel((690, 300)) == (0, 0, 0) and image.getpixel((10, 300)) == (255, 255, 255)  # right
-    centred = Stitched.of(Group((ABOVE, BESIDE), ("center",)), crops((700, 100), (300, 100))).image
+    centred, _ = stack(Group((ABOVE, BESIDE), ("center",)), crops((700, 100), (300, 100)))
     assert centred.getpixel((350, 150)) == (0, 0, 0) and centred.getpixel((100, 150)) == (255, 255, 255)
 
 
 def test_a_stack_three_times_as_tall_as_wide_is_not_made():
     group = Group((ABOVE, BESIDE), ("left",))
-    assert Stitched.of(group, crops((100, 150), (100, 149))) is not None
-    assert Stitched.of(group, crops((100, 150), (100, 150))) is None
+    assert stack(group, crops((100, 150), (100, 149))) is not None
+    assert stack(group, crops((100, 150), (100, 150))) is None
 
 
 def test_the_output_is_dealt_back_to_the_blocks_by_height():
     group = Group((ABOVE, BESIDE), ("left",))
-    stitched = Stitched.of(group, crops((700, 200), (350, 100)))  # two thirds, one third
+    _, stitched = stack(group, crops((700, 200), (350, 100)))  # two thirds, one third
     assert stitched.split("first\nsecond\n\nthird") == {0: "first\nsecond", 2: "third"}
     assert stitched.split("one long joined line") == {0: "one long joined line", 2: ""}
     assert stitched.split("") == {0: "", 2: ""}
@@ -148,3 +147,38 @@ def test_the_command_line_turns_stitching_off(flags, stitch, tmp_path, monkeypat
                                        *flags])
     assert result.exit_code == 0, result.output
     assert seen == [stitch]
+
+
+def test_the_engine_recognises_the_stitched_blocks_in_one_model_call(engine_f32, monkeypatch):
+    from ocrbatch.assemble import BLOCK_PIXEL_BOUNDS, layout_units
+
+    class Fixed:
+        """A layout model that finds the page's paragraph, figure and the text beside it."""
+
+        name = "fixed"
+
+        def detect(self, image):
+            return [ABOVE, FIGURE, BESIDE]
+
+    calls = []
+    generate = engine_f32.language.generate
+
+    def counted(requests):
+        calls.append(len(requests))
+        return generate(requests)
+
+    monkeypatch.setattr(engine_f32, "layout", Fixed())
+    monkeypatch.setattr(engine_f32.language, "generate", counted)
+    image = page_with_text_around_a_figure().image
+    [stitched] = engine_f32.ocr([image], max_tokens=24)
+    monkeypatch.setattr(engine_f32, "stitch", False)
+    [alone] = engine_f32.ocr([image], max_tokens=24)
+    assert calls == [1, 2] and stitched.ok and alone.ok
+    [unit], _ = layout_units(image, [ABOVE, FIGURE, BESIDE])
+    [encoded] = engine_f32.vision.encode([unit.image], BLOCK_PIXEL_BOUNDS)
+    assert stitched.n_image_tokens == encoded.n_tokens
+    # The one call's output, line by line, is the two blocks' texts in order: nothing lost, nothing doubled.
+    lines = [line for line in engine_f32.prompts.decode(stitched.token_ids).splitlines() if line.strip()]
+    texts = {block["order"]: block["text"] for block in stitched.blocks}
+    assert texts[1] == "" and lines == texts[0].splitlines() + texts[2].splitlines()
+    assert [block["order"] for block in alone.blocks] == [0, 1, 2]
