@@ -234,11 +234,11 @@ def timed_job(spec: dict, **job) -> dict:
 def child_ocrbatch(spec: dict) -> dict:
     """The real batch job over the page folder (see :func:`timed_job`).
 
-    ``spec`` may set ``layout`` (default none: whole pages), ``dpi`` and
-    ``max_pixels`` (the job's defaults otherwise); PDFs go to the model even
-    where they have a text layer.
+    ``spec`` may set ``layout`` (default none: whole pages), ``stitch``,
+    ``dpi`` and ``max_pixels`` (the job's defaults otherwise); PDFs go to the
+    model even where they have a text layer.
     """
-    rendering = {key: spec[key] for key in ("dpi", "max_pixels") if key in spec}
+    rendering = {key: spec[key] for key in ("dpi", "max_pixels", "stitch") if key in spec}
     run = timed_job(spec, paths=[Path(spec["pages_dir"])], layout=spec.get("layout", "none"), pdf_text="never",
                     **rendering)
     summary, rows, load_s, process_s = run["summary"], run["rows"], run["load_s"], run["process_s"]
@@ -253,6 +253,9 @@ def child_ocrbatch(spec: dict) -> dict:
         "image_patches_per_page": sum(r["n_image_tokens"] for r in rows) * 4 / count,
         "layout_s_per_page": sum(r["layout_s"] or 0 for r in rows) / count,
         "blocks_per_page": len(recognised) / count,
+        # one model call per unit: a whole page, a block alone, or the blocks stitched into one image (a group)
+        "model_calls_per_page": sum(len({b["group"] for b in r["blocks"] if b["prompt"]}) if r["blocks"] else 1
+                                    for r in rows) / count,
         "blocks_by_prompt": {prompt: sum(b["prompt"] == prompt for b in recognised)
                              for prompt in sorted({b["prompt"] for b in recognised})},
         "pages_per_min": count / process_s * 60,
@@ -474,6 +477,10 @@ def main() -> None:
                              "transformers float32 on the whole pages, at the same output tokens per page.")
     parser.add_argument("--vision-dtypes", nargs="+", default=["float32", "int8"], metavar="DTYPE",
                         help="With --layout: the vision dtypes to run ocrbatch with.")
+    parser.add_argument("--stitch", nargs="+", choices=["on", "off"], default=["on"], metavar="MODE",
+                        help="With --layout cdla: run layout mode with stitching on (the default) and/or off "
+                             "(--no-stitch); both give the stitched/unstitched ratios of model calls, image "
+                             "patches and pages/min.")
     parser.add_argument("--dpi", type=int, default=110, help="With --layout: render DPI (configs/cpu.toml's).")
     parser.add_argument("--max-pixels", type=int, default=1254400,
                         help="With --layout: render cap in pixels (configs/cpu.toml's).")
@@ -599,10 +606,12 @@ CHARS_PER_TOKEN = 4
 
 
 def report_page_facts(pdfs: list[Path], images: list[Path]) -> dict:
-    """Per page: its text layer's length in estimated tokens, and CDLA's blocks that go to the model."""
+    """Per page: its text layer's length in estimated tokens, CDLA's blocks that go to the model, and the
+    model calls they take with stitching."""
     import pymupdf
     from PIL import Image
 
+    from ocrbatch.assemble import layout_units
     from ocrbatch.layout import load_layout
 
     chars = []
@@ -610,19 +619,27 @@ def report_page_facts(pdfs: list[Path], images: list[Path]) -> dict:
         with pymupdf.open(path) as doc:
             chars += [len(page.get_text()) for page in doc]
     detector = load_layout("cdla")
-    blocks = [[b.label for b in detector.detect(Image.open(image).convert("RGB")) if b.prompt is not None]
-              for image in images]
+    labels, calls = [], []
+    for path in images:
+        image = Image.open(path).convert("RGB")
+        blocks = detector.detect(image)
+        labels.append([b.label for b in blocks if b.prompt is not None])
+        calls.append(len(layout_units(image, blocks)[0]))
     return {"text_chars": chars, "text_tokens_estimated": [round(c / CHARS_PER_TOKEN) for c in chars],
-            "model_blocks": [len(labels) for labels in blocks], "tables": [labels.count("table") for labels in blocks]}
+            "model_blocks": [len(page) for page in labels], "model_calls_stitched": calls,
+            "tables": [page.count("table") for page in labels]}
 
 
 def measure_layout(args, work: Path) -> dict:
     """Whole pages vs layout blocks on report pages, beside transformers float32 on the whole pages.
 
     Every engine decodes the same number of output tokens per page on
-    average: whole pages ``page_tokens`` each; in layout mode every block the
-    same share, ``page_tokens`` times the pages over all the blocks, so the
-    run's total is the same (end-of-sentence and the loop guard off).
+    average: whole pages ``page_tokens`` each; in layout mode every model
+    call the same share, ``page_tokens`` times the pages over all the calls
+    (blocks, or with stitching the stitched units), so the run's total is
+    the same (end-of-sentence and the loop guard off). ``--stitch on off``
+    runs layout mode both ways, to compare model calls, image patches and
+    pages per minute.
     """
     from ocrbatch.gguf_convert import convert
 
@@ -637,10 +654,12 @@ def measure_layout(args, work: Path) -> dict:
     facts = report_page_facts(pdfs, images)
     page_tokens = args.page_tokens or round(sum(facts["text_tokens_estimated"]) / len(images))
     block_tokens = max(1, round(page_tokens * len(images) / sum(facts["model_blocks"])))
+    unit_tokens = max(1, round(page_tokens * len(images) / sum(facts["model_calls_stitched"])))
     convert(model, "Q4_K_M")  # cached: no run pays for the conversion
     results: dict = {"machine": machine_info(), "settings": {
         "model": model, "pages": len(images), "papers": [p.stem for p in pdfs], "dpi": args.dpi,
         "max_pixels": args.max_pixels, "page_tokens": page_tokens, "block_tokens": block_tokens,
+        "stitched_unit_tokens": unit_tokens, "stitch": args.stitch,
         "threads": args.threads, "quick": args.quick, **ENGINE_SETTINGS,
         "quant": "Q4_K_M"}, "pages": facts}
     base = {"model": model, "threads": args.threads}
@@ -650,10 +669,13 @@ def measure_layout(args, work: Path) -> dict:
             **base, "dtype": "float32", "tokens": page_tokens, "pages": [str(p) for p in images], "batched": False})
     for vision in args.vision_dtypes:
         for layout in args.layout:
-            engines[f"ocrbatch-Q4_K_M-vision-{vision}-layout-{layout}"] = run_child("ocrbatch", {
-                **base, "quant": "Q4_K_M", "vision_dtype": vision, "pages_dir": str(work / "pages" / "docs"),
-                "layout": layout, "dpi": args.dpi, "max_pixels": args.max_pixels,
-                "tokens": page_tokens if layout == "none" else block_tokens, **ENGINE_SETTINGS})
+            for stitch in (["on"] if layout == "none" else args.stitch):
+                suffix = "" if stitch == "on" else "-no-stitch"
+                tokens = page_tokens if layout == "none" else unit_tokens if stitch == "on" else block_tokens
+                engines[f"ocrbatch-Q4_K_M-vision-{vision}-layout-{layout}{suffix}"] = run_child("ocrbatch", {
+                    **base, "quant": "Q4_K_M", "vision_dtype": vision, "pages_dir": str(work / "pages" / "docs"),
+                    "layout": layout, "stitch": stitch == "on", "dpi": args.dpi, "max_pixels": args.max_pixels,
+                    "tokens": tokens, **ENGINE_SETTINGS})
     results["engines"] = engines
     tf32 = engines.get("transformers-float32", {})
     ratios = {}
@@ -673,6 +695,11 @@ def measure_layout(args, work: Path) -> dict:
             **{f"pages_per_min_{layout}_vs_transformers_fp32": ratio(
                 engines.get(f"ocrbatch-Q4_K_M-vision-{vision}-layout-{layout}", {}).get("pages_per_min"),
                 tf32.get("pages_per_min")) for layout in args.layout if layout != "none"},
+            **{f"{layout}_stitched_vs_not": {
+                key: ratio(engines.get(f"ocrbatch-Q4_K_M-vision-{vision}-layout-{layout}", {}).get(key),
+                           engines.get(f"ocrbatch-Q4_K_M-vision-{vision}-layout-{layout}-no-stitch", {}).get(key))
+                for key in ("pages_per_min", "model_calls_per_page", "image_patches_per_page", "cpu_s_per_page")}
+               for layout in args.layout if layout != "none" and set(args.stitch) == {"on", "off"}},
         }
     results["ratios"] = ratios
     results["notes"] = args.note

@@ -86,10 +86,11 @@ def test_benchmark_runs_only_the_engines_asked_for(tiny_model, tmp_path):
 
 @pytest.mark.slow
 def test_quick_layout_benchmark(tiny_model, tmp_path):
-    """Report pages through whole-page and CDLA layout mode, at the same output tokens per page on average."""
+    """Report pages through whole-page and CDLA layout mode (stitched and not), at the same output tokens per page on
+    average."""
     out = tmp_path / "layout.json"
     process = subprocess.run([sys.executable, str(BENCH), "--quick", "--model", str(tiny_model), "--layout", "none",
-                              "cdla", "--vision-dtypes", "float32", "--out", str(out)],
+                              "cdla", "--vision-dtypes", "float32", "--stitch", "on", "off", "--out", str(out)],
                              capture_output=True, text=True, timeout=900)
     assert process.returncode == 0, process.stderr
     results = json.loads(out.read_text())
@@ -97,7 +98,8 @@ def test_quick_layout_benchmark(tiny_model, tmp_path):
     assert settings["papers"] == ["report-letter", "report-a4"] and settings["pages"] == 2
     assert all(tables == 1 for tables in facts["tables"]) and min(facts["model_blocks"]) >= 3, facts
     assert set(engines) == {"transformers-float32", "ocrbatch-Q4_K_M-vision-float32-layout-none",
-                            "ocrbatch-Q4_K_M-vision-float32-layout-cdla"}
+                            "ocrbatch-Q4_K_M-vision-float32-layout-cdla",
+                            "ocrbatch-Q4_K_M-vision-float32-layout-cdla-no-stitch"}
     for name, engine in engines.items():
         assert "error" not in engine, (name, engine)
         assert engine["pages_per_min"] > 0, name
@@ -105,9 +107,17 @@ def test_quick_layout_benchmark(tiny_model, tmp_path):
     blocks = engines["ocrbatch-Q4_K_M-vision-float32-layout-cdla"]
     assert whole["output_tokens_per_page"] == [settings["page_tokens"]] * 2 and whole["blocks_per_page"] == 0
     assert blocks["blocks_by_prompt"]["Table Recognition:"] == 2 and blocks["layout_s_per_page"] > 0
-    # Every block decoded its share exactly (no early stop, no loop cut), so the totals only differ by rounding.
-    assert blocks["output_tokens"] == settings["block_tokens"] * blocks["blocks_per_page"] * 2
+    # Every model call decoded its share exactly (no early stop, no loop cut), so the totals only differ by rounding.
+    assert blocks["output_tokens"] == settings["stitched_unit_tokens"] * blocks["model_calls_per_page"] * 2
     assert abs(blocks["output_tokens"] - whole["output_tokens"]) <= blocks["blocks_per_page"] * 2
+    alone = engines["ocrbatch-Q4_K_M-vision-float32-layout-cdla-no-stitch"]
+    assert alone["model_calls_per_page"] == alone["blocks_per_page"] == blocks["blocks_per_page"]
+    assert alone["output_tokens"] == settings["block_tokens"] * alone["blocks_per_page"] * 2
+    assert whole["model_calls_per_page"] == 1
     # Small crops are upscaled to the block minimum: more patches than the whole page.
     assert blocks["image_patches_per_page"] > whole["image_patches_per_page"]
-    assert results["ratios"]["vision-float32"]["cdla_vs_whole_page"]["pages_per_min"] > 0
+    ratios = results["ratios"]["vision-float32"]
+    assert ratios["cdla_vs_whole_page"]["pages_per_min"] > 0
+    assert set(ratios["cdla_stitched_vs_not"]) == {"pages_per_min", "model_calls_per_page", "image_patches_per_page",
+                                                   "cpu_s_per_page"}
+    assert ratios["cdla_stitched_vs_not"]["model_calls_per_page"] <= 1
