@@ -15,7 +15,7 @@ from .gguf_convert import QUANTS
 from .options import BACKENDS, PAGE_TIMEOUT_BASE_S, PAGE_TIMEOUT_PER_TOKEN_S, JobOptions
 from .options import default as job_default
 from .prompt import TASKS
-from .layout import DEFAULT_PP_DOCLAYOUT, LAYOUTS
+from .layout import LAYOUTS, PP_DOCLAYOUT_V2, PP_DOCLAYOUT_V3
 from .textlayer import PDF_TEXT_MODES
 from .vision import DTYPES as VISION_DTYPES
 
@@ -89,14 +89,18 @@ def main():
 @click.option("--layout", type=click.Choice(LAYOUTS), default="none", show_default=True,
               help="Layout analysis first, each block recognised with its own prompt, Markdown out (see run).")
 @click.option("--layout-model", help="PP-DocLayout checkpoint for --layout pp-doclayout.")
+@click.option("--charts", is_flag=True, help="With a layout, recognise charts (Chart Recognition:) instead of "
+              "keeping them as pictures.")
+@click.option("--seals", is_flag=True, help="With a layout, recognise seals (Seal Recognition:, 1.5+ checkpoints) "
+              "instead of keeping them as pictures.")
 def ocr(images, model, quant, gguf, vision_dtype, device, threads, cache_dir, task, prompt, max_tokens, as_json,
-        layout, layout_model):
+        layout, layout_model, charts, seals):
     """OCR IMAGES one by one and print the text (exit 1 if any image failed)."""
     from .engine import Engine
 
     engine = Engine(model=model, quant=quant, gguf=gguf, vision_dtype=vision_dtype, device=device,
                     max_tokens=max_tokens, threads=threads, cache_dir=cache_dir, layout=layout,
-                    layout_model=layout_model)
+                    layout_model=layout_model, charts=charts, seals=seals)
     engine.prompt_text(task, prompt)  # an unsupported task fails before any work
     failed = 0
     for image in images:
@@ -246,7 +250,12 @@ def _setup_logging(quiet: bool, log_file: str | None) -> None:
                    "prompt). With a layout, each block is recognised with its own prompt and the page's text "
                    "is Markdown in reading order.")
 @click.option("--layout-model", help=f"PP-DocLayout checkpoint folder or Hugging Face id for --layout pp-doclayout "
-              f"[default: {DEFAULT_PP_DOCLAYOUT}].")
+              f"[default: {PP_DOCLAYOUT_V2} for a PaddleOCR-VL 1.0 checkpoint, {PP_DOCLAYOUT_V3} for 1.5 "
+              f"and later, as PaddleX pairs them].")
+@click.option("--charts", is_flag=True, help="With a layout, recognise chart blocks with Chart Recognition: "
+              "(their data as a table) instead of keeping them as pictures, as PaddleX's use_chart_recognition.")
+@click.option("--seals", is_flag=True, help="With a layout, recognise seal blocks with Seal Recognition: "
+              "(PaddleOCR-VL 1.5+) instead of keeping them as pictures, as PaddleX's use_seal_recognition.")
 @click.option("--stitch/--no-stitch", default=job_default("stitch"), show_default=True,
               help="With a layout, recognise pieces of text the layout model cut apart (text running around "
                    "a figure, pieces of one line) as one image in one model call, as PaddleX does.")
@@ -307,7 +316,7 @@ def _setup_logging(quiet: bool, log_file: str | None) -> None:
 @click.option("--log-file", type=click.Path(dir_okay=False), help="Also log to this file.")
 def run(paths, out, output_format, checkpoint, include, exclude, dry_run, retry_failed, max_retries,
         max_page_error_rate, min_file_age, model, quant, gguf, vision_dtype, device, threads, cache_dir, task,
-        layout, layout_model, stitch, pdf_text, trust_ocr_layer, max_tokens, engine_name, ray_address, ray_vision_actors,
+        layout, layout_model, charts, seals, stitch, pdf_text, trust_ocr_layer, max_tokens, engine_name, ray_address, ray_vision_actors,
         ray_vision_cpus, ray_vision_gpus, ray_decode_cpus, backend, base_url,
         api_key, remote_model, concurrency, page_timeout, stop_grace, workers, seqs_per_worker, dpi, max_pixels, batch_size, max_batch_patches, markdown_dir,
         ignore_eos, quiet, log_file):
@@ -328,7 +337,7 @@ def run(paths, out, output_format, checkpoint, include, exclude, dry_run, retry_
         paths=list(paths), out=out, output_format=output_format, checkpoint=checkpoint, include=list(include),
         exclude=list(exclude), retry_failed=retry_failed, max_retries=max_retries,
         max_page_error_rate=max_page_error_rate, min_file_age=min_file_age, model=model, quant=quant, gguf=gguf,
-        task=task, layout=layout, layout_model=layout_model, stitch=stitch, pdf_text=pdf_text, trust_ocr_layer=trust_ocr_layer, max_tokens=max_tokens, backend=backend,
+        task=task, layout=layout, layout_model=layout_model, charts=charts, seals=seals, stitch=stitch, pdf_text=pdf_text, trust_ocr_layer=trust_ocr_layer, max_tokens=max_tokens, backend=backend,
         base_url=base_url, api_key=api_key, remote_model=remote_model, concurrency=concurrency,
         page_timeout=page_timeout, stop_grace=stop_grace, workers=workers,
         seqs_per_worker=seqs_per_worker, dpi=dpi, max_pixels=max_pixels, batch_size=batch_size,

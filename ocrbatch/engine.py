@@ -76,6 +76,8 @@ class Engine:
         layout: str = "none",
         layout_model: str | None = None,
         stitch: bool = True,
+        charts: bool = False,
+        seals: bool = False,
     ):
         """Load ``model`` (checkpoint folder or Hub id) and its language model as a GGUF.
 
@@ -86,7 +88,10 @@ class Engine:
         ``layout`` (``cdla``, ``pp-doclayout`` with ``layout_model``, or ``none``)
         makes :meth:`ocr` recognise each layout block with its own prompt and
         return the page's Markdown; ``stitch`` lets pieces of text share one
-        image, as in the batch job (:mod:`.stitch`).
+        image, as in the batch job (:mod:`.stitch`). ``pp-doclayout`` without
+        ``layout_model`` is PP-DocLayoutV2 for a 1.0 checkpoint, V3 for 1.5+.
+        ``charts`` and ``seals`` send those blocks to the model instead of
+        keeping them as pictures (seals need a 1.5+ checkpoint).
         """
         if threads:
             import torch
@@ -107,9 +112,13 @@ class Engine:
                 f"{self.gguf_path}: language model width {info.n_embd} does not match "
                 f"the checkpoint's {config.text_config.hidden_size}"
             )
-        from .layout import load_layout
+        from .layout import load_layout, recognised_pictures
 
-        self.layout = load_layout(layout, layout_model, device=device, threads=threads)
+        if seals:
+            self.prompts.task_text("seal")  # a 1.0 checkpoint was not trained for it
+        self.layout = load_layout(layout, layout_model, device=device, threads=threads,
+                                  later_release=self.prompts.supports_later_tasks,
+                                  recognised=recognised_pictures(charts, seals))
         self.stitch = stitch
         self.language = None
         if with_language:

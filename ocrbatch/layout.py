@@ -14,14 +14,18 @@ reading order. This module is that first half:
   blocks are ordered by :func:`reading_order` (recursive XY-cut, columns
   read left to right, running headers first and footers last).
 - ``pp-doclayout``: PP-DocLayoutV2 or V3, the official pipeline's layout
-  model, through transformers, with its predicted reading order.
+  model, through transformers, with its predicted reading order; V2 by
+  default for PaddleOCR-VL 1.0, V3 for 1.5 and later, whose blocks also
+  carry polygons (slanted or irregular regions, cropped to their outline).
 - ``none``: the whole page is one block (:func:`whole_page`).
 
 Every detector's boxes go through the official pipeline's filters
 (:func:`filter_blocks`): per-label score thresholds (PP-DocLayout), NMS,
 the page-sized-picture filter, removal of boxes inside title, formula and
 chart boxes, and of tiny and duplicate boxes. Coordinates are pixels of
-the image passed to ``detect``.
+the image passed to ``detect``. Charts and seals stay pictures unless the
+job asks for them to be recognised (``--charts``, ``--seals``, as PaddleX's
+``use_chart_recognition`` and ``use_seal_recognition``).
 """
 
 from __future__ import annotations
@@ -35,13 +39,17 @@ from pathlib import Path
 from typing import Protocol, Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from .errors import ModelError, OcrbatchError
 from .prompt import TASK_PROMPTS
 
 LAYOUTS = ("cdla", "pp-doclayout", "none")
-DEFAULT_PP_DOCLAYOUT = "PaddlePaddle/PP-DocLayoutV2_safetensors"
+# The layout model PaddleX pairs with each release: PP-DocLayoutV2 with PaddleOCR-VL 1.0, V3 with 1.5 and 1.6.
+PP_DOCLAYOUT_V2 = "PaddlePaddle/PP-DocLayoutV2_safetensors"
+PP_DOCLAYOUT_V3 = "PaddlePaddle/PP-DocLayoutV3_safetensors"
+# Picture labels the model can be asked to read (--charts, --seals); by default they stay pictures.
+RECOGNISABLE_PICTURES = ("chart", "seal")
 
 # PP-DocLayoutV2's 25 labels, in the order of its class ids.
 PP_DOCLAYOUT_LABELS = (
@@ -131,7 +139,10 @@ class Block:
     """One region of a page: its label, detection score and box, and its place in reading order.
 
     ``order`` counts from 0 in the page's reading order. Coordinates are
-    pixels of the page image given to the detector.
+    pixels of the page image given to the detector. ``polygon`` is the
+    region's outline where the detector gives one (PP-DocLayoutV3: a
+    slanted or non-rectangular block), corners in page pixels; ``None``:
+    the box is the region.
     """
 
     order: int
@@ -141,6 +152,9 @@ class Block:
     y0: float
     x1: float
     y1: float
+    polygon: tuple[tuple[float, float], ...] | None = None
+    # Picture labels (of RECOGNISABLE_PICTURES) the job sends to the model rather than keeping as pictures.
+    recognised: frozenset[str] = frozenset()
 
     @property
     def width(self) -> float:
@@ -162,12 +176,13 @@ class Block:
     @property
     def task(self) -> str | None:
         """The recognition task for this block (a key of ``prompt.TASK_PROMPTS``), or ``None``."""
-        return task_for(self.label)
+        return task_for(self.label, charts="chart" in self.recognised, seals="seal" in self.recognised)
 
     @property
     def prompt(self) -> str | None:
         """The prompt to recognise this block with; ``None`` when it is not sent to the model."""
-        return prompt_for(self.label)
+        task = self.task
+        return None if task is None else TASK_PROMPTS[task]
 
 
 def task_for(label: str, charts: bool = False, seals: bool = False) -> str | None:
@@ -205,22 +220,39 @@ class LayoutDetector(Protocol):
         ...
 
 
-def load_layout(name: str, model: str | None = None, device: str = "cpu",
-                threads: int | None = None) -> LayoutDetector | None:
+def recognised_pictures(charts: bool = False, seals: bool = False) -> frozenset[str]:
+    """The picture labels whose blocks go to the model: ``chart`` with ``charts``, ``seal`` with ``seals``."""
+    return frozenset(label for label, wanted in zip(RECOGNISABLE_PICTURES, (charts, seals)) if wanted)
+
+
+def default_pp_doclayout(later_release: bool) -> str:
+    """The PP-DocLayout checkpoint PaddleX runs with a recognition model: V3 for PaddleOCR-VL 1.5+, else V2."""
+    return PP_DOCLAYOUT_V3 if later_release else PP_DOCLAYOUT_V2
+
+
+def load_layout(name: str, model: str | None = None, device: str = "cpu", threads: int | None = None,
+                later_release: bool = True, recognised: frozenset[str] = frozenset()) -> LayoutDetector | None:
     """The detector for ``--layout NAME``; ``None`` for ``none`` (use :func:`whole_page`).
 
-    ``model`` is the PP-DocLayout checkpoint (folder or Hugging Face id,
-    default :data:`DEFAULT_PP_DOCLAYOUT`); ``threads`` limits the CPU
-    threads of the CDLA model (default: ONNX Runtime's choice).
+    ``model`` is the PP-DocLayout checkpoint (folder or Hugging Face id);
+    without one, the checkpoint PaddleX pairs with the recognition model:
+    :func:`default_pp_doclayout` of ``later_release`` (the model is
+    PaddleOCR-VL 1.5 or later). ``threads`` limits the CPU threads of the
+    CDLA model (default: ONNX Runtime's choice). ``recognised`` names the
+    picture labels whose blocks go to the model (``chart``, ``seal``).
     """
+    unknown = set(recognised) - set(RECOGNISABLE_PICTURES)
+    if unknown:
+        raise ModelError(f"cannot recognise {', '.join(sorted(unknown))} blocks; only {', '.join(RECOGNISABLE_PICTURES)}")
     if name == "none":
         return None
     if name == "cdla":
         if model is not None:
             raise ModelError("--layout-model applies to --layout pp-doclayout only")
-        return CdlaDetector(threads=threads)
+        return CdlaDetector(threads=threads, recognised=frozenset(recognised))
     if name == "pp-doclayout":
-        return PPDocLayoutDetector(model or DEFAULT_PP_DOCLAYOUT, device=device)
+        return PPDocLayoutDetector(model or default_pp_doclayout(later_release), device=device,
+                                   recognised=frozenset(recognised))
     raise ModelError(f"unknown layout {name!r}; choose one of {', '.join(LAYOUTS)}")
 
 
@@ -283,7 +315,8 @@ def _drop_small_and_duplicates(blocks: list[Block]) -> list[Block]:
 
     Of two boxes sharing more than 70 % of the smaller one's area, the
     smaller is dropped, unless exactly one of them is a picture (a figure
-    and its caption or a table may legitimately overlap it).
+    and its caption or a table may legitimately overlap it), or both have
+    polygons that share no more than 70 % of the smaller one.
     """
     candidates = [b for b in blocks if b.label != "reference"]
     dropped = {i for i, b in enumerate(candidates) if b.width < MIN_BOX_SIDE or b.height < MIN_BOX_SIDE}
@@ -297,8 +330,23 @@ def _drop_small_and_duplicates(blocks: list[Block]) -> list[Block]:
                 continue
             if a.label != b.label and "image" in (a.label, b.label):
                 continue
+            if a.polygon and b.polygon and _polygon_overlap(a, b) <= _DUPLICATE_SHARE:
+                continue  # boxes of slanted blocks overlap where the blocks themselves do not
             dropped.add(j if a.area >= b.area else i)
     return [b for i, b in enumerate(candidates) if i not in dropped]
+
+
+def _polygon_overlap(a: Block, b: Block) -> float:
+    """The share of the smaller of two blocks' polygons that the other covers, measured in whole pixels."""
+    left, top = math.floor(min(a.x0, b.x0)), math.floor(min(a.y0, b.y0))
+    size = (math.ceil(max(a.x1, b.x1)) - left + 1, math.ceil(max(a.y1, b.y1)) - top + 1)
+    masks = []
+    for block in (a, b):
+        mask = Image.new("1", size, 0)
+        ImageDraw.Draw(mask).polygon([(x - left, y - top) for x, y in block.polygon], fill=1)
+        masks.append(np.asarray(mask))
+    smaller = min(int(mask.sum()) for mask in masks)
+    return int((masks[0] & masks[1]).sum()) / smaller if smaller else 0.0
 
 
 def filter_blocks(blocks: Sequence[Block], width: float, height: float) -> list[Block]:
@@ -376,7 +424,10 @@ def reading_order(blocks: Sequence[Block]) -> list[Block]:
 def crop(image: Image.Image, block: Block) -> Image.Image:
     """The block's region of the page: its box exactly (rounded outwards), formulas trimmed to their ink.
 
-    Raises ``ValueError`` for a box with no pixels on the page.
+    A block with a polygon keeps only what lies inside it, the rest of its
+    box painted white (as PaddleX crops PP-DocLayoutV3's blocks), so a
+    slanted block does not bring its neighbours' text along. Raises
+    ``ValueError`` for a box with no pixels on the page.
     """
     x0, y0 = max(0, math.floor(block.x0)), max(0, math.floor(block.y0))
     x1, y1 = min(image.width, math.ceil(block.x1)), min(image.height, math.ceil(block.y1))
@@ -385,9 +436,18 @@ def crop(image: Image.Image, block: Block) -> Image.Image:
                          f"{image.width}x{image.height} page: box {block.x0:.0f},{block.y0:.0f},"
                          f"{block.x1:.0f},{block.y1:.0f}")
     region = image.crop((x0, y0, x1, y1))
+    if block.polygon:
+        region = _inside_polygon(region, [(x - x0, y - y0) for x, y in block.polygon])
     if block.kind == "formula":
         region = _trim_to_ink(region)
     return region
+
+
+def _inside_polygon(region: Image.Image, polygon: list[tuple[float, float]]) -> Image.Image:
+    """``region`` with every pixel outside ``polygon`` (in the region's pixels) painted white."""
+    inside = Image.new("L", region.size, 0)
+    ImageDraw.Draw(inside).polygon(polygon, fill=255)
+    return Image.composite(region, Image.new(region.mode, region.size, "white"), inside)
 
 
 def _trim_to_ink(image: Image.Image) -> Image.Image:
@@ -407,7 +467,9 @@ class CdlaDetector:
 
     name = "cdla"
 
-    def __init__(self, threads: int | None = None, threshold: float = CDLA_THRESHOLD):
+    def __init__(self, threads: int | None = None, threshold: float = CDLA_THRESHOLD,
+                 recognised: frozenset[str] = frozenset()):
+        self.recognised = recognised
         try:
             with contextlib.redirect_stderr(io.StringIO()):  # see below
                 import rapid_layout
@@ -433,7 +495,7 @@ class CdlaDetector:
         except Exception as exc:
             raise LayoutError(f"layout detection (cdla) failed: {type(exc).__name__}: {exc}") from exc
         blocks = [
-            Block(0, CDLA_LABELS[name], float(score), *(float(v) for v in box))
+            Block(0, CDLA_LABELS[name], float(score), *(float(v) for v in box), recognised=self.recognised)
             for box, name, score in zip(result.boxes or [], result.class_names or [], result.scores or [])
             if name in CDLA_LABELS
         ]
@@ -483,7 +545,7 @@ def order_ranks(order_logits: np.ndarray) -> np.ndarray:
 
 def decode_detections(logits: np.ndarray, boxes: np.ndarray, order_logits: np.ndarray, width: float,
                       height: float, labels: Sequence[str], thresholds: dict[str, float],
-                      default_threshold: float) -> list[Block]:
+                      default_threshold: float, masks: np.ndarray | None = None) -> list[Block]:
     """PP-DocLayout's raw outputs for one page → thresholded blocks sorted by the model's reading order.
 
     ``logits`` (queries × labels), ``boxes`` (queries × 4, centre and size
@@ -492,7 +554,9 @@ def decode_detections(logits: np.ndarray, boxes: np.ndarray, order_logits: np.nd
     ``queries`` (query, label) pairs by sigmoid score are candidates, so a
     query may yield two labels; a candidate is kept when its score reaches
     its label's threshold. ``Block.order`` is the model's rank (not yet
-    renumbered).
+    renumbered). ``masks`` (queries × mask rows × mask columns, logits over
+    the whole page; PP-DocLayoutV3) give each block its polygon
+    (:func:`mask_polygon`).
     """
     n_queries, n_labels = logits.shape
     scores = _sigmoid(logits.astype(np.float64)).ravel()
@@ -507,8 +571,46 @@ def decode_detections(logits: np.ndarray, boxes: np.ndarray, order_logits: np.nd
         cx, cy, w, h = (float(v) for v in boxes[query])
         x0, x1 = np.clip([(cx - w / 2) * width, (cx + w / 2) * width], 0, width)
         y0, y1 = np.clip([(cy - h / 2) * height, (cy + h / 2) * height], 0, height)
-        blocks.append(Block(int(ranks[query]), label, float(scores[flat]), float(x0), float(y0), float(x1), float(y1)))
+        box = (float(x0), float(y0), float(x1), float(y1))
+        polygon = None if masks is None else mask_polygon(masks[query], box, width, height)
+        blocks.append(Block(int(ranks[query]), label, float(scores[flat]), *box, polygon=polygon))
     return sorted(blocks, key=lambda b: (b.order, -b.score))
+
+
+# Corners closer to the mask's outline than this share of its length are merged away.
+_OUTLINE_TOLERANCE = 0.004
+
+
+def mask_polygon(mask_logits: np.ndarray, box: tuple[float, float, float, float], width: float,
+                 height: float) -> tuple[tuple[float, float], ...] | None:
+    """A block's outline from its PP-DocLayoutV3 mask, in page pixels; ``None`` where the box must do.
+
+    The mask covers the whole page at a coarse resolution (a quarter of
+    the model's input). Its part under the block's box is taken where the
+    mask is positive, scaled to the box's size in page pixels, and the
+    largest region's outline is simplified to its corners. A mask with
+    nothing under the box, or an outline of fewer than four corners,
+    leaves the block its box.
+    """
+    import cv2
+
+    x0, y0, x1, y1 = box
+    mask_h, mask_w = mask_logits.shape
+    columns = slice(*np.clip(np.round(np.array([x0, x1]) * mask_w / width).astype(int), 0, mask_w))
+    rows = slice(*np.clip(np.round(np.array([y0, y1]) * mask_h / height).astype(int), 0, mask_h))
+    under_box = (mask_logits[rows, columns] > 0).astype(np.uint8)
+    box_w, box_h = round(x1 - x0), round(y1 - y0)
+    if under_box.size == 0 or not under_box.any() or box_w < 1 or box_h < 1:
+        return None
+    scaled = cv2.resize(under_box, (box_w, box_h), interpolation=cv2.INTER_NEAREST)
+    contours, _ = cv2.findContours(scaled, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    if not contours:
+        return None
+    outline = max(contours, key=cv2.contourArea)
+    corners = cv2.approxPolyDP(outline, _OUTLINE_TOLERANCE * cv2.arcLength(outline, True), True).reshape(-1, 2)
+    if len(corners) < 4:
+        return None
+    return tuple((float(x) + x0, float(y) + y0) for x, y in corners)
 
 
 class PPDocLayoutDetector:
@@ -517,12 +619,13 @@ class PPDocLayoutDetector:
     Preprocessing is done here (transformers' image processor for this
     model needs torchvision): the page is resized to the checkpoint's input
     size (800 x 800, aspect ratio not kept) with bicubic interpolation and
-    scaled to [0, 1], as the official inference config does.
+    scaled to [0, 1], as the official inference config does. V3 also
+    outlines each block with a mask, which becomes its polygon.
     """
 
     name = "pp-doclayout"
 
-    def __init__(self, model: str | Path = DEFAULT_PP_DOCLAYOUT, device: str = "cpu"):
+    def __init__(self, model: str | Path, device: str = "cpu", recognised: frozenset[str] = frozenset()):
         import torch
         from transformers import AutoModelForObjectDetection
         from transformers.utils import cached_file
@@ -536,6 +639,7 @@ class PPDocLayoutDetector:
         if not config.model_type.startswith("pp_doclayout"):
             raise ModelError(f"{model}: a {config.model_type} checkpoint, not PP-DocLayout")
         self.device = torch.device(device)
+        self.recognised = recognised
         self.labels = [config.id2label[i] for i in range(len(config.id2label))]
         if config.model_type == "pp_doclayout_v2":
             self.thresholds, self.default_threshold = PP_DOCLAYOUT_V2_THRESHOLDS, PP_DOCLAYOUT_V2_DEFAULT_THRESHOLD
@@ -571,9 +675,12 @@ class PPDocLayoutDetector:
             logits = outputs.logits[0].float().cpu().numpy()
             boxes = outputs.pred_boxes[0].float().cpu().numpy()
             order_logits = outputs.order_logits[0].float().cpu().numpy()
+            # PP-DocLayoutV3 also outlines each block (V2 has no masks).
+            masks = getattr(outputs, "out_masks", None)
+            masks = None if masks is None else masks[0].float().cpu().numpy()
         except Exception as exc:
             raise LayoutError(f"layout detection (pp-doclayout) failed: {type(exc).__name__}: {exc}") from exc
         blocks = decode_detections(logits, boxes, order_logits, image.width, image.height, self.labels,
-                                   self.thresholds, self.default_threshold)
+                                   self.thresholds, self.default_threshold, masks)
         blocks = filter_blocks(blocks, image.width, image.height)
-        return [replace(b, order=i) for i, b in enumerate(blocks)]
+        return [replace(b, order=i, recognised=self.recognised) for i, b in enumerate(blocks)]

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
+from .layout import recognised_pictures
 from .store import checkpoint_path_for
 
 # A page's decode may take this long before it is failed: a fixed allowance for
@@ -39,6 +40,8 @@ class JobOptions:
     task: str = "ocr"
     layout: str = "cdla"  # cdla, pp-doclayout, none: see ocrbatch.layout
     layout_model: str | None = None  # PP-DocLayout checkpoint for --layout pp-doclayout
+    charts: bool = False  # layout mode: chart blocks recognised with Chart Recognition: (else kept as pictures)
+    seals: bool = False  # layout mode: seal blocks recognised with Seal Recognition: (1.5+; else pictures)
     stitch: bool = True  # layout mode: pieces of text recognised as one image (see ocrbatch.stitch)
     pdf_text: str = "never"  # never, auto, only: see ocrbatch.textlayer
     trust_ocr_layer: bool = False
@@ -69,6 +72,11 @@ class JobOptions:
     @property
     def checkpoint_path(self) -> Path:
         return self.checkpoint or checkpoint_path_for(self.out)
+
+    @property
+    def recognised_pictures(self) -> frozenset[str]:
+        """The picture labels whose blocks go to the model (``--charts``, ``--seals``)."""
+        return recognised_pictures(self.charts, self.seals)
 
     @property
     def effective_page_timeout(self) -> float:

@@ -193,6 +193,9 @@ def _run_locked(options: JobOptions, store: Store, engine, pool, render_pages, s
                 engine = Engine(options.model, quant=quant, gguf=options.gguf, vision_dtype=options.vision_dtype,
                                 device=options.device, max_tokens=options.max_tokens, threads=options.threads,
                                 cache_dir=options.cache_dir, with_language=False)
+            # A task the checkpoint was not trained for (seal, spotting on 1.0) is refused before any page runs.
+            for task in {options.task} | ({"seal"} if options.seals else set()):
+                engine.prompt_text(task)
             max_pixels = page_pixel_cap(options.layout, engine.vision.image_processor.size.longest_edge,
                                         options.max_pixels)
             if pool is None:
@@ -246,7 +249,10 @@ def _process(recorder: Recorder, engine, decoder: LocalDecoder | RemoteDecoder, 
     renderer = RenderStage([RenderJob(item.document, item.pages, item.page_count) for item in plan.work],
                            options.dpi, max_pixels, pages, halt, render_pages,
                            TextLayerSettings(options.pdf_text, options.trust_ocr_layer),
-                           LayoutSettings(options.layout, options.layout_model, options.threads))
+                           # Without a checkpoint here (a remote server), the current releases' V3 is the default.
+                           LayoutSettings(options.layout, options.layout_model, options.threads,
+                                          later_release=engine.prompts.supports_later_tasks if engine else True,
+                                          recognised=options.recognised_pictures))
     renderer.start()
     finished: queue.Queue = queue.Queue()
     in_flight: dict[Future, tuple[PageWork, Unit]] = {}

@@ -528,12 +528,18 @@ def _stage_config(options, settings: RaySettings, seqs: int) -> StageConfig:
     """
     from .checkpoint import Checkpoint
     from .gguf_convert import convert
+    from .prompt import PromptBuilder
 
     checkpoint = Checkpoint.open(options.model)
+    prompts = PromptBuilder(checkpoint.path, checkpoint.config.image_token_id,
+                            checkpoint.config.vision_config.spatial_merge_size)
+    if options.seals:
+        prompts.task_text("seal")  # a 1.0 checkpoint cannot: refused before any actor starts
     quant = options.quant.upper()
     gguf = convert(options.gguf or checkpoint.path, quant, cache=options.cache_dir)
     vision_threads = max(1, int(settings.vision_cpus))
-    layout = LayoutSettings(options.layout, options.layout_model, vision_threads)
+    layout = LayoutSettings(options.layout, options.layout_model, vision_threads,
+                            later_release=prompts.supports_later_tasks, recognised=options.recognised_pictures)
     try:
         layout.load()
     except Exception as exc:

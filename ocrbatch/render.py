@@ -63,16 +63,19 @@ class TextLayerSettings:
 
 @dataclass(frozen=True)
 class LayoutSettings:
-    """``--layout`` and ``--layout-model``: the layout detector run on each rendered page."""
+    """``--layout``, ``--layout-model``, ``--charts`` and ``--seals``: the layout detector run on each rendered page."""
 
     name: str = "none"
     model: str | None = None
     threads: int | None = None
+    later_release: bool = True  # the recognition model is PaddleOCR-VL 1.5+: pp-doclayout is V3 by default
+    recognised: frozenset[str] = frozenset()  # picture labels sent to the model: chart, seal
 
     def load(self):
         from .layout import load_layout
 
-        return load_layout(self.name, self.model, threads=self.threads)
+        return load_layout(self.name, self.model, threads=self.threads, later_release=self.later_release,
+                           recognised=self.recognised)
 
 
 class LayoutUnavailable(Exception):

@@ -4,6 +4,7 @@ the official filters on hand-made detections, reading order, crops and prompts."
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from ocrbatch.layout import (
     PPDocLayoutDetector,
     crop,
     decode_detections,
+    default_pp_doclayout,
     filter_blocks,
     load_layout,
     order_ranks,
@@ -195,6 +197,10 @@ def test_load_layout_choices(tmp_path):
         load_layout("cdla", model="some/model")
     with pytest.raises(ModelError, match="cannot load the PP-DocLayout model"):
         load_layout("pp-doclayout", model=str(tmp_path / "missing"))
+    with pytest.raises(ModelError, match="cannot recognise table blocks; only chart, seal"):
+        load_layout("cdla", recognised=frozenset({"table"}))
+    assert default_pp_doclayout(later_release=False) == "PaddlePaddle/PP-DocLayoutV2_safetensors"
+    assert default_pp_doclayout(later_release=True) == "PaddlePaddle/PP-DocLayoutV3_safetensors"
 
 
 # ------------------------------------------------------------ PP-DocLayout
@@ -288,6 +294,75 @@ def test_pp_doclayout_v3_checkpoint_loads_and_runs(tmp_path):
     assert detector.thresholds == {} and detector.default_threshold == 0.3
     for block in detector.detect(render("report.pdf")):
         assert block.prompt == prompt_for(block.label)
+
+
+def test_pp_doclayout_v3_blocks_take_their_polygons_from_the_models_masks(tmp_path):
+    import torch
+
+    from ocrbatch.devlayout import make_layout_model
+
+    detector = load_layout("pp-doclayout", model=str(make_layout_model(tmp_path / "v3", version="v3")))
+    image = render("report.pdf")
+    blocks = detector.detect(image)
+    outlined = [b for b in blocks if b.polygon]
+    assert outlined, "the tiny V3 model outlines nothing: its random init changed"
+    with torch.inference_mode():
+        outputs = detector.model(pixel_values=torch.from_numpy(detector.pixel_values(image)))
+    masks = outputs.out_masks[0].numpy()
+    raw = decode_detections(outputs.logits[0].numpy(), outputs.pred_boxes[0].numpy(),
+                            outputs.order_logits[0].numpy(), image.width, image.height, detector.labels,
+                            detector.thresholds, detector.default_threshold, masks)
+    assert {b.polygon for b in blocks} <= {b.polygon for b in raw}
+    for block in outlined:
+        assert len(block.polygon) >= 4
+        for x, y in block.polygon:  # corners inside the block's box
+            assert block.x0 - 1 <= x <= block.x1 + 1 and block.y0 - 1 <= y <= block.y1 + 1
+
+
+def slanted_mask(size: int, corners: list[tuple[float, float]]) -> np.ndarray:
+    """Mask logits (positive inside) of one quadrilateral, corners given as fractions of the page."""
+    mask = Image.new("L", (size, size), 0)
+    ImageDraw.Draw(mask).polygon([(x * size, y * size) for x, y in corners], fill=255)
+    return np.where(np.asarray(mask) > 0, 8.0, -8.0)
+
+
+def test_mask_polygon_outlines_a_slanted_block_in_page_pixels():
+    from ocrbatch.layout import mask_polygon
+
+    # A parallelogram leaning right, on an 800 x 1000 page whose mask is 200 x 200.
+    corners = [(0.25, 0.2), (0.75, 0.2), (0.85, 0.4), (0.35, 0.4)]
+    polygon = mask_polygon(slanted_mask(200, corners), (200.0, 200.0, 680.0, 400.0), 800, 1000)
+    assert polygon is not None and len(polygon) == 4
+    expected = [(x * 800, y * 1000) for x, y in corners]
+    for corner in expected:  # each corner found within a mask cell (4 px across, 5 down)
+        assert min(math.dist(corner, found) for found in polygon) <= 8
+    # Nothing under the box, or a mask too thin for an outline: the box stands.
+    assert mask_polygon(np.full((200, 200), -8.0), (200.0, 200.0, 680.0, 400.0), 800, 1000) is None
+    assert mask_polygon(slanted_mask(200, corners), (0.0, 600.0, 100.0, 700.0), 800, 1000) is None
+
+
+def test_a_polygon_block_is_cropped_to_its_outline():
+    page = Image.new("RGB", (200, 100), "black")
+    slanted = Block(0, "text", 0.9, 20.0, 10.0, 180.0, 90.0,
+                    polygon=((60.0, 10.0), (180.0, 10.0), (140.0, 90.0), (20.0, 90.0)))
+    region = np.asarray(crop(page, slanted))
+    assert region.shape[:2] == (80, 160)
+    assert region[0, 0].tolist() == [255, 255, 255] and region[79, 159].tolist() == [255, 255, 255]  # outside
+    assert region[40, 80].tolist() == [0, 0, 0]  # inside
+    assert np.asarray(crop(page, replace(slanted, polygon=None))).max() == 0  # the box alone keeps everything
+
+
+def test_slanted_blocks_whose_boxes_overlap_are_both_kept():
+    # Two thin bands slanting across nearly the same box (labels apart, so NMS keeps both boxes):
+    # the boxes overlap, the bands do not touch.
+    upper = Block(0, "text", 0.9, 0.0, 0.0, 400.0, 200.0, polygon=((0.0, 80.0), (400.0, 0.0), (400.0, 40.0), (0.0, 120.0)))
+    lower = Block(1, "footnote", 0.8, 0.0, 0.0, 400.0, 190.0,
+                  polygon=((0.0, 160.0), (400.0, 80.0), (400.0, 110.0), (0.0, 190.0)))
+    assert filter_blocks([upper, lower], 1000, 1000) == [upper, lower]
+    # Without polygons (or with polygons that do overlap) the smaller box goes, as before.
+    assert filter_blocks([replace(upper, polygon=None), replace(lower, polygon=None)], 1000, 1000) == [
+        replace(upper, polygon=None)]
+    assert filter_blocks([upper, replace(lower, polygon=upper.polygon)], 1000, 1000) == [upper]
 
 
 def test_pp_doclayout_failure_raises_layout_error(tiny_layout, monkeypatch):
@@ -461,6 +536,12 @@ def test_prompts_follow_the_official_pipeline():
     for label in ("text", "doc_title", "paragraph_title", "header", "footer", "abstract", "reference_content"):
         assert prompt_for(label) == "OCR:"
     assert box("table", 0, 0, 1, 1).task == "table" and box("image", 0, 0, 1, 1).task is None
+    chart, seal = box("chart", 0, 0, 1, 1), box("seal", 0, 0, 1, 1)
+    both = frozenset({"chart", "seal"})
+    assert chart.prompt is None and replace(chart, recognised=both).prompt == "Chart Recognition:"
+    assert seal.prompt is None and replace(seal, recognised=frozenset({"chart"})).prompt is None
+    assert replace(seal, recognised=both).task == "seal"
+    assert replace(box("image", 0, 0, 1, 1), recognised=both).prompt is None  # pictures are never sent
     assert box("paragraph_title", 0, 0, 1, 1).kind == "heading"
     assert box("vertical_text", 0, 0, 1, 1).kind == "text"
     assert set(KINDS) - set(PP_DOCLAYOUT_LABELS) == {"formula"}

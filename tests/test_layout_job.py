@@ -269,3 +269,92 @@ def test_ocr_command_with_layout(tiny_model, tmp_path):
     row = json.loads(result.stdout)
     assert [b["prompt"] for b in row["blocks"] if b["label"] == "table"] == ["Table Recognition:"]
     assert row["n_image_tokens"] > 0 and row["error"] is None
+
+
+def charts_and_seals_layout_model(folder: Path) -> Path:
+    """A tiny PP-DocLayoutV2 checkpoint that labels every box on ``report.pdf`` a chart or a seal.
+
+    The seed-1 model's last class head is replaced by one that reads a single direction of the
+    decoder's query states: queries on one side of its median on that page are charts, the others
+    seals, every other label far below its threshold.
+    """
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from ocrbatch.devlayout import make_layout_model
+    from ocrbatch.discover import Document
+    from ocrbatch.layout import PP_DOCLAYOUT_LABELS, load_layout
+    from ocrbatch.rasterize import iter_pages
+
+    checkpoint = make_layout_model(folder, seed=1)
+    detector = load_layout("pp-doclayout", model=str(checkpoint))
+    [page] = iter_pages(Document(SAMPLE_DOCS / "report.pdf", None), [1], dpi=110)
+    with torch.no_grad():
+        states = detector.model(pixel_values=torch.from_numpy(detector.pixel_values(page.image))).last_hidden_state[0]
+    direction = states[0] - states[1]
+    along = states @ direction
+    median, spread = along.median(), along.std()
+    weights = load_file(checkpoint / "model.safetensors")
+    head = sorted(name for name in weights if name.startswith("model.decoder.class_embed."))[-2:]  # last layer's
+    bias, weight = (weights[name] for name in head)
+    chart, seal = PP_DOCLAYOUT_LABELS.index("chart"), PP_DOCLAYOUT_LABELS.index("seal")
+    weight.zero_()
+    bias.fill_(-10.0)
+    weight[chart], bias[chart] = 10 * direction / spread, -10 * median / spread
+    weight[seal], bias[seal] = -weight[chart], -bias[chart]
+    save_file(weights, checkpoint / "model.safetensors", metadata={"format": "pt"})
+    return checkpoint
+
+
+@pytest.mark.slow
+def test_charts_and_seals_are_pictures_unless_asked_for(tiny_model, tiny_model_15, tmp_path):
+    from ocrbatch.errors import OcrbatchError
+
+    layout_model = str(charts_and_seals_layout_model(tmp_path / "layout"))
+    report = SAMPLE_DOCS / "report.pdf"
+    out = tmp_path / "pictures.jsonl"
+    summary = run_job(options(tiny_model_15, [report], out, layout="pp-doclayout", layout_model=layout_model,
+                              markdown_dir=tmp_path / "md"))
+    [row] = [json.loads(line) for line in out.read_text().splitlines()]
+    labels = {b["label"] for b in row["blocks"]}
+    assert summary.pages_ok == 1 and labels == {"chart", "seal"}
+    assert all(b["prompt"] == "" and b["n_image_tokens"] == 0 for b in row["blocks"])
+    assert row["n_output_tokens"] == 0 and row["text"].count("](") == len(row["blocks"])  # every one a picture link
+
+    out = tmp_path / "recognised.jsonl"
+    summary = run_job(options(tiny_model_15, [report], out, layout="pp-doclayout", layout_model=layout_model,
+                              charts=True, seals=True))
+    [row] = [json.loads(line) for line in out.read_text().splitlines()]
+    assert summary.pages_ok == 1
+    prompts = {b["label"]: {block["prompt"] for block in row["blocks"] if block["label"] == b["label"]}
+               for b in row["blocks"]}
+    assert prompts == {"chart": {"Chart Recognition:"}, "seal": {"Seal Recognition:"}}
+    assert all(b["n_image_tokens"] > 0 for b in row["blocks"])
+
+    out = tmp_path / "charts.jsonl"
+    run_job(options(tiny_model_15, [report], out, layout="pp-doclayout", layout_model=layout_model, charts=True))
+    [row] = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {b["label"]: b["prompt"] for b in row["blocks"]} == {"chart": "Chart Recognition:", "seal": ""}
+
+    with pytest.raises(OcrbatchError, match="'seal' needs a PaddleOCR-VL 1.5\\+ checkpoint"):
+        run_job(options(tiny_model, [report], tmp_path / "v1.jsonl", layout="pp-doclayout",
+                        layout_model=layout_model, seals=True))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("version, default", [("1.0", "PP-DocLayoutV2_safetensors"),
+                                              ("1.5", "PP-DocLayoutV3_safetensors"),
+                                              ("1.6", "PP-DocLayoutV3_safetensors")])
+def test_pp_doclayout_defaults_to_the_layout_model_paddlex_pairs_with_the_release(release_model, version, default,
+                                                                                  tmp_path, monkeypatch):
+    from ocrbatch.engine import Engine
+    from ocrbatch.errors import ModelError
+    from ocrbatch.pipeline import PipelineError
+
+    # Offline, loading the default names it and fails at once: which one the job chose.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    checkpoint = release_model(version)
+    with pytest.raises(ModelError, match=f"PaddlePaddle/{default}: cannot load the PP-DocLayout model"):
+        Engine(checkpoint, quant="F32", with_language=False, layout="pp-doclayout")
+    with pytest.raises(PipelineError, match=f"cannot load the layout model: .*PaddlePaddle/{default}"):
+        run_job(options(checkpoint, [SAMPLE_DOCS / "report.pdf"], tmp_path / "out.jsonl", layout="pp-doclayout"))
