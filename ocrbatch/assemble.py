@@ -23,8 +23,10 @@ from PIL import Image
 
 from .layout import BLOCK_MAX_PIXELS, BLOCK_MIN_PIXELS, Block, crop
 from .markdown import image_filename, page_markdown
+from .prompt import TASK_PROMPTS
 from .rasterize import PageImage
 from .repetition import PROSE, TABLE, TABLE_PROMPT, LoopSettings
+from .spotting import SPOTTING_PIXEL_BOUNDS, prepare, read_spots, spotted_text
 from .stitch import Group, Stitched, stack, stitch_groups
 from .tables import paint_figure_tokens
 
@@ -60,6 +62,11 @@ class Unit:
         return {block.order: text for block in self.blocks}
 
     @property
+    def spotting(self) -> bool:
+        """A whole page recognised with ``Spotting:``: its output is read with its location tokens."""
+        return self.block is None and self.prompt == TASK_PROMPTS["spotting"]
+
+    @property
     def loop_guard(self) -> LoopSettings | None:
         """Layout blocks are cut when they loop; whole pages decode as the model alone would."""
         if self.block is None:
@@ -84,6 +91,8 @@ class PageWork:
         Raises ``ValueError`` for a block with no pixels on the page (a degenerate box).
         """
         if page.blocks is None:
+            if prompt == TASK_PROMPTS["spotting"]:  # enlarged and given more pixels to place small text
+                return cls(page, [Unit(None, prepare(page.image), prompt, SPOTTING_PIXEL_BOUNDS)])
             return cls(page, [Unit(None, page.image, prompt, None)])
         units, crops = layout_units(page.image, page.blocks, stitch)
         links = {}
@@ -108,8 +117,12 @@ class PageWork:
                "source": "model", "created_at": datetime.now(timezone.utc).isoformat()}
         if page.blocks is None:
             [unit] = self.units
-            return {**row, "n_image_tokens": unit.n_image_tokens, "vision_s": unit.vision_s, "blocks": [],
-                    **unit.columns}
+            row = {**row, "n_image_tokens": unit.n_image_tokens, "vision_s": unit.vision_s, "blocks": [],
+                   **unit.columns}
+            if unit.spotting:
+                spots = read_spots(row["text"], width, height)
+                row.update(text=spotted_text(spots), spots=[spot.to_dict() for spot in spots])
+            return row
         by_order = {block.order: unit for unit in self.units for block in unit.blocks}
         # A remote server counts a block's image tokens itself (its usage), the local encoder here.
         image_tokens = {unit.block.order: unit.columns.get("n_image_tokens", unit.n_image_tokens)

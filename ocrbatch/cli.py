@@ -347,6 +347,8 @@ def run(paths, out, output_format, checkpoint, include, exclude, dry_run, retry_
         raise click.BadParameter("applies to --layout pp-doclayout only", param_hint="--layout-model")
     if pdf_text != "never" and task != "ocr":
         raise click.BadParameter(f"the text layer stands in for OCR only, not task {task!r}", param_hint="--pdf-text")
+    if task == "spotting" and layout != "none":  # layout blocks take their labels' prompts, never Spotting:
+        raise click.BadParameter("spotting reads whole pages, as PaddleX does: add --layout none", param_hint="--task")
     try:
         check_paths(paths)  # before anything is written: a typo or an unmounted share is a bad command line
     except PathError as exc:

@@ -40,11 +40,12 @@ class LocalDecoder:
     def cancel(self, future: Future) -> None:
         self.pool.cancel(future)
 
-    def outcome(self, result: GenerationResult) -> tuple[str | None, dict]:
-        """``(error, columns)`` of a finished page."""
+    def outcome(self, result: GenerationResult, keep_special_tokens: bool = False) -> tuple[str | None, dict]:
+        """``(error, columns)`` of a finished page; ``keep_special_tokens`` for a spotting page's locations."""
         if result.error:
             return result.error, {}
-        return None, {"text": self.engine.prompts.decode(result.token_ids), "n_output_tokens": len(result.token_ids),
+        text = self.engine.prompts.decode(result.token_ids, keep_special_tokens)
+        return None, {"text": text, "n_output_tokens": len(result.token_ids),
                       "finish_reason": result.finish_reason, "prefill_s": result.prefill_s,
                       "decode_s": result.decode_s}
 
@@ -62,20 +63,27 @@ class RemoteDecoder:
         self.recognizer = recognizer
         self.max_tokens, self.ignore_eos = max_tokens, ignore_eos
 
-    def submit(self, image, prompt: str, pixel_bounds: tuple[int, int] | None = None) -> Future:
+    def submit(self, image, prompt: str, pixel_bounds: tuple[int, int] | None = None,
+               keep_special_tokens: bool = False) -> Future:
         """Queue one page or block image (blocks while the recognizer's queue is full: backpressure).
 
-        ``pixel_bounds`` are a layout block's resize bounds (None: a whole
-        page). Loop guards are the server's business: none is sent.
+        ``pixel_bounds`` are the image's resize bounds (None: a whole page's,
+        the model's own). Loop guards are the server's business: none is
+        sent. ``keep_special_tokens`` asks the server for the answer with its
+        special tokens (a spotting page's locations), since here it arrives as text.
         """
-        return self.recognizer.submit(image, prompt, self.max_tokens, pixel_bounds, self.ignore_eos)
+        return self.recognizer.submit(image, prompt, self.max_tokens, pixel_bounds, self.ignore_eos,
+                                      keep_special_tokens)
 
     def cancel(self, future: Future) -> None:
         future.cancel()  # a request already sent finishes on the server; its answer is dropped
 
     @staticmethod
-    def outcome(result) -> tuple[str | None, dict]:
-        """``(error, columns)`` of a finished page; token counts are the server's ``usage``, if any."""
+    def outcome(result, keep_special_tokens: bool = False) -> tuple[str | None, dict]:
+        """``(error, columns)`` of a finished page; token counts are the server's ``usage``, if any.
+
+        The answer is text already: special tokens are in it when :meth:`submit` asked for them.
+        """
         if result.error:
             return result.error, {}
         return None, {"text": result.text, "n_output_tokens": result.n_output_tokens,

@@ -17,7 +17,9 @@ from .errors import ModelError, OcrbatchError
 from .gguf_convert import convert, inspect_gguf
 from .images import open_image
 from .language import GenerationRequest, LanguageModel, Sampling
-from .prompt import PromptBuilder
+from .layout import BLOCK_MAX_PIXELS
+from .prompt import TASK_PROMPTS, PromptBuilder
+from .spotting import SPOTTING_PIXEL_BOUNDS, prepare, read_spots, spotted_text
 from .vision import EncodedImage, VisionEncoder
 
 DEFAULT_MAX_TOKENS = 1024
@@ -38,6 +40,7 @@ class OcrResult:
     timings: dict[str, float] = field(default_factory=dict)
     error: str | None = None
     blocks: list[dict] = field(default_factory=list)  # layout mode: each block with its text
+    spots: list[dict] = field(default_factory=list)  # task spotting: each piece of text with its quad
 
     @property
     def ok(self) -> bool:
@@ -48,12 +51,17 @@ class OcrResult:
 
 
 def context_size(image_processor, merge_size: int, n_seq_max: int, max_tokens: int) -> int:
-    """KV cells for ``n_seq_max`` sequences of the largest image ``image_processor`` makes plus ``max_tokens``.
+    """KV cells for ``n_seq_max`` sequences of the largest image plus ``max_tokens``.
 
-    A function of the processor alone, so that a process holding only the
+    The largest image is the largest of a whole page (the processor's own
+    maximum), a layout block and a spotting page, whose bounds are the
+    pipeline's and may lie above the processor's (1.5's spotting pages
+    reach 1,605,632 pixels where its processor stops at 1,003,520). A
+    function of the processor alone, so that a process holding only the
     language model (a Ray decode actor) sizes its context as :class:`Engine` does.
     """
-    max_image_tokens = image_processor.size.longest_edge // (image_processor.patch_size * merge_size) ** 2
+    largest = max(image_processor.size.longest_edge, BLOCK_MAX_PIXELS, SPOTTING_PIXEL_BOUNDS[1])
+    max_image_tokens = largest // (image_processor.patch_size * merge_size) ** 2
     return n_seq_max * (max_image_tokens + PROMPT_TEXT_ALLOWANCE + max_tokens)
 
 
@@ -182,7 +190,9 @@ class Engine:
         """OCR a list of images (paths, bytes or PIL images), all in one vision batch.
 
         An image that cannot be read gets a result with ``error`` set; the
-        others are processed as usual.
+        others are processed as usual. With ``Spotting:`` (task ``spotting``)
+        each image is prepared and encoded as :mod:`.spotting` says, and the
+        result's ``text`` and ``spots`` are what the output's locations read.
         """
         text = self.prompt_text(task, prompt)
         results: list[OcrResult] = []
@@ -201,15 +211,22 @@ class Engine:
             for result, image in loaded:
                 self._ocr_blocks(result, image, max_tokens, sampling)
             return results
+        spotting = text == TASK_PROMPTS["spotting"]
         started = time.perf_counter()
-        encoded = self.vision.encode([image for _, image in loaded])
+        if spotting:
+            encoded = self.vision.encode([prepare(image) for _, image in loaded], SPOTTING_PIXEL_BOUNDS)
+        else:
+            encoded = self.vision.encode([image for _, image in loaded])
         vision_s = (time.perf_counter() - started) / len(loaded)
         generated = self.generate(encoded, [text] * len(loaded), max_tokens=max_tokens, sampling=sampling)
-        for (result, _), output in zip(loaded, generated):
+        for (result, image), output in zip(loaded, generated):
             path = result.path
             result.__dict__.update(output.__dict__)
             result.path = path
             result.timings = {"vision_s": vision_s, **output.timings}
+            if spotting:
+                spots = read_spots(self.prompts.decode(output.token_ids, keep_special_tokens=True), *image.size)
+                result.text, result.spots = spotted_text(spots), [spot.to_dict() for spot in spots]
         return results
 
     def _ocr_blocks(self, result: OcrResult, image, max_tokens: int | None, sampling: Sampling) -> None:

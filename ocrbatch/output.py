@@ -44,6 +44,8 @@ SCHEMA = pa.schema([
         ("prompt", pa.string()), ("text", pa.string()), ("n_image_tokens", pa.int32()),
         ("n_output_tokens", pa.int32()), ("finish_reason", pa.string()), ("group", pa.int32()),
     ]))),
+    # Task spotting: each piece of text found, with its quadrilateral (x1, y1, ..., x4, y4) in page pixels.
+    ("spots", pa.list_(pa.struct([("text", pa.string()), ("quad", pa.list_(pa.float32()))]))),
     ("created_at", pa.timestamp("us", tz="UTC")),
 ])
 COLUMNS = SCHEMA.names
@@ -75,8 +77,11 @@ def format_for(path: str | Path, explicit: str | None = None) -> str:
     raise OcrbatchError(f"{path}: cannot tell the output format from the suffix; use .parquet, .jsonl or --format")
 
 
+LIST_COLUMNS = ("blocks", "spots")
+
+
 def _normalise(row: dict) -> dict:
-    return {column: row.get(column, [] if column == "blocks" else None) for column in COLUMNS}
+    return {column: row.get(column, [] if column in LIST_COLUMNS else None) for column in COLUMNS}
 
 
 class _PartialFile:

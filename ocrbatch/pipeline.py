@@ -185,7 +185,8 @@ def _run_locked(options: JobOptions, store: Store, engine, pool, render_pages, s
         if plan.work and not stop.requested and recognizer is not None:
             for item in plan.work:
                 recorder.expect(item.document, len(item.pages))
-            max_pixels = page_pixel_cap(options.layout, recognizer.model_pixel_bounds[1], options.max_pixels)
+            max_pixels = page_pixel_cap(options.layout, recognizer.model_pixel_bounds[1], options.max_pixels,
+                                        options.task)
             decoder = RemoteDecoder(recognizer, options.max_tokens, options.ignore_eos)
             _process(recorder, None, decoder, plan, max_pixels, stop, render_pages)
         elif plan.work and not stop.requested:
@@ -197,7 +198,7 @@ def _run_locked(options: JobOptions, store: Store, engine, pool, render_pages, s
             for task in {options.task} | ({"seal"} if options.seals else set()):
                 engine.prompt_text(task)
             max_pixels = page_pixel_cap(options.layout, engine.vision.image_processor.size.longest_edge,
-                                        options.max_pixels)
+                                        options.max_pixels, options.task)
             if pool is None:
                 cores = os.cpu_count() or 1
                 threads = options.threads or max(1, cores // options.workers)
@@ -281,7 +282,7 @@ def _process(recorder: Recorder, engine, decoder: LocalDecoder | RemoteDecoder, 
         # Anything else (the pool failed, the model cannot load) is not this page's fault: it propagates.
         if result.finish_reason == "cancelled" or work.failed:
             return  # stopped while decoding (the page stays pending), or a sibling block failed it
-        error, columns = decoder.outcome(result)
+        error, columns = decoder.outcome(result, keep_special_tokens=unit.spotting)
         if error:
             fail(work, f"{where}: {error}")
             return
@@ -337,7 +338,7 @@ def _process(recorder: Recorder, engine, decoder: LocalDecoder | RemoteDecoder, 
             if decoder.takes_images:
                 for work, unit in units:
                     unit.n_image_tokens = unit.vision_s = None
-                    track(work, unit, decoder.submit(unit.image, unit.prompt, unit.pixel_bounds))
+                    track(work, unit, decoder.submit(unit.image, unit.prompt, unit.pixel_bounds, unit.spotting))
                     unit.image = None
                 continue
             for (work, unit), encoded in zip(units, encode_units(engine.vision, [u for _, u in units],

@@ -145,5 +145,7 @@ class PromptBuilder:
         _, height, width = grid_thw
         return ImagePrompt(prefix, suffix, height // self.merge_size, width // self.merge_size)
 
-    def decode(self, token_ids: list[int]) -> str:
-        return self.tokenizer.decode(token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    def decode(self, token_ids: list[int], keep_special_tokens: bool = False) -> str:
+        """Generated ids as text; ``keep_special_tokens`` keeps tokens such as spotting's ``<|LOC_n|>``."""
+        return self.tokenizer.decode(token_ids, skip_special_tokens=not keep_special_tokens,
+                                     clean_up_tokenization_spaces=False)

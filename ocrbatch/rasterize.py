@@ -21,6 +21,7 @@ from PIL import Image
 from .discover import Document
 from .errors import InputError
 from .images import DEFAULT_MAX_IMAGE_PIXELS, open_image
+from .spotting import SPOTTING_PIXEL_BOUNDS
 
 
 @dataclass
@@ -50,17 +51,21 @@ class PageImage:
 LAYOUT_PAGE_MAX_PIXELS = 20_000_000
 
 
-def page_pixel_cap(layout: str, model_max_pixels: int, max_pixels: int | None = None) -> int:
+def page_pixel_cap(layout: str, model_max_pixels: int, max_pixels: int | None = None, task: str = "ocr") -> int:
     """The most pixels a page of a job is rendered with.
 
     A whole page (``layout`` none) is the image the model encodes: at most
     ``max_pixels`` (``--max-pixels``) and never above the model processor's
-    ``model_max_pixels``. In layout mode the layout model sees the page and
-    the language model only its block crops, each resized within the block
-    bounds, so the page keeps its ``--dpi`` up to :data:`LAYOUT_PAGE_MAX_PIXELS`.
+    ``model_max_pixels``, or for ``task`` spotting the spotting bound (more
+    pixels than the other tasks get; see :mod:`.spotting`). In layout mode
+    the layout model sees the page and the language model only its block
+    crops, each resized within the block bounds, so the page keeps its
+    ``--dpi`` up to :data:`LAYOUT_PAGE_MAX_PIXELS`.
     """
     if layout != "none":
         return LAYOUT_PAGE_MAX_PIXELS
+    if task == "spotting":
+        model_max_pixels = SPOTTING_PIXEL_BOUNDS[1]
     return min(max_pixels or model_max_pixels, model_max_pixels)
 
 

@@ -199,7 +199,7 @@ class VisionStage:
         self.prompt = self.engine.prompt_text(config.task)
         self.requests = LocalDecoder(self.engine, _HandBack(), config.max_tokens, config.ignore_eos)
         max_pixels = page_pixel_cap(config.layout.name, self.engine.vision.image_processor.size.longest_edge,
-                                    config.max_pixels)
+                                    config.max_pixels, config.task)
         # The local engine's render stage, one for the actor's life: its render process (and layout
         # model) starts once, and a document that crashes it is quarantined there instead of killing
         # the actor. Each batch's documents are fed to it through ``jobs``.
@@ -320,7 +320,7 @@ def decode_rows(stage: DecodeStage, rows: list[dict]) -> list[dict]:
         generated = [next(results) for _ in requests]
         errors = []
         for unit, result in zip(work.units, generated):
-            error, unit.columns = (result, {}) if isinstance(result, str) else stage.outcome(result)
+            error, unit.columns = (result, {}) if isinstance(result, str) else stage.outcome(result, unit.spotting)
             if error:
                 block = f" block {unit.block.order}" if unit.block else ""
                 errors.append(f"{row['path']} page {row['page']}{block}: {error}")

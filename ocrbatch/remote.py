@@ -19,7 +19,9 @@ PaddleOCR-VL, bicubic), and the bounds also go as vLLM's per-request
 ``mm_processor_kwargs``: a server that honours them leaves the resized image
 as it is, and one that ignores them gets an image already within them.
 Benchmarks may ask for ``ignore_eos`` (vLLM's and llama-server's extension),
-so that every answer is ``max_tokens`` long.
+so that every answer is ``max_tokens`` long. A spotting page asks for
+``skip_special_tokens: false`` (vLLM's sampling parameter, as PaddleX sends
+it): its answer's locations are special tokens.
 
 Retry policy, per request:
 
@@ -210,15 +212,17 @@ class RemoteRecognizer:
         return self.model
 
     def submit(self, image: Image.Image, prompt: str, max_tokens: int, pixel_bounds: tuple[int, int] | None = None,
-               ignore_eos: bool = False) -> Future:
+               ignore_eos: bool = False, keep_special_tokens: bool = False) -> Future:
         """Queue one image; the future resolves to a :class:`RemoteResult` (failures included, as ``error``).
 
         ``pixel_bounds`` (min, max pixels; None: the model's own, for a whole
         page): resize the image within them before sending it, and ask the
         server to keep to them.
         ``ignore_eos``: ask the server to generate ``max_tokens`` tokens
-        whatever it samples (benchmarks). Blocks while ``concurrency +
-        queue_size`` requests are unfinished.
+        whatever it samples (benchmarks). ``keep_special_tokens``: ask for
+        the answer with its special tokens (``skip_special_tokens: false``, as
+        PaddleX asks for a spotting page's ``<|LOC_n|>`` locations). Blocks
+        while ``concurrency + queue_size`` requests are unfinished.
         """
         if self.model is None:
             raise OcrbatchError("no model chosen: call check() before submit()")
@@ -229,7 +233,7 @@ class RemoteRecognizer:
                 raise OcrbatchError("the remote recognizer is closed")
             future: Future = Future()
             future.add_done_callback(lambda _: self._slots.release())
-            self._queue.put((future, (image, prompt, max_tokens, pixel_bounds, ignore_eos)))
+            self._queue.put((future, (image, prompt, max_tokens, pixel_bounds, ignore_eos, keep_special_tokens)))
         return future
 
     def close(self) -> None:
@@ -273,7 +277,7 @@ class RemoteRecognizer:
                 future.set_exception(exc)
 
     def _recognize(self, image: Image.Image, prompt: str, max_tokens: int, pixel_bounds: tuple[int, int] | None,
-                   ignore_eos: bool) -> RemoteResult:
+                   ignore_eos: bool, keep_special_tokens: bool) -> RemoteResult:
         pixel_bounds = pixel_bounds or self.model_pixel_bounds
         image = resize_within(image, pixel_bounds)
         buffer = io.BytesIO()
@@ -285,6 +289,8 @@ class RemoteRecognizer:
                 "mm_processor_kwargs": {"min_pixels": pixel_bounds[0], "max_pixels": pixel_bounds[1]}}
         if ignore_eos:
             body["ignore_eos"] = True
+        if keep_special_tokens:
+            body["skip_special_tokens"] = False
         started = time.monotonic()
         try:
             result, attempts = self._with_retries(lambda: self._complete(body))

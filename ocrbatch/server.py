@@ -8,12 +8,13 @@ workers' sequence slots. A full queue answers 503 with ``Retry-After``.
 Errors use OpenAI's error body; no request can take the server down.
 
 ``/v1/models`` reports the model's own image resize bounds (an ``ocrbatch``
-field with ``min_pixels`` and ``max_pixels``). Two of vLLM's request
+field with ``min_pixels`` and ``max_pixels``). Three of vLLM's request
 extensions are honoured: ``mm_processor_kwargs`` with ``min_pixels`` /
 ``max_pixels`` (the image's resize bounds, as the batch job sends for pages
 and layout blocks; any other key is refused, since silently ignoring it would
-change the answer unannounced) and ``ignore_eos`` (generate ``max_tokens``
-tokens: benchmarks).
+change the answer unannounced), ``ignore_eos`` (generate ``max_tokens``
+tokens: benchmarks) and ``skip_special_tokens`` (false keeps special tokens
+in the answer: a spotting page's ``<|LOC_n|>`` locations).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from .errors import InputError
 from .images import open_image
 from .language import GenerationResult, Sampling
 from .layout import BLOCK_MAX_PIXELS
+from .spotting import SPOTTING_PIXEL_BOUNDS
 
 # Sampling seeds are unsigned 64-bit, as llama.cpp's and most servers' are (numpy takes any, but
 # a seed another server would refuse should not quietly work here).
@@ -133,6 +135,7 @@ class ChatCompletionRequest(BaseModel):
     seed: int | None = Field(default=None, ge=0, le=SEED_MAX)
     mm_processor_kwargs: dict | None = None
     ignore_eos: bool = False
+    skip_special_tokens: bool = True
 
 
 class BodyLimit:
@@ -361,8 +364,9 @@ class OcrService:
         with self._admit_lock:
             self._admitted -= 1
 
-    def detokenizer(self) -> Detokenizer:
-        return Detokenizer(self.engine.prompts.decode, self._ordinary)
+    def detokenizer(self, keep_special_tokens: bool = False) -> Detokenizer:
+        prompts = self.engine.prompts
+        return Detokenizer(lambda ids: prompts.decode(ids, keep_special_tokens), self._ordinary)
 
     def pixel_bounds(self, kwargs: dict | None) -> tuple[int, int] | None:
         """The resize bounds ``mm_processor_kwargs`` asks for (None: the processor's own), or ApiError 400."""
@@ -372,10 +376,11 @@ class OcrService:
         if unknown:
             raise ApiError(400, f"mm_processor_kwargs: unsupported key(s) {', '.join(map(repr, unknown))}; "
                            "this server takes min_pixels and max_pixels", param="mm_processor_kwargs")
-        # Up to the larger of the model's own maximum and the batch job's block maximum: the images
-        # the batch job itself encodes, so no request makes the encoder take more than it is sized for.
+        # Up to the largest of the model's own maximum, the batch job's block maximum and its spotting
+        # maximum: the images the batch job itself encodes, so no request makes the encoder (and the
+        # language model's context) take more than they are sized for.
         size = self.engine.vision.image_processor.size
-        ceiling = max(size.longest_edge, BLOCK_MAX_PIXELS)
+        ceiling = max(size.longest_edge, BLOCK_MAX_PIXELS, SPOTTING_PIXEL_BOUNDS[1])
         bounds = {"min_pixels": size.shortest_edge, "max_pixels": size.longest_edge}
         for key, value in kwargs.items():
             if isinstance(value, bool) or not isinstance(value, int) or not MIN_BOUND_PIXELS <= value <= ceiling:
@@ -541,7 +546,8 @@ def create_app(engine, pool, settings: ServerSettings) -> FastAPI:
                     service.release()
 
                 include_usage = bool(body.stream_options and body.stream_options.include_usage)
-                events = _events(service, request_, future, tokens, stops, completion_id, created, include_usage)
+                events = _events(service, request_, future, tokens, stops, completion_id, created, include_usage,
+                                 keep_special_tokens=not body.skip_special_tokens)
                 response = _EventStream(events, close)
                 slot_handed_over = True
                 return response
@@ -555,7 +561,7 @@ def create_app(engine, pool, settings: ServerSettings) -> FastAPI:
         if result.error:
             raise ApiError(400, result.error)
         token_ids = list(result.token_ids)
-        content, stopped = _apply_stops(engine.prompts.decode(token_ids), stops)
+        content, stopped = _apply_stops(engine.prompts.decode(token_ids, not body.skip_special_tokens), stops)
         prompt = request_.prompt
         return {
             "id": completion_id, "object": "chat.completion", "created": created, "model": settings.model_name,
@@ -570,7 +576,7 @@ def create_app(engine, pool, settings: ServerSettings) -> FastAPI:
 
 
 async def _events(service: OcrService, request_, future: Future, tokens: asyncio.Queue, stops, completion_id,
-                  created, include_usage) -> AsyncIterator[str]:
+                  created, include_usage, keep_special_tokens: bool = False) -> AsyncIterator[str]:
     """Server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``.
 
     ``tokens`` receives each token id, then None once ``future`` is done.
@@ -586,7 +592,7 @@ async def _events(service: OcrService, request_, future: Future, tokens: asyncio
         return f"data: {json.dumps({'error': {'message': message, 'type': type_}}, ensure_ascii=False)}\n\n"
 
     yield chunk({"role": "assistant", "content": ""})
-    text, scanner = service.detokenizer(), StopScanner(stops)
+    text, scanner = service.detokenizer(keep_special_tokens), StopScanner(stops)
     n_tokens, stopped = 0, False
     while not stopped and (token := await tokens.get()) is not None:
         n_tokens += 1

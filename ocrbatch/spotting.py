@@ -54,8 +54,8 @@ def prepare(image: Image.Image) -> Image.Image:
 
 def _quad(locations: list[str], width: float, height: float) -> tuple[float, ...]:
     """The first eight grid values as page pixels: x values scaled by ``width``, y values by ``height``."""
-    values = [int(value) / LOC_GRID for value in locations[:_CORNERS]]
-    return tuple(value * (width if i % 2 == 0 else height) for i, value in enumerate(values))
+    return tuple(int(value) * (width if i % 2 == 0 else height) / LOC_GRID
+                 for i, value in enumerate(locations[:_CORNERS]))
 
 
 def read_spots(output: str, width: float, height: float) -> list[Spot]:

@@ -33,9 +33,10 @@ HANDLER_WAIT_LIMIT_S = 60
 
 @dataclass(frozen=True)
 class Ok:
-    """A normal answer; ``usage=False`` leaves ``usage`` out, as some servers do."""
+    """A normal answer; ``usage=False`` leaves ``usage`` out, as some servers do; ``text`` replaces its text."""
 
     usage: bool = True
+    text: str | None = None
 
 
 @dataclass(frozen=True)
@@ -210,7 +211,8 @@ def _handler_for(server: FaultServer):
             [image_part] = [part for part in content if part["type"] == "image_url"]
             encoded = image_part["image_url"]["url"].split(",", 1)[1]
             width, height = Image.open(io.BytesIO(base64.b64decode(encoded))).size
-            message = {"role": "assistant", "content": f"{prompt} {width}x{height}"}
+            text = f"{prompt} {width}x{height}" if action.text is None else action.text
+            message = {"role": "assistant", "content": text}
             answer = {"id": "chatcmpl-fault", "object": "chat.completion", "created": 0, "model": body.get("model"),
                       "choices": [{"index": 0, "message": message, "finish_reason": "stop"}]}
             if action.usage:

@@ -10,12 +10,14 @@ from ocrbatch.samples import synthetic_page
 document_image = synthetic_page
 
 
-def reference_generate(processor, model, image, text, max_new_tokens):
+def reference_generate(processor, model, image, text, max_new_tokens, images_kwargs=None):
+    """transformers' greedy tokens for one image; ``images_kwargs`` as a model card passes them (size bounds)."""
     import torch
 
     messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": text}]}]
     inputs = processor.apply_chat_template(
-        messages, tokenize=True, add_generation_prompt=True, return_dict=True, return_tensors="pt"
+        messages, tokenize=True, add_generation_prompt=True, return_dict=True, return_tensors="pt",
+        **({"images_kwargs": images_kwargs} if images_kwargs else {}),
     )
     with torch.inference_mode():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)

@@ -419,6 +419,23 @@ def test_ignore_eos_generates_exactly_max_tokens_plain_and_streamed(live, test_i
 
 
 @pytest.mark.slow
+def test_skip_special_tokens_false_keeps_them_plain_and_streamed(live, test_images):
+    # The tiny model's answer for this image holds special tokens within 48 tokens.
+    body = {"messages": messages(data_uri(test_images[0])), "max_tokens": 48}
+    prompts = live.engine.prompts
+    skipped = _post(live.url, body).json()
+    token_ids = skipped["ocrbatch"]["token_ids"]
+    kept_text = prompts.decode(token_ids, keep_special_tokens=True)
+    assert kept_text != prompts.decode(token_ids) == skipped["choices"][0]["message"]["content"]
+    kept = _post(live.url, {**body, "skip_special_tokens": False}).json()
+    assert kept["ocrbatch"]["token_ids"] == token_ids and kept["choices"][0]["message"]["content"] == kept_text
+    with httpx.stream("POST", live.url + "/v1/chat/completions",
+                      json={**body, "skip_special_tokens": False, "stream": True}, timeout=120) as response:
+        chunks = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]) == kept_text
+
+
+@pytest.mark.slow
 def test_mm_processor_kwargs_resize_bounds_are_honoured_and_checked(live, test_images):
     from ocrbatch.assemble import BLOCK_PIXEL_BOUNDS
 
@@ -434,7 +451,8 @@ def test_mm_processor_kwargs_resize_bounds_are_honoured_and_checked(live, test_i
 
     uri = data_uri(image)
     cases = [({"size": {"shortest_edge": 1}}, "unsupported key(s) 'size'"),
-             ({"min_pixels": "112896"}, "mm_processor_kwargs.min_pixels must be an integer from 784 to 1003520"),
+             # Up to the spotting bound, the largest image the batch job sends.
+             ({"min_pixels": "112896"}, "mm_processor_kwargs.min_pixels must be an integer from 784 to 1605632"),
              ({"min_pixels": True}, "must be an integer"),
              ({"min_pixels": 100}, "must be an integer"),
              ({"max_pixels": 10**9}, "mm_processor_kwargs.max_pixels must be an integer"),
@@ -466,6 +484,9 @@ def test_detokenizer_pieces_join_to_the_full_decode(engine_f32):
         text = Detokenizer(prompts.decode, ordinary)
         pieces = [text.push(token) for token in ids] + [text.flush()]
         assert "".join(pieces) == prompts.decode(ids), ids
+        kept = Detokenizer(lambda window: prompts.decode(window, keep_special_tokens=True), ordinary)
+        pieces = [kept.push(token) for token in ids] + [kept.flush()]
+        assert "".join(pieces) == prompts.decode(ids, keep_special_tokens=True), ids
 
 
 def test_stop_strings_are_found_across_pieces_and_never_leak():

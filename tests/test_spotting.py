@@ -52,3 +52,101 @@ def test_small_pages_are_enlarged_twice_before_spotting():
     large = Image.new("RGB", (1500, 900), "white")
     assert prepare(large) is large
     assert SPOTTING_PIXEL_BOUNDS == (112896, 2048 * 28 * 28)
+
+
+# ------------------------------------------------------------------ in the batch job
+
+def spotting_page(folder, size=(640, 480)):
+    from helpers import document_image, settle
+
+    folder.mkdir()
+    document_image(*size, seed=4).save(folder / "page.png")
+    settle(folder)
+    return folder
+
+
+def job(model, folder, out, **overrides):
+    from pathlib import Path
+
+    from ocrbatch.options import JobOptions
+
+    settings = dict(paths=[Path(folder)], out=Path(out), model=str(model), quant="F32", max_tokens=16,
+                    progress=False, min_file_age=0, layout="none", task="spotting")
+    return JobOptions(**{**settings, **overrides})
+
+
+@pytest.mark.slow
+def test_a_spotting_page_is_enlarged_encoded_within_the_spotting_bounds_and_read_as_the_engine_reads_it(
+        release_model, tmp_path):
+    import json
+
+    from transformers.models.paddleocr_vl.image_processing_pil_paddleocr_vl import smart_resize
+
+    from ocrbatch.engine import Engine
+    from ocrbatch.pipeline import run_job
+
+    checkpoint = release_model("1.5")  # the release's own bounds: 112,896 to 1,003,520 pixels
+    folder = spotting_page(tmp_path / "docs")
+    out = tmp_path / "out.jsonl"
+    summary = run_job(job(checkpoint, folder, out))
+    [row] = [json.loads(line) for line in out.read_text().splitlines()]
+    assert summary.pages_ok == 1 and row["task"] == "spotting" and (row["width"], row["height"]) == (640, 480)
+    # Enlarged to 1280 x 960 (1,228,800 pixels: above the other tasks' maximum) and encoded as it is.
+    height, width = smart_resize(960, 1280, factor=28, min_pixels=SPOTTING_PIXEL_BOUNDS[0],
+                                 max_pixels=SPOTTING_PIXEL_BOUNDS[1])
+    assert row["n_image_tokens"] == (height // 28) * (width // 28) > 1003520 // 28 ** 2
+    engine = Engine(checkpoint, quant="F32", max_tokens=16)
+    [alone] = engine.ocr([folder / "page.png"], task="spotting")
+    engine.close()
+    assert alone.n_image_tokens == row["n_image_tokens"]
+    # The tiny model's tokenizer has no location tokens, so its answer holds no spots.
+    assert (row["text"], row["spots"]) == (alone.text, alone.spots) == ("", [])
+
+
+@pytest.mark.slow
+def test_a_spotting_answer_from_a_server_becomes_text_and_quadrilaterals_in_page_pixels(tmp_path):
+    import json
+
+    import pyarrow.parquet as pq
+    from fault_server import FaultServer, Ok
+
+    from ocrbatch.pipeline import run_job
+
+    folder = spotting_page(tmp_path / "docs", size=(800, 600))
+    answer = (f"Invoice{locs(100, 100, 400, 100, 400, 150, 100, 150)}\n"
+              f"Total 42{locs(500, 800, 900, 820, 890, 900, 490, 880)}\n")
+    with FaultServer() as server:
+        server.script("Spotting:", Ok(text=answer), Ok(text=answer))
+        for out in (tmp_path / "out.jsonl", tmp_path / "out.parquet"):
+            summary = run_job(job("unused", folder, out, backend="openai", base_url=server.url))
+            assert summary.pages_ok == 1
+        [seen, _] = server.requests_for("Spotting:")
+    assert seen.body["skip_special_tokens"] is False
+    assert seen.body["mm_processor_kwargs"] == {"min_pixels": 112896, "max_pixels": 1605632}
+    [row] = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert row["text"] == "Invoice\n\nTotal 42"
+    assert row["spots"] == [{"text": "Invoice", "quad": [80.0, 60.0, 320.0, 60.0, 320.0, 90.0, 80.0, 90.0]},
+                            {"text": "Total 42", "quad": [400.0, 480.0, 720.0, 492.0, 712.0, 540.0, 392.0, 528.0]}]
+    [parquet] = pq.read_table(tmp_path / "out.parquet").to_pylist()
+    assert [spot["text"] for spot in parquet["spots"]] == ["Invoice", "Total 42"]
+    assert parquet["spots"][1]["quad"] == pytest.approx(row["spots"][1]["quad"])
+
+
+def test_spotting_needs_a_later_release(tiny_model, tmp_path):
+    from ocrbatch.errors import OcrbatchError
+    from ocrbatch.pipeline import run_job
+
+    folder = spotting_page(tmp_path / "docs")
+    with pytest.raises(OcrbatchError, match="'spotting' needs a PaddleOCR-VL 1.5\\+ checkpoint"):
+        run_job(job(tiny_model, folder, tmp_path / "out.jsonl"))
+
+
+def test_spotting_with_a_layout_is_a_bad_command_line(tmp_path):
+    from click.testing import CliRunner
+
+    from ocrbatch.cli import main
+
+    folder = spotting_page(tmp_path / "docs")
+    result = CliRunner().invoke(main, ["run", str(folder), "--out", str(tmp_path / "out.jsonl"), "--task", "spotting"])
+    assert result.exit_code == 2 and "spotting reads whole pages" in result.output
+    assert not (tmp_path / "out.jsonl").exists()
