@@ -86,7 +86,8 @@ def test_layout_pages_are_rendered_at_the_dpi_and_each_block_sized_within_the_bl
     settle(folder)
     rows = {}
     for layout in ("cdla", "none"):
-        run_job(options(tiny_model, [folder], tmp_path / f"{layout}.jsonl", layout=layout))
+        # Not stitched: each text block is then one model call, its crop's own image tokens.
+        run_job(options(tiny_model, [folder], tmp_path / f"{layout}.jsonl", layout=layout, stitch=False))
         [rows[layout]] = [json.loads(line) for line in (tmp_path / f"{layout}.jsonl").read_text().splitlines()]
     assert (rows["none"]["width"], rows["none"]["height"]) == (591, 764)  # whole pages keep the model's cap
     page = rows["cdla"]
