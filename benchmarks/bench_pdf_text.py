@@ -127,7 +127,7 @@ def child_text_layer(spec: dict) -> dict:
     """
     import pymupdf
 
-    from ocrbatch.textlayer import page_markdown, route
+    from ocrbatch.textlayer import MIN_MARKDOWN_RECALL, assess_page, page_markdown
 
     judge_s, markdown_s, plain_s, chars, first_s = [], [], [], [], None
     for name, kinds in spec["documents"]:
@@ -135,20 +135,22 @@ def child_text_layer(spec: dict) -> dict:
         numbers = [i + 1 for i, kind in enumerate(kinds) if kind == "text"]
         if not numbers:
             continue
-        begin = time.perf_counter()
-        routes = route(path, numbers, "auto")
-        judge_s.append((time.perf_counter() - begin) / len(numbers))
-        assert all(r.source == "text-layer" for r in routes.values()), {n: r.verdict for n, r in routes.items()}
-        with pymupdf.open(path, filetype="pdf") as pdf:
+        with pymupdf.open(path, filetype="pdf") as judged:
+            begin = time.perf_counter()
+            verdicts = {number: assess_page(judged[number - 1]) for number in numbers}
+            judge_s.append((time.perf_counter() - begin) / len(numbers))
+        assert all(verdict.good for verdict in verdicts.values()), verdicts
+        with pymupdf.open(path, filetype="pdf") as pdf:  # page_markdown alters the document it reads
             for number in numbers:
                 begin = time.perf_counter()
-                text = page_markdown(pdf, number)
+                written = page_markdown(pdf, number)
                 elapsed = time.perf_counter() - begin
+                assert written.recall >= MIN_MARKDOWN_RECALL, (name, number, written.recall)
                 if first_s is None:
                     first_s = elapsed
                     continue
                 markdown_s.append(elapsed)
-                chars.append(len(text))
+                chars.append(len(written.text))
                 begin = time.perf_counter()
                 pdf[number - 1].get_text()
                 plain_s.append(time.perf_counter() - begin)

@@ -95,15 +95,14 @@ def _text_layer_pages(conn, document: Document, pages: list[int], dpi: float, ma
     """Send the pages taken from the PDF's text layer (or failed for lack of one); return the rest."""
     import pymupdf
 
-    from .textlayer import page_markdown, route
+    from .textlayer import iter_routes
 
     if settings.mode == "never" or document.kind != "pdf":
         return pages
-    routes = route(document.path, pages, settings.mode, settings.trust_ocr_layer)
     model_pages = []
-    with open_pdf_file(document.path) as pdf:  # page_markdown alters the document it reads
-        for number in pages:
-            chosen = routes[number]
+    with open_pdf_file(document.path) as pdf:
+        # Each page is sent as soon as it is read: a long document's first pages do not wait for its last.
+        for number, chosen in iter_routes(document.path, pages, settings.mode, settings.trust_ocr_layer):
             if chosen.error:
                 conn.send(("error", number, pdf.page_count, f"{document.path} page {number}: {chosen.error}"))
             elif chosen.source == "text-layer":
@@ -111,7 +110,7 @@ def _text_layer_pages(conn, document: Document, pages: list[int], dpi: float, ma
                 zoom = pdf_zoom(rect.width, rect.height, dpi, max_pixels)
                 box = (rect * pymupdf.Matrix(zoom, zoom)).irect  # rounded as MuPDF sizes a render
                 size = (box.width, box.height)
-                conn.send(("text", number, pdf.page_count, size, page_markdown(pdf, number)))
+                conn.send(("text", number, pdf.page_count, size, chosen.markdown))
             else:
                 model_pages.append(number)
     return model_pages

@@ -22,7 +22,12 @@ test gives the reason):
    which nothing at all is drawn: a blank page, whose (empty) layer is exact.
 3. **Readable glyphs.** Characters the font cannot map to Unicode (MuPDF
    reports U+FFFD), private-use code points and control characters are what a
-   font without a usable ToUnicode map yields. Above
+   font without a usable ToUnicode map yields. So is every character of a
+   simple font that has no ToUnicode map and names its glyphs with names
+   that are not Unicode's (``/g12``, ``/a3``: MuPDF then guesses letters),
+   and every character of a font whose map fails on at least
+   :data:`FONT_UNMAPPED_SHARE` of the distinct glyphs it uses on the page (a
+   broken map is a guess for the rest: math fonts whose brackets read ``ðÞ``). Above
    :data:`MAX_BAD_GLYPH_RATIO` of the characters, the layer is garbage.
 4. **Text covers the content.** The share of the page's text-and-image area
    that text covers must reach :data:`MIN_TEXT_COVERAGE`; a scan with a stamp,
@@ -37,14 +42,36 @@ Vector graphics (rules, table borders, background fills, charts) count as
 content for the blank-page test only: they carry no text that the layer could
 miss, except text converted to outlines, which leaves no characters and so
 fails test 2 or 5.
+
+A good layer is then written as Markdown (:func:`page_markdown`), and that
+Markdown is checked against the layer it came from:
+
+6. **The Markdown says what the layer says.** It must hold at least
+   :data:`MIN_MARKDOWN_RECALL` of the layer's words (as ``get_text`` reads
+   them, with ActualText), or miss no more than :data:`SPARE_WORDS`, leaving
+   aside only what it leaves out on purpose: running headers and footers,
+   text inside pictures and lines set sideways in a margin, as layout mode
+   does. This catches what the page's drawing operations cannot show:
+   glyphs that draw one letter where the ActualText says another, text
+   pymupdf4llm cannot place, table cells cut through words, formulas (their
+   text is left out: the model writes them as LaTeX).
+
+A blank page skips the Markdown: it is ``""``, known in a millisecond. A page
+whose lines do not run left to right as shown (a ``/Rotate``, text set
+sideways, vertical CJK writing) is turned until they do before pymupdf4llm,
+which lays out horizontal lines only, reads it.
 """
 
 from __future__ import annotations
 
+import html
 import math
-from dataclasses import dataclass
+import re
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 if TYPE_CHECKING:
     import pymupdf
@@ -59,6 +86,17 @@ OCR_LAYER_SHARE = 0.5
 # at 1-3% of a page's characters; a font without a Unicode map makes 30-100%
 # of them unreadable. At 5% one word in four or five is broken.
 MAX_BAD_GLYPH_RATIO = 0.05
+# PyMuPDF's test_3780.pdf: the math fonts whose maps are broken give U+FFFD for
+# 20-40% of the distinct glyphs they use on a page; sound text fonts for none,
+# or one (an unmapped space) among 25 or more.
+FONT_UNMAPPED_SHARE = 0.10
+# Over 470 text-layer pages of real PDFs (benchmarks/textlayer_recall.py),
+# pages read right hold 0.95-1.0 of their layer's words (a few lost to
+# hyphenation and superscripts); pages read wrongly hold 0-0.8.
+MIN_MARKDOWN_RECALL = 0.9
+# On a page of a few words, one word more or less (a drop capital, a
+# superscript run into its word) decides nothing.
+SPARE_WORDS = 1
 # A one-line stamp or header on a scan covers 1-3% of its text-and-image
 # area, a caption beside a picture 1-9% (pypdf's and pikepdf's test files);
 # text pages with figures are at 20-60%.
@@ -75,6 +113,17 @@ _HIDDEN_TRACE_TYPE = 3  # get_texttrace() span type for render mode 3 ("ignore t
 _OCCLUDING_IMAGE = "fill-image"  # image masks ("fill-imgmask") paint only their set pixels
 _IMAGE_KINDS = ("fill-image", "fill-imgmask")
 _TEXT_KINDS = ("fill-text", "stroke-text", "ignore-text")
+_SIMPLE_FONTS = ("Type1", "MMType1", "TrueType", "Type3")  # one byte a glyph, mapped by glyph name
+# pymupdf4llm box classes whose text its Markdown leaves out on purpose (with
+# header=False, footer=False, force_text=False), as layout mode does.
+_BOXES_LEFT_OUT = ("page-header", "page-footer", "picture")
+_SIDEWAYS_SINE = 0.1  # a line slanted more than ~6 degrees from horizontal is not a line pymupdf4llm reads
+# Scripts written without spaces: each character counts as a word.
+_UNSPACED = "\u2e80-\u9fff\uac00-\ud7af\uf900-\ufaff\uff66-\uff9f"
+_WORD = re.compile(f"[{_UNSPACED}]|[^\\W_{_UNSPACED}]+")
+# Ligature characters (ﬁ, ﬀ, ﬃ...) spelt out, as the model writes them: pymupdf4llm's table engine keeps them.
+_LIGATURES = {code: unicodedata.normalize("NFKC", chr(code)) for code in range(0xFB00, 0xFB07)}
+_HTML_MARKUP = re.compile(r"<!--.*?-->|</?[A-Za-z][A-Za-z0-9]*(?:\s[^<>]*)?/?>", re.DOTALL)
 
 Box = tuple[float, float, float, float]
 
@@ -88,6 +137,8 @@ class TextLayerVerdict:
     count the characters judged (hidden ones only when trusted), not
     whitespace. ``coverage`` is the share of the text-and-image area covered
     by text; ``hidden_ratio`` the share of all characters that are hidden.
+    ``markdown_recall`` is the share of the layer's words its Markdown holds,
+    for a page whose Markdown was written (:func:`iter_routes`).
     """
 
     good: bool
@@ -97,6 +148,12 @@ class TextLayerVerdict:
     bad_glyph_ratio: float
     hidden_ratio: float
     ocr_layer: bool
+    markdown_recall: float | None = None
+
+    @property
+    def blank(self) -> bool:
+        """A page with nothing drawn on it: the only good page without characters."""
+        return self.good and self.chars == 0
 
 
 @dataclass(frozen=True)
@@ -122,12 +179,14 @@ class Route:
 
     ``source`` is the row's ``source`` column: ``text-layer`` or ``model``.
     ``error`` is set when the page must fail instead (``only`` mode, layer
-    not good): the failed row's one-line reason.
+    not good): the failed row's one-line reason. ``markdown`` is the page's
+    text for a page taken from its layer (set by :func:`route`).
     """
 
     source: str
     verdict: TextLayerVerdict | None  # None in ``never`` mode: the layer was not looked at
     error: str | None = None
+    markdown: str | None = None
 
 
 def _is_bad_glyph(code: int) -> bool:
@@ -157,6 +216,73 @@ def _inside(point: tuple[float, float], box: Box) -> bool:
     return box[0] <= point[0] <= box[2] and box[1] <= point[1] <= box[3]
 
 
+def _is_unicode_glyph_name(name: str) -> bool:
+    """Whether a glyph name says its character, as the Adobe Glyph List's rules read it.
+
+    ``A``, ``eacute``, ``uni00E9``, ``u1F600``, ``f_i`` and ``a.sc`` do;
+    ``g12``, ``a3``, ``C138`` and ``cid42`` are numbers a producer chose, from
+    which MuPDF can only guess.
+    """
+    import pymupdf
+
+    components = name.split(".", 1)[0].split("_")
+    return all(
+        pymupdf.mupdf.fz_unicode_from_glyph_name_strict(part)
+        or re.fullmatch(r"uni(?:[0-9A-F]{4})+|u[0-9A-F]{4,6}", part)
+        for part in components
+    )
+
+
+def _differences(doc: "pymupdf.Document", font_xref: int) -> list[tuple[int, str]]:
+    """``(code, glyph name)`` for each entry of a simple font's /Encoding /Differences (none without one)."""
+    kind, value = doc.xref_get_key(font_xref, "Encoding/Differences")
+    entries, code = [], 0
+    for number, name in re.findall(r"(\d+)|/([^\s/\[\]<>(){}%]+)", value) if kind == "array" else ():
+        if number:
+            code = int(number)
+        else:
+            entries.append((code, name))
+            code += 1
+    return entries
+
+
+def _fonts_without_unicode(page: "pymupdf.Page") -> set[str]:
+    """Names, as ``get_texttrace()`` gives them, of the page's fonts whose characters are guesses.
+
+    A simple font (one byte a glyph) without a ToUnicode map is read through
+    the glyph names of its encoding's Differences. When most of those names
+    are neither Unicode glyph names nor the number of their own code (which
+    says the code is the character, as Ghostscript writes them), MuPDF
+    guesses letters from their digits, and the text it gives is not what
+    the page shows. MuPDF names a Type3 font after its /Name, or else its
+    object number.
+    """
+    doc = page.parent
+    names = set()
+    for xref, _, subtype, basefont, *_ in page.get_fonts():
+        if subtype not in _SIMPLE_FONTS or doc.xref_get_key(xref, "ToUnicode")[0] != "null":
+            continue
+        named = [(code, name) for code, name in _differences(doc, xref) if name != ".notdef"]
+        said = sum(name == str(code) or _is_unicode_glyph_name(name) for code, name in named)
+        if 2 * said < len(named):
+            if subtype != "Type3":
+                names.add(basefont.split("+", 1)[-1])  # without a subset's "ABCDEF+"
+            else:
+                kind, name = doc.xref_get_key(xref, "Name")
+                names.add(name[1:] if kind == "name" else f"Type3 ({xref} 0 R)")
+    return names
+
+
+@dataclass
+class _FontTally:
+    """One font's characters on a page, and its glyphs: all used, and those without Unicode."""
+
+    chars: int = 0
+    bad: int = 0
+    glyphs: set = field(default_factory=set)
+    unmapped: set = field(default_factory=set)
+
+
 def page_stats(page: "pymupdf.Page") -> PageStats:
     """Measure a page's text and images from its content stream (no rendering).
 
@@ -175,11 +301,13 @@ def page_stats(page: "pymupdf.Page") -> PageStats:
     image_boxes = tuple(box for kind, box in on_page if kind in _IMAGE_KINDS and box)
     graphics = any(box for kind, box in on_page if kind not in _TEXT_KINDS)
 
-    counts = {True: [0, 0], False: [0, 0]}  # hidden -> [chars, bad]
+    unnamed_glyphs = _fonts_without_unicode(page)
+    per_font: dict[tuple[bool, str], _FontTally] = {}
     boxes: dict[bool, list[Box]] = {True: [], False: []}
     for span in page.get_texttrace():
         box = _clip(span["bbox"], width, height)
-        codes = [char[0] for char in span["chars"] if not chr(char[0]).isspace()]
+        glyphs = [char[:2] for char in span["chars"] if not chr(char[0]).isspace()]  # (unicode, glyph id)
+        codes = [code for code, _ in glyphs]
         if box is None or not codes:
             continue  # off the page, or only spaces: nothing a reader would see
         centre = _centre(box)
@@ -191,9 +319,18 @@ def page_stats(page: "pymupdf.Page") -> PageStats:
             or not painted  # a glyphless font (Tesseract's GlyphLessFont, OCRmyPDF's Occulta)
             or any(seqno > span["seqno"] and _inside(centre, image) for seqno, image in occluders)
         )
-        counts[hidden][0] += len(codes)
-        counts[hidden][1] += sum(map(_is_bad_glyph, codes))
+        tally = per_font.setdefault((hidden, span["font"]), _FontTally())
+        tally.chars += len(codes)
+        tally.bad += len(codes) if span["font"] in unnamed_glyphs else sum(map(_is_bad_glyph, codes))
+        tally.glyphs.update(glyph for _, glyph in glyphs)
+        tally.unmapped.update(glyph for code, glyph in glyphs if _is_bad_glyph(code))
         boxes[hidden].append(box)
+    counts = {True: [0, 0], False: [0, 0]}  # hidden -> [chars, bad]
+    for (hidden, _), tally in per_font.items():
+        counts[hidden][0] += tally.chars
+        # A map with holes in a tenth of the glyphs used is a guess for the others.
+        broken = bool(tally.unmapped) and len(tally.unmapped) >= FONT_UNMAPPED_SHARE * len(tally.glyphs)
+        counts[hidden][1] += tally.chars if broken else tally.bad
     return PageStats(
         width=width, height=height,
         visible_chars=counts[False][0], visible_bad=counts[False][1],
@@ -279,24 +416,35 @@ def decide(verdict: TextLayerVerdict, mode: str) -> Route:
 
 
 def route(path: str | Path, pages: Iterable[int], mode: str, trust_ocr_layer: bool = False) -> dict[int, Route]:
-    """Where each of the 1-based ``pages`` of the PDF at ``path`` goes under ``mode``.
+    """Where each of the 1-based ``pages`` of the PDF at ``path`` goes under ``mode``: :func:`iter_routes` at once."""
+    return dict(iter_routes(path, pages, mode, trust_ocr_layer))
 
-    Opens the PDF once. In ``never`` mode the file is not opened: every page
-    goes to the model. A page whose content cannot be read is judged not
-    good: it goes to the model in ``auto`` (whose renderer reports any real
-    problem) and fails in ``only``. Raises whatever ``pymupdf.open`` raises
-    for a file that is not a readable PDF; the caller has opened it before,
-    to count its pages.
+
+def iter_routes(path: str | Path, pages: Iterable[int], mode: str,
+                trust_ocr_layer: bool = False) -> Iterator[tuple[int, Route]]:
+    """``(page, route)`` for each of the 1-based ``pages`` of the PDF at ``path`` under ``mode``, in page order.
+
+    Each page is judged (:func:`assess_page`); a good one is then written
+    as Markdown and kept only if the Markdown holds enough of the layer's
+    words (:data:`MIN_MARKDOWN_RECALL`), so a route to the text layer
+    carries its ``markdown``. Pages come one at a time, as each is read. In
+    ``never`` mode the file is not opened: every page goes to the model. A
+    page whose content or Markdown cannot be read is judged not good: it
+    goes to the model in ``auto`` (whose renderer reports any real problem)
+    and fails in ``only``. Raises whatever ``pymupdf.open`` raises for a
+    file that is not a readable PDF; the caller has opened it before, to
+    count its pages.
     """
     if mode not in PDF_TEXT_MODES:
         raise ValueError(f"pdf-text mode {mode!r}; one of {PDF_TEXT_MODES}")
     pages = sorted(set(pages))
     if mode == "never":
-        return {number: Route("model", None) for number in pages}
+        yield from ((number, Route("model", None)) for number in pages)
+        return
     from .rasterize import open_pdf_file
 
-    routes = {}
-    with open_pdf_file(path) as pdf:
+    # pymupdf4llm alters the document it reads: it gets its own copy.
+    with open_pdf_file(path) as pdf, open_pdf_file(path) as markdown_pdf:
         for number in pages:
             if not 1 <= number <= pdf.page_count:
                 raise ValueError(f"{path}: no page {number} (the PDF has {pdf.page_count})")
@@ -305,27 +453,197 @@ def route(path: str | Path, pages: Iterable[int], mode: str, trust_ocr_layer: bo
             except Exception as exc:  # MuPDF raises plain exceptions for broken content streams
                 verdict = TextLayerVerdict(good=False, reason=f"cannot read the page's content ({exc})", chars=0,
                                            coverage=0.0, bad_glyph_ratio=0.0, hidden_ratio=0.0, ocr_layer=False)
-            routes[number] = decide(verdict, mode)
-    return routes
+            markdown = None
+            if verdict.blank:
+                markdown = ""
+            elif verdict.good:
+                try:
+                    written = page_markdown(markdown_pdf, number)
+                except Exception as exc:  # pymupdf4llm, like MuPDF, raises plain exceptions
+                    verdict = replace(verdict, good=False, reason=f"cannot write the page's Markdown "
+                                                                  f"({type(exc).__name__}: {exc})")
+                else:
+                    if written.holds_the_layer:
+                        markdown = written.text
+                        reason = f"{verdict.reason}; its Markdown holds {written.recall:.0%} of its words"
+                    else:
+                        reason = (f"its Markdown holds {written.recall:.0%} of the text layer's words: glyphs that "
+                                  "do not draw what they say, text pymupdf4llm cannot place, formulas or split "
+                                  "table cells")
+                    verdict = replace(verdict, good=written.holds_the_layer, reason=reason,
+                                      markdown_recall=written.recall)
+            chosen = decide(verdict, mode)
+            yield number, replace(chosen, markdown=markdown) if chosen.source == "text-layer" else chosen
 
 
-def page_markdown(pdf: "pymupdf.Document", page_number: int) -> str:
-    """Markdown of the 1-based ``page_number`` of an open PDF, from its text layer.
+def layer_words(text: str) -> list[str]:
+    """The words of ``text`` for comparing readings: case-folded, NFKC, each CJK or kana character a word."""
+    return _WORD.findall(unicodedata.normalize("NFKC", text).casefold())
 
-    Uses pymupdf4llm with PyMuPDF's layout model (bundled, offline): headings,
-    paragraphs with lines joined, lists and tables in reading order. OCR is
-    off: a page that needs it goes to the model instead. Text that
-    pymupdf4llm cannot place comes back as PyMuPDF's plain text. pymupdf4llm alters
-    the document in memory (it bakes page rotation into the content and drops
-    the structure tree), so pass a document opened for this, not one that
-    will be rendered.
+
+@dataclass(frozen=True)
+class LayerMarkdown:
+    """A page's Markdown from its text layer, the layer's words and how many of them it holds."""
+
+    text: str
+    words: int
+    found: int
+
+    @property
+    def recall(self) -> float:
+        return self.found / self.words if self.words else 1.0
+
+    @property
+    def holds_the_layer(self) -> bool:
+        """At least :data:`MIN_MARKDOWN_RECALL` of the words, or all but :data:`SPARE_WORDS` of them."""
+        return self.recall >= MIN_MARKDOWN_RECALL or self.words - self.found <= SPARE_WORDS
+
+
+def _reading_rotation(page: "pymupdf.Page") -> int:
+    """The /Rotate that shows most of the page's characters in lines running left to right."""
+    characters_by_angle: Counter = Counter()
+    for span in page.get_texttrace():
+        dx, dy = span["dir"]  # the glyphs' baseline, in the unrotated page (y down)
+        if span["wmode"]:  # vertical writing: upright glyphs, lines run down the page
+            dx, dy = -dy, dx
+        angle = round(math.degrees(math.atan2(dy, dx)) / 90) % 4 * 90
+        characters_by_angle[angle] += len(span["chars"])
+    if not characters_by_angle:
+        return page.rotation
+    angle = characters_by_angle.most_common(1)[0][0]
+    return (360 - angle) % 360  # /Rotate turns clockwise as shown
+
+
+def _straighten(page: "pymupdf.Page") -> None:
+    """Turn ``page`` so its text reads in horizontal lines, and bake the turn into its content.
+
+    pymupdf4llm lays out horizontal lines only: a page turned by /Rotate, or
+    set sideways, or written vertically, gives it nothing. ``remove_rotation``
+    turns the MediaBox and drops the CropBox, so the visible area (the
+    CropBox, which ``page.cropbox`` gives top-down from the MediaBox's top)
+    becomes the MediaBox first.
     """
+    import pymupdf
+
+    rotation = _reading_rotation(page)
+    if rotation == page.rotation == 0:
+        return
+    mediabox, cropbox = page.mediabox, page.cropbox
+    page.set_mediabox(pymupdf.Rect(cropbox.x0, mediabox.y1 - cropbox.y1, cropbox.x1, mediabox.y1 - cropbox.y0))
+    page.set_rotation(rotation)
+    page.remove_rotation()
+
+
+Char = tuple[str, float, float, float]  # a character, its origin's x and y, its font size
+
+
+def _layer_blocks(page: "pymupdf.Page") -> list[list[list[Char]]]:
+    """The text blocks of a straightened ``page`` as ``get_text`` reads them (with ActualText): lines of characters.
+
+    Lines still set sideways once the page is straightened are left out: the
+    margin notes and stamps running up a page's edge, which pymupdf4llm skips
+    and layout mode leaves out as aside text.
+    """
+    return [[[(char["c"], *char["origin"], span["size"]) for span in line["spans"] for char in span["chars"]]
+             for line in block["lines"] if line["wmode"] or abs(line["dir"][1]) < _SIDEWAYS_SINE]
+            for block in page.get_text("rawdict")["blocks"] if block["type"] == 0]
+
+
+def _reference_words(blocks: list[list[list[Char]]], left_out: list[Box], kept: list[Box]) -> list[list[str]]:
+    """The words of each of the layer's ``blocks``, less characters inside ``left_out`` boxes (and no ``kept`` one).
+
+    A block's lines are joined by a space (MuPDF breaks some producers'
+    lines inside words; :func:`_found_words` joins them again). A character drawn
+    again where it already is (bold faked by overprinting: the copies lie a
+    fraction of a point apart, where the narrowest letters stand 0.2 em
+    apart) counts once, as a reader sees it.
+    """
+    drawn: dict[tuple[str, int, int], list[tuple[float, float]]] = {}
+    words = []
+    for block in blocks:
+        text = []
+        for line in block:
+            for char, x, y, size in line:
+                cell = max(size, 1.0) * 0.15
+                near = (drawn.get((char, int(x // cell) + i, int(y // cell) + j), ())
+                        for i in (-1, 0, 1) for j in (-1, 0, 1))
+                if not char.isspace() and any(abs(x - x2) < cell and abs(y - y2) < cell
+                                              for places in near for x2, y2 in places):
+                    continue
+                drawn.setdefault((char, int(x // cell), int(y // cell)), []).append((x, y))
+                dropped = any(_inside((x, y), box) for box in left_out) and not any(_inside((x, y), box) for box in kept)
+                text.append(" " if dropped else char)
+            text.append(" ")
+        words.append(layer_words("".join(text)))
+    return words
+
+
+def _found_words(reference: list[list[str]], markdown: str) -> int:
+    """How many of the ``reference`` words (one list per block) ``markdown`` holds, each found once.
+
+    MuPDF splits a word where its letters are set apart (``r epresent``,
+    ``loa ns``) and pymupdf4llm may join them: consecutive words of a block
+    whose joining is a word of the Markdown count as found. Written here, as
+    no library compares two readings this way (difflib's matching is
+    order-bound, and reading orders differ).
+    """
+    found = Counter(layer_words(html.unescape(_HTML_MARKUP.sub(" ", markdown))))
+    matched = 0
+    for words in reference:
+        start = 0
+        while start < len(words):
+            for end in range(min(start + 3, len(words)), start, -1):  # the longest joining first
+                joined = "".join(words[start:end])
+                if found[joined]:
+                    found[joined] -= 1
+                    matched += end - start
+                    break
+            else:
+                end = start + 1
+            start = end
+    return matched
+
+
+def _write_markdown(pdf: "pymupdf.Document", page_number: int, blocks: list[list[list[Char]]],
+                    table_output: str | None) -> LayerMarkdown:
     import pymupdf4llm
 
-    markdown = pymupdf4llm.to_markdown(pdf, pages=[page_number - 1], use_ocr=False, show_progress=False).strip()
+    [chunk] = pymupdf4llm.to_markdown(pdf, pages=[page_number - 1], use_ocr=False, show_progress=False,
+                                      header=False, footer=False, force_text=False, table_output=table_output,
+                                      page_chunks=True)
+    boxes = chunk["page_boxes"]
+    left_out = [box["bbox"] for box in boxes if box["class"] in _BOXES_LEFT_OUT]
+    kept = [box["bbox"] for box in boxes if box["class"] not in _BOXES_LEFT_OUT]
+    markdown = chunk["text"].strip().translate(_LIGATURES)
     if not markdown:
         # pymupdf4llm lays text out by glyph boxes, so it drops text whose
         # glyphs have no extent: the glyphless fonts of some OCR layers.
         markdown = pdf[page_number - 1].get_text().strip()
-    return markdown
+    reference = _reference_words(blocks, left_out, kept)
+    return LayerMarkdown(markdown, sum(map(len, reference)), _found_words(reference, markdown))
 
+
+def page_markdown(pdf: "pymupdf.Document", page_number: int) -> LayerMarkdown:
+    """Markdown of the 1-based ``page_number`` of an open PDF, from its text layer, with the layer's words it holds.
+
+    Uses pymupdf4llm with PyMuPDF's layout model (bundled, offline): headings,
+    paragraphs with lines joined, lists, and tables as HTML (its table
+    engine keeps words whole, where the layout grid's cells can cut through
+    them; where it loses words, the layout grid's tables are tried), in
+    reading order. Running headers and footers and the text of pictures are
+    left out, as layout mode leaves them out. OCR is off: a page that needs
+    it goes to the model instead. Text that pymupdf4llm cannot place at all
+    comes back as PyMuPDF's plain text. The words counted are the layer's
+    (:func:`layer_words`, outside what is left out on purpose). The page is
+    first turned to read in horizontal lines, and pymupdf4llm alters the
+    document too (it drops the structure tree), so pass a document opened
+    for this, not one that will be rendered.
+    """
+    page = pdf[page_number - 1]
+    _straighten(page)
+    blocks = _layer_blocks(page)  # before pymupdf4llm drops the structure tree, and the ActualText in it
+    written = _write_markdown(pdf, page_number, blocks, "html")
+    if not written.holds_the_layer:
+        grid = _write_markdown(pdf, page_number, blocks, None)
+        written = max(written, grid, key=lambda markdown: markdown.found)
+    return written

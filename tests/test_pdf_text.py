@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from helpers import settle
-from pdf_fixtures import BODY, GARBLED, TITLE, write_pdf
+from pdf_fixtures import BODY, GARBLED, RUNNING_FOOTER, RUNNING_HEADER, TITLE, write_pdf
 
 from ocrbatch.cli import main
 from ocrbatch.options import JobOptions
@@ -97,6 +97,29 @@ def test_trusting_the_ocr_layer_takes_its_text(tiny_model, inbox, tmp_path):
     assert TITLE in rows[("ocr-layer.pdf", 1)]["text"]
     assert rows[("garbage.pdf", 1)]["source"] == "model"
     assert GARBLED not in rows[("garbage.pdf", 1)]["text"]
+
+
+@pytest.mark.slow
+def test_text_layer_pages_of_a_mixed_pdf_read_as_layout_mode_would_and_misread_ones_go_to_the_model(
+        tiny_model, tmp_path):
+    folder = tmp_path / "inbox"
+    folder.mkdir()
+    kinds = ["furniture", "scan", "garbage-type3", "broken-math-font", "actualtext-mismatch", "sideways"]
+    write_pdf(folder / "report.pdf", kinds)
+    settle(folder)
+    _, rows = run(tiny_model, folder, tmp_path / "auto.jsonl", pdf_text="auto")
+    sources = {page: row["source"] for (_, page), row in rows.items()}
+    assert sources == {1: "text-layer", 2: "model", 3: "model", 4: "model", 5: "model", 6: "text-layer"}
+    assert all(row["status"] == "ok" for row in rows.values())
+    furniture = rows[("report.pdf", 1)]["text"]
+    assert furniture.startswith(f"# {TITLE}") and BODY[0][:40] in furniture
+    for left_out in (RUNNING_HEADER, RUNNING_FOOTER, "picture text", "<!--"):
+        assert left_out not in furniture
+    assert rows[("report.pdf", 6)]["text"].startswith(f"# {TITLE}")  # the sideways page, read upright
+
+    _, rows = run(tiny_model, folder, tmp_path / "only.jsonl", pdf_text="only")
+    for page, reason in ((3, "unmapped glyphs"), (4, "unmapped glyphs"), (5, "Markdown holds")):
+        assert rows[("report.pdf", page)]["status"] == "failed" and reason in rows[("report.pdf", page)]["error"]
 
 
 def test_dry_run_shows_the_route_of_every_page(tiny_model, inbox, tmp_path):

@@ -8,12 +8,15 @@ from pathlib import Path
 
 import pymupdf
 import pytest
-from pdf_fixtures import A4, BODY, KINDS, STAMP, TEXTS, TITLE, add_page, write_pdf
+from pdf_fixtures import (
+    A4, BODY, CHART_LABELS, FORMULA, KINDS, RUNNING_FOOTER, RUNNING_HEADER, STAMP, TABLE_COLUMNS, TABLE_GROUPS,
+    TABLE_ROWS, TEXTS, TITLE, VERTICAL_JAPANESE, add_page, write_pdf,
+)
 
 from ocrbatch import textlayer
 from ocrbatch.textlayer import (
-    MAX_BAD_GLYPH_RATIO, MIN_CHARS_PER_A4, MIN_TEXT_COVERAGE, OCR_LAYER_SHARE, PageStats, assess_page, decide,
-    judge, page_markdown, page_stats, route,
+    FONT_UNMAPPED_SHARE, MAX_BAD_GLYPH_RATIO, MIN_CHARS_PER_A4, MIN_MARKDOWN_RECALL, MIN_TEXT_COVERAGE,
+    OCR_LAYER_SHARE, SPARE_WORDS, PageStats, assess_page, decide, judge, page_markdown, page_stats, route,
 )
 
 SAMPLE_REPORT = Path(__file__).resolve().parents[1] / "sample_docs" / "report.pdf"
@@ -28,6 +31,13 @@ EXPECTED = {
     "stamp": (False, False, "text covers"),
     "garbage-fffd": (False, False, "unmapped glyphs"),
     "garbage-pua": (False, False, "unmapped glyphs"),
+    "garbage-type3": (False, False, "unmapped glyphs"),
+    "broken-math-font": (False, False, "unmapped glyphs"),
+    "actualtext-mismatch": (False, False, "Markdown holds"),
+    "sideways": (True, True, None),
+    "vertical-writing": (True, True, None),
+    "furniture": (True, True, None),
+    "dense-table": (True, True, None),
     "blank": (True, True, None),
 }
 assert set(EXPECTED) == set(KINDS)
@@ -52,8 +62,7 @@ def words(text: str) -> str:
 @pytest.mark.parametrize("kind", KINDS)
 def test_each_kind_is_judged_as_specified(every_kind, kind, trust):
     good, good_trusted, reason = EXPECTED[kind]
-    with pymupdf.open(every_kind) as pdf:
-        verdict = assess_page(pdf[page_of(kind) - 1], trust_ocr_layer=trust)
+    verdict = route(every_kind, [page_of(kind)], "auto", trust_ocr_layer=trust)[page_of(kind)].verdict
     assert verdict.good is (good_trusted if trust else good), verdict
     if not verdict.good:
         assert reason in verdict.reason
@@ -117,8 +126,14 @@ def test_the_measures_behind_each_verdict(every_kind):
     # The stamp is seen (drawn after the scan), but covers a sliver of the page.
     assert verdicts["stamp"].chars == len(STAMP.replace(" ", "")) and verdicts["stamp"].hidden_ratio == 0.0
     assert verdicts["stamp"].coverage < 0.02
-    for kind in ("garbage-fffd", "garbage-pua"):
+    for kind in ("garbage-fffd", "garbage-pua", "garbage-type3"):
         assert verdicts[kind].bad_glyph_ratio == 1.0
+    # Only the formula's brackets read U+FFFD, too few to fail the page, but its font's map is broken:
+    # every character in that font counts.
+    formula_chars, brackets = len(FORMULA.replace(" ", "")), FORMULA.count("(") + FORMULA.count(")")
+    page_chars = body_chars + formula_chars
+    assert brackets / page_chars < MAX_BAD_GLYPH_RATIO and brackets / formula_chars >= FONT_UNMAPPED_SHARE
+    assert verdicts["broken-math-font"].bad_glyph_ratio == pytest.approx(formula_chars / page_chars)
 
 
 def test_transparent_text_is_hidden_and_text_over_an_image_is_not(tmp_path):
@@ -148,13 +163,89 @@ def test_text_layer_markdown_has_the_pages_real_text(every_kind, capsys):
         # What a trusted OCR layer yields, each kind of hiding.
         ocr_layers = [page_markdown(pdf, page_of(kind)) for kind in ("ocr-layer", "hidden-under-image", "glyphless")]
         blank = page_markdown(pdf, page_of("blank"))
-    assert text.startswith(f"# {TITLE}")
-    for markdown in (text, *ocr_layers):
-        assert TITLE in markdown
+    assert text.text.startswith(f"# {TITLE}")
+    for written in (text, *ocr_layers):
+        assert TITLE in written.text and written.recall == 1.0
         for paragraph in BODY:
-            assert paragraph in words(markdown)
-    assert blank == ""
+            assert paragraph in words(written.text)
+    assert blank.text == "" and blank.recall == 1.0
     assert capsys.readouterr().out == ""  # stdout may carry the CLI's JSON
+
+
+def test_turned_and_vertical_pages_are_read_in_their_reading_order(every_kind):
+    routes = route(every_kind, [page_of("sideways"), page_of("vertical-writing")], "only")
+    # /Rotate 270 over lines running down the page, seen through a corner of a larger MediaBox.
+    sideways = routes[page_of("sideways")].markdown
+    assert sideways.startswith(f"# {TITLE}")
+    for paragraph in BODY:
+        assert paragraph in words(sideways)
+    # Vertical Japanese: columns right to left become lines top to bottom, no one-character table cells.
+    vertical = words(routes[page_of("vertical-writing")].markdown)
+    assert "|" not in vertical
+    positions = [vertical.find(line) for line in VERTICAL_JAPANESE]
+    assert -1 not in positions and positions == sorted(positions), vertical
+
+
+def test_text_layer_markdown_leaves_out_what_layout_mode_leaves_out(every_kind):
+    markdown = route(every_kind, [page_of("furniture")], "only")[page_of("furniture")].markdown
+    assert markdown.startswith(f"# {TITLE}")
+    for paragraph in BODY:
+        assert paragraph in words(markdown)
+    for left_out in (RUNNING_HEADER, RUNNING_FOOTER, *CHART_LABELS[1:], "picture text", "<!--"):
+        assert left_out not in markdown
+
+
+def test_dense_table_cells_keep_their_words_whole(every_kind):
+    markdown = route(every_kind, [page_of("dense-table")], "only")[page_of("dense-table")].markdown
+    cells = [" ".join(cell.split()) for cell in re.findall(r"<t[hd][^>]*>(.*?)</t[hd]>", markdown)]
+    for text in (*TABLE_GROUPS, *TABLE_COLUMNS, *(cell for row in TABLE_ROWS for cell in row)):
+        assert text in cells, text
+
+
+def test_blank_pages_are_not_written_by_pymupdf4llm(tmp_path, monkeypatch):
+    def refuse(pdf, page_number):
+        raise AssertionError("a blank page needs no Markdown")
+
+    monkeypatch.setattr(textlayer, "page_markdown", refuse)
+    routes = route(write_pdf(tmp_path / "blank.pdf", ["blank"] * 3), [1, 2, 3], "only")
+    assert all(chosen.source == "text-layer" and chosen.markdown == "" and chosen.error is None
+               for chosen in routes.values())
+
+
+def routed_with_markdown(every_kind, monkeypatch, words: int, found: int, mode: str = "auto"):
+    """The text page's route when its Markdown holds ``found`` of the layer's ``words``."""
+    monkeypatch.setattr(textlayer, "page_markdown", lambda pdf, number: textlayer.LayerMarkdown(TITLE, words, found))
+    return route(every_kind, [page_of("text")], mode)[page_of("text")]
+
+
+def test_a_page_whose_markdown_misses_the_layers_words_goes_to_the_model(every_kind, monkeypatch):
+    below = round(MIN_MARKDOWN_RECALL * 100) - 1
+    assert routed_with_markdown(every_kind, monkeypatch, 100, below).source == "model"
+    only = routed_with_markdown(every_kind, monkeypatch, 100, below, mode="only")
+    assert only.error.startswith(f"no usable text layer: its Markdown holds {below}% of the text layer's words")
+    assert routed_with_markdown(every_kind, monkeypatch, 100, below + 1).markdown == TITLE
+    # On a page of a few words, missing one decides nothing; missing two does.
+    assert routed_with_markdown(every_kind, monkeypatch, 3, 3 - SPARE_WORDS).source == "text-layer"
+    assert routed_with_markdown(every_kind, monkeypatch, 3, 2 - SPARE_WORDS).source == "model"
+
+
+def test_bold_faked_by_overprinting_counts_once(tmp_path):
+    with pymupdf.open() as pdf:
+        page = pdf.new_page(width=A4[0], height=A4[1])
+        for offset in (0, 0.3, 0.6):
+            page.insert_textbox(pymupdf.Rect(56 + offset, 56, 539 + offset, 786), "\n\n".join(BODY), fontsize=12)
+        pdf.save(tmp_path / "fake-bold.pdf")
+    with pymupdf.open(tmp_path / "fake-bold.pdf") as pdf:
+        written = page_markdown(pdf, 1)
+    assert written.recall == 1.0 and BODY[0] in words(written.text)
+
+
+def test_words_the_layer_splits_are_found_joined_but_words_the_markdown_splits_are_not():
+    assert textlayer._found_words([["the", "r", "ecorded", "loa", "ns"]], "the recorded loans") == 5
+    assert textlayer._found_words([["valuation", "collateral"]], "<td>Valuatio</td><td>n Collateral</td>") == 1
+    # Compared as words: ligatures spelt out, case folded, Markdown, HTML tags, entities and comments read through.
+    reference = [textlayer.layer_words("ﬁled cafe"), textlayer.layer_words("CAFÉ")]
+    assert textlayer._found_words(reference, "**Filed** caf&eacute; <!-- cafe -->") == 2
 
 
 def test_the_sample_born_digital_report_is_taken_from_its_layer():
@@ -163,7 +254,7 @@ def test_the_sample_born_digital_report_is_taken_from_its_layer():
     verdict = route(SAMPLE_REPORT, [1], "only")[1]
     assert verdict.source == "text-layer" and verdict.error is None
     with pymupdf.open(SAMPLE_REPORT) as pdf:
-        markdown = words(page_markdown(pdf, 1))
+        markdown = words(page_markdown(pdf, 1).text)
     assert "Quarterly report" in markdown
     for paragraph in PARAGRAPHS[:2]:
         assert paragraph in markdown
