@@ -470,6 +470,42 @@ def status(target):
 
 
 @main.command()
+@click.argument("target", type=click.Path(path_type=Path))
+@click.option("--path", "document", required=True, help="The document, as the job names it (or its file name).")
+@click.option("--page", type=click.IntRange(1), required=True, help="1-based page number.")
+@click.option("--png", type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to write the picture [default: DOCUMENT-pN.inspect.png here].")
+@click.option("--dpi", type=click.FloatRange(min=1), default=150, show_default=True,
+              help="Render resolution for a failed page, whose rendered size is not recorded.")
+def inspect(target, document, page, png, dpi):
+    """Draw what the job read on one page: every block's box, label, reading order and prompt, as a PNG.
+
+    TARGET is the job's output (or checkpoint) or --engine ray dataset folder.
+    """
+    from .overlay import inspect_page
+
+    png = png or Path(f"{Path(document).stem}-p{page}.inspect.png")
+    click.echo(inspect_page(target, document, page, png, fallback_dpi=dpi))
+
+
+@main.command()
+@click.argument("target", type=click.Path(path_type=Path))
+@click.option("--html", "folder", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder to write the report into (index.html and its page images).")
+@click.option("--max-pages", type=click.IntRange(0), default=200, show_default=True,
+              help="Most page views: failed and slowest pages first, then a sample spread over the job.")
+def report(target, folder, max_pages):
+    """A static HTML report of a job: counts, failed pages, throughput, page views with boxes and Markdown.
+
+    TARGET is the job's output (or checkpoint) or --engine ray dataset folder.
+    Works offline and from a file share: nothing in it is fetched from anywhere.
+    """
+    from .report import build_report
+
+    click.echo(build_report(target, folder, max_pages=max_pages))
+
+
+@main.command()
 @click.option("--quant", "-q", "quants", multiple=True, type=click.Choice(QUANTS, case_sensitive=False),
               help="Self-check these GGUF types only (repeatable) [default: every one].")
 @click.option("--cache-dir", type=click.Path(file_okay=False),
