@@ -56,13 +56,6 @@ class JobStats:
             return None
         return (self.pages - 1) / ((self.last - self.first).total_seconds() / 60)
 
-    def line(self) -> str:
-        """The figures as one line, for a terminal."""
-        rate = f"{self.pages_per_min:.1f} pages/min" if self.pages_per_min is not None else "pages/min unknown"
-        slowest = ", ".join(f"{doc.path} ({doc.seconds:.1f} s, {doc.pages} pages)" for doc in self.slowest[:3])
-        return (f"{self.pages} pages: {self.share(self.text_layer):.0%} text layer, {self.share(self.model):.0%} model, "
-                f"{self.share(self.failed):.0%} failed; {rate}" + (f"; slowest: {slowest}" if slowest else ""))
-
 
 def job_stats(rows: list[dict]) -> JobStats:
     stats = JobStats(pages=len(rows))

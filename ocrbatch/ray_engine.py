@@ -423,6 +423,7 @@ class _Sink:
         if key in self.seen:  # a block Ray ran twice: the first copy stands
             return
         self.seen.add(key)
+        self.summary.add_work(row["path"], row)
         if row["status"] == "ok":
             self.summary.pages_ok += 1
             self.summary.pages_text_layer += row.get("source") == "text-layer"

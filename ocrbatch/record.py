@@ -12,13 +12,15 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 from .assemble import recorded_blocks
 from .discover import Document, escaped
 from .errors import OcrbatchError
+from .job_stats import work_seconds
 from .markdown import DocumentPage, document_markdown, image_filename
 from .options import JobOptions
 from .store import Store
@@ -50,6 +52,11 @@ class JobSummary:
     worker_crashes: int = 0
     render_crashes: int = 0
     stopped_by: int | None = None  # the signal that stopped the run early
+    # Seconds of work (the stages' times, summed over pages) of each document this run processed.
+    document_work_s: Counter = field(default_factory=Counter)
+
+    def add_work(self, path: str, row: dict) -> None:
+        self.document_work_s[path] += work_seconds(row)
 
     @property
     def exit_code(self) -> int:
@@ -85,7 +92,18 @@ class JobSummary:
         return (f"ocrbatch: {done} pages processed ({self.pages_ok} ok, {self.pages_failed} failed{source}), "
                 f"{self.pages_skipped} already done, {self.documents} documents, "
                 + "".join(f"{extra}, " for extra in extras)
-                + f"{self.elapsed_s:.1f} s, {rate:.1f} pages/min -> {out}")
+                + f"{self.elapsed_s:.1f} s, {rate:.1f} pages/min{self._shares(done)}{self._slowest()} -> {out}")
+
+    def _shares(self, done: int) -> str:
+        if not done:
+            return ""
+        model = self.pages_ok - self.pages_text_layer
+        return (f" ({self.pages_text_layer / done:.0%} text layer, {model / done:.0%} model, "
+                f"{self.pages_failed / done:.0%} failed)")
+
+    def _slowest(self, count: int = 3) -> str:
+        slowest = [(path, seconds) for path, seconds in self.document_work_s.most_common(count) if seconds > 0]
+        return "; slowest: " + ", ".join(f"{path} {seconds:.1f} s" for path, seconds in slowest) if slowest else ""
 
 
 def failure_row(page: int, page_count: int, task: str, error: str, model: str, quant: str) -> dict:
@@ -194,6 +212,7 @@ class Recorder:
         status = row["status"]
         self.store.record_page(document.doc_id, page, status, row, row.get("error"))
         self.emit({"path": escaped(document.path), "doc_id": document.doc_id, **row})
+        self.summary.add_work(escaped(document.path), row)
         if status == "ok":
             self.summary.pages_ok += 1
         else:

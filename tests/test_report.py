@@ -18,6 +18,7 @@ from ocrbatch.options import JobOptions
 from ocrbatch.output import open_output
 from ocrbatch.overlay import STYLES
 from ocrbatch.pipeline import run_job
+from ocrbatch.record import JobSummary
 
 SAMPLE_DOCS = Path(__file__).parents[1] / "sample_docs"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -76,6 +77,18 @@ def test_counts_and_failed_pages_with_their_reasons(job, tmp_path):
     assert "not a readable PDF" in row.group(1)
     assert re.search(r">3<small>pages</small>", text) and re.search(r">1<small>text layer", text)
     assert "<svg" in text  # throughput over time
+    slowest = re.search(r"<h2>Slowest documents</h2>\s*<table.*?</table>", text, re.S).group()
+    assert "order.png" in slowest and "letter.pdf" not in slowest  # text-layer pages record no stage time
+
+
+def test_the_summary_shows_the_shares_and_the_slowest_documents():
+    summary = JobSummary(pages_ok=3, pages_text_layer=1, pages_failed=1, elapsed_s=60)
+    summary.add_work("a.pdf", {"render_s": 1.0, "decode_s": 4.0, "vision_s": None})
+    summary.add_work("b.pdf", {"vision_s": 9.0})
+    summary.add_work("c.pdf", {"render_s": 0.0})
+    line = summary.line(Path("out.parquet"))
+    assert line.endswith("4.0 pages/min (25% text layer, 50% model, 25% failed); slowest: b.pdf 9.0 s, a.pdf 5.0 s "
+                         "-> out.parquet")
 
 
 @needs_chromium
