@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import errno
 import fnmatch
+import codecs
 import hashlib
 import os
 import re
@@ -36,7 +37,8 @@ from .errors import OcrbatchError
 
 PDF_SUFFIXES = {".pdf"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".bmp"}
-SUPPORTED_SUFFIXES = PDF_SUFFIXES | IMAGE_SUFFIXES
+VIDEO_SUFFIXES = {".mp4", ".webm", ".mov", ".mkv", ".avi"}
+SUPPORTED_SUFFIXES = PDF_SUFFIXES | IMAGE_SUFFIXES | VIDEO_SUFFIXES
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,8 @@ class Document:
 
     @property
     def kind(self) -> str:
-        return "pdf" if self.path.suffix.lower() in PDF_SUFFIXES else "image"
+        suffix = self.path.suffix.lower()
+        return "pdf" if suffix in PDF_SUFFIXES else "video" if suffix in VIDEO_SUFFIXES else "image"
 
 
 class PathError(OcrbatchError):
@@ -89,6 +92,11 @@ def escaped(text: str | Path) -> str:
     and ``--dry-run`` show paths this way.
     """
     return _NEEDS_ESCAPE.sub(_escape, str(text))
+
+
+def unescaped(text: str) -> Path:
+    """The path that :func:`escaped` wrote as ``text``, with its bytes exactly as they were."""
+    return Path(os.fsdecode(codecs.escape_decode(text.encode())[0]))
 
 
 def failed_document_id(path: Path) -> str:

@@ -57,7 +57,7 @@ import pyarrow as pa
 from .assemble import PageWork
 from .dataset_record import DatasetRecord, best_entries, new_run_id
 from .decode import LocalDecoder
-from .discover import Document, discover
+from .discover import Document, discover, escaped, unescaped
 from .encode import encode_units
 from .errors import InputError, OcrbatchError
 from .output import SCHEMA
@@ -247,7 +247,7 @@ class VisionStage:
             for item in items:
                 by_document[(item["path"], item["doc_id"], item["page_count"])].append(item["page"])
             for (path, doc_id, page_count), numbers in by_document.items():
-                self.jobs.put(RenderJob(Document(Path(path), doc_id), numbers, page_count))
+                self.jobs.put(RenderJob(Document(unescaped(path), doc_id), numbers, page_count))
             pages = []
             while self.failure is None and len(pages) < len(items):  # one page comes back per page asked for
                 page = self.pages.get()
@@ -262,18 +262,18 @@ class VisionStage:
         return pages
 
     def _row(self, page: PageImage, **values) -> dict:
-        return {"path": str(page.document.path), "doc_id": page.document.doc_id, "page": page.page,
+        return {"path": escaped(page.document.path), "doc_id": page.document.doc_id, "page": page.page,
                 "page_count": page.page_count, "vision_node": self.node, **values}
 
     def _finished(self, page: PageImage, row: dict) -> dict:
         """A page that needs no decoding, carrying its output row."""
-        row = {"path": str(page.document.path), "doc_id": page.document.doc_id, **row}
+        row = {"path": escaped(page.document.path), "doc_id": page.document.doc_id, **row}
         return self._row(page, row=pickle.dumps(row, protocol=pickle.HIGHEST_PROTOCOL))
 
     def _failed(self, page: PageImage, error: str) -> dict:
         config = self.config
-        return self._finished(page, failure_row(page.page, page.page_count, config.task, error, config.model_name,
-                                                config.quant))
+        return self._finished(page, failure_row(page.page, page.page_count, config.task, escaped(error),
+                                                config.model_name, config.quant))
 
 
 class DecodeStage:
@@ -368,7 +368,7 @@ def plan_pages(options, record: DatasetRecord, dry_run: bool = False) -> RayPlan
             continue
         documents.setdefault(document.doc_id, document)
     retry = set(documents) if options.retry_failed else set()
-    changes, remaining = record.reconcile({doc_id: str(d.path) for doc_id, d in documents.items()}, retry,
+    changes, remaining = record.reconcile({doc_id: escaped(d.path) for doc_id, d in documents.items()}, retry,
                                           apply=not dry_run)
     if changes and not dry_run:
         log.info("dataset brought up to date: %s", ", ".join(f"{n} rows {what}" for what, n in changes.items()))
@@ -396,7 +396,8 @@ def plan_pages(options, record: DatasetRecord, dry_run: bool = False) -> RayPlan
                 continue
         pages = [p for p in range(1, page_count + 1) if p not in finished]
         plan.skipped += page_count - len(pages)
-        plan.manifest += [{"path": str(document.path), "doc_id": doc_id, "page": p, "page_count": page_count}
+        # Paths travel escaped (Arrow strings are UTF-8; a file name need not be) and are unescaped to open.
+        plan.manifest += [{"path": escaped(document.path), "doc_id": doc_id, "page": p, "page_count": page_count}
                           for p in pages]
     plan.documents = len({item["doc_id"] for item in plan.manifest}) + len(plan.unreadable)
     return plan
@@ -593,7 +594,7 @@ def run_ray_job(options, address: str | None = None, settings: RaySettings | Non
                      len(plan.manifest) + len(plan.unreadable), options.progress)
         try:
             for document, error in plan.unreadable:
-                sink.add(page_failure(str(document.path), document.doc_id, 0, 0, error, options.task,
+                sink.add(page_failure(escaped(document.path), document.doc_id, 0, 0, escaped(error), options.task,
                                       str(options.model), options.quant.upper()))
             if plan.manifest:
                 _process(ray, plan.manifest, config, settings, options, address, decode_actors, sink)

@@ -501,6 +501,24 @@ def test_an_actor_that_cannot_start_fails_the_run_with_its_reason(cluster, tiny_
     assert DatasetRecord(tmp_path / "out").files() == []
 
 
+def test_a_file_name_that_is_not_utf8_is_read_and_recorded_escaped(cluster, tiny_model, tmp_path):
+    from ocrbatch.discover import unescaped
+    from ocrbatch.ray_engine import RaySettings, run_ray_job
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    odd = docs / os.fsdecode(b"bad\xff name.pdf")
+    write_pdf(odd, 2)
+    write_pdf(docs / "good.pdf", 1, text="Other")
+    summary = run_ray_job(job_options(tiny_model, [docs], tmp_path / "out", layout="none"), address=cluster.address,
+                          settings=RaySettings(actor_start_timeout_s=120))
+    assert summary.pages_ok == 3 and summary.pages_failed == 0
+    rows = visible_rows(tmp_path / "out")
+    assert sorted((r["path"], r["page"], r["status"]) for r in rows) == [
+        (f"{docs}/bad\\xff name.pdf", 1, "ok"), (f"{docs}/bad\\xff name.pdf", 2, "ok"), (f"{docs}/good.pdf", 1, "ok")]
+    assert {unescaped(r["path"]) for r in rows} == {odd, docs / "good.pdf"}  # the bytes come back exactly
+
+
 # Runs the job as `ocrbatch run --engine ray` would, in a process the test can kill.
 DRIVER = """
 import json, sys
