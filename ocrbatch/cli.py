@@ -560,11 +560,14 @@ def _print_status(counts: dict, failed: list) -> None:
               help="Largest request body.")
 @click.option("--max-image-pixels", type=click.IntRange(1), default=40_000_000, show_default=True,
               help="Largest decoded image (decompression-bomb guard).")
+@click.option("--max-images-per-request", type=click.IntRange(1), default=4, show_default=True,
+              help="Most image_url parts one request may carry (all go into one prompt); more get 400. The "
+                   "language model's context is sized so that a request this large fits.")
 @click.option("--allow-remote-images", is_flag=True, help="Let requests name http(s) image URLs for the server to fetch.")
 @click.option("--allow-local-files", is_flag=True, help="Let requests name files on the server's disk.")
 def serve(model, quant, gguf, vision_dtype, device, threads, cache_dir, host, port, workers, seqs_per_worker,
-          max_tokens, max_tokens_limit, max_queue, api_key, max_body_mb, max_image_pixels, allow_remote_images,
-          allow_local_files):
+          max_tokens, max_tokens_limit, max_queue, api_key, max_body_mb, max_image_pixels, max_images_per_request,
+          allow_remote_images, allow_local_files):
     """Serve OCR over an OpenAI-compatible API (POST /v1/chat/completions, GET /v1/models, GET /health)."""
     import uvicorn
 
@@ -576,10 +579,14 @@ def serve(model, quant, gguf, vision_dtype, device, threads, cache_dir, host, po
     engine = Engine(model, quant=quant, gguf=gguf, vision_dtype=vision_dtype, device=device,
                     max_tokens=max_tokens_limit, threads=threads, cache_dir=cache_dir, with_language=False)
     cores = os.cpu_count() or 1
+    # A request of k of the largest images needs the cells of k one-image sequences: with room for
+    # max(seqs, k) of those, the largest request fits once the others have finished.
+    n_ctx = engine.context_size(max(seqs_per_worker, max_images_per_request))
     pool = WorkerPool(engine.gguf_path, workers=workers, n_seq_max=seqs_per_worker,
-                      n_ctx=engine.context_size(seqs_per_worker), threads=threads or max(1, cores // workers))
+                      n_ctx=n_ctx, threads=threads or max(1, cores // workers))
     settings = ServerSettings(model_name=str(model), api_key=api_key, max_queue=max_queue,
                               max_body_bytes=int(max_body_mb * 1024 * 1024), max_image_pixels=max_image_pixels,
+                              max_images_per_request=max_images_per_request,
                               max_tokens_limit=max_tokens_limit, default_max_tokens=max_tokens,
                               allow_remote_images=allow_remote_images, allow_local_files=allow_local_files)
     try:

@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
+
 from .checkpoint import Checkpoint
 from .errors import ModelError, OcrbatchError
 from .gguf_convert import convert, inspect_gguf
@@ -138,12 +140,13 @@ class Engine:
         return context_size(self.vision.image_processor, self.vision.merge_size, n_seq_max,
                             max_tokens or self.max_tokens)
 
-    def request(self, image: EncodedImage, text: str, max_tokens: int | None = None,
+    def request(self, images: EncodedImage | Sequence[EncodedImage], text: str, max_tokens: int | None = None,
                 sampling: Sampling = Sampling(), on_token=None) -> GenerationRequest:
-        """The language-model request for one encoded image and prompt text."""
+        """The language-model request for one encoded image, or several in one prompt, and prompt text."""
+        images = [images] if isinstance(images, EncodedImage) else list(images)
         return GenerationRequest(
-            prompt=self.prompts.build(text, image.grid_thw),
-            embeddings=image.embeddings,
+            prompt=self.prompts.build(text, *(image.grid_thw for image in images)),
+            embeddings=np.concatenate([image.embeddings for image in images]),
             max_tokens=self.max_tokens if max_tokens is None else max_tokens,
             stop_ids=self.stop_ids,
             sampling=sampling,
@@ -156,13 +159,14 @@ class Engine:
 
     def generate(
         self,
-        encoded: Sequence[EncodedImage],
+        encoded: Sequence[EncodedImage | Sequence[EncodedImage]],
         texts: Sequence[str],
         max_tokens: int | None = None,
         sampling: Sampling = Sampling(),
         on_token=None,
     ) -> list[OcrResult]:
-        """Run the language model on already-encoded images, one prompt text each."""
+        """Run the language model on already-encoded images (or lists of images, several in one
+        prompt), one prompt text each."""
         requests = [self.request(image, text, max_tokens, sampling, on_token) for image, text in zip(encoded, texts)]
         results = []
         for request, generated in zip(requests, self.language.generate(requests)):
@@ -228,6 +232,34 @@ class Engine:
                 spots = read_spots(self.prompts.decode(output.token_ids, keep_special_tokens=True), *image.size)
                 result.text, result.spots = spotted_text(spots), [spot.to_dict() for spot in spots]
         return results
+
+    def ocr_together(
+        self,
+        images: Sequence,
+        task: str = "ocr",
+        prompt: str | None = None,
+        max_tokens: int | None = None,
+        sampling: Sampling = Sampling(),
+    ) -> OcrResult:
+        """One answer about several whole images in one prompt (the pages of a document, a page and
+        its crop), as transformers answers a message with several images: each image encoded at its
+        own size and placed with its own positions, in order. Layout and spotting are per image
+        (:meth:`ocr`). An image that cannot be read fails the result, naming it.
+        """
+        text = self.prompt_text(task, prompt)
+        result = OcrResult(path=None)
+        try:
+            loaded = [item if hasattr(item, "convert") else open_image(item) for item in images]
+        except OcrbatchError as exc:
+            result.error = str(exc)
+            return result
+        started = time.perf_counter()
+        encoded = self.vision.encode(loaded)
+        vision_s = time.perf_counter() - started
+        [output] = self.generate([encoded], [text], max_tokens=max_tokens, sampling=sampling)
+        result.__dict__.update(output.__dict__)
+        result.timings = {"vision_s": vision_s, **output.timings}
+        return result
 
     def _ocr_blocks(self, result: OcrResult, image, max_tokens: int | None, sampling: Sampling) -> None:
         """Layout mode: detect the blocks, recognise each with its prompt, assemble the Markdown."""

@@ -1,9 +1,10 @@
 """The language stage: ERNIE-4.5 as a GGUF in llama.cpp, fed image embeddings.
 
-Uses llama-cpp-python's low-level API. Each sequence is prefilled in three
-``llama_decode`` calls — text before the image, the image embeddings
+Uses llama-cpp-python's low-level API. Each sequence is prefilled span by span
+in ``llama_decode`` calls — text before the image, the image embeddings
 (``llama_batch.embd`` with four M-RoPE positions per embedding, laid out
-section-major), text after the image — and then all active sequences advance
+section-major), text after it; with several images, one embedding call each,
+text between them — and then all active sequences advance
 one token per call together. The context holds up to ``n_seq_max``
 sequences in one unified KV cache, so a worker decodes several pages at once
 and starts a new page as soon as another finishes.
@@ -46,7 +47,7 @@ class GenerationRequest:
     """One prompt to complete: token layout, image embeddings and limits."""
 
     prompt: ImagePrompt
-    embeddings: np.ndarray  # (n_image_tokens, n_embd) float32
+    embeddings: np.ndarray  # (n_image_tokens, n_embd) float32: every image's rows, in prompt order
     max_tokens: int
     stop_ids: tuple[int, ...] = ()
     sampling: Sampling = Sampling()
@@ -223,10 +224,15 @@ class LanguageModel:
     def _prefill(self, seq: _Sequence) -> np.ndarray:
         prompt = seq.request.prompt
         started = time.perf_counter()
-        self._decode_tokens(seq.seq_id, prompt.prefix_ids, prompt.prefix_positions(), want_logits=False)
-        self._decode_embeddings(seq.seq_id, seq.request.embeddings.astype(np.float32, copy=False),
-                                prompt.image_positions())
-        self._decode_tokens(seq.seq_id, prompt.suffix_ids, prompt.suffix_positions(), want_logits=True)
+        embeddings = seq.request.embeddings.astype(np.float32, copy=False)
+        spans = prompt.spans()
+        used = 0
+        for index, (token_ids, positions) in enumerate(spans):
+            if token_ids is None:
+                self._decode_embeddings(seq.seq_id, embeddings[used:used + positions.shape[1]], positions)
+                used += positions.shape[1]
+            elif token_ids:
+                self._decode_tokens(seq.seq_id, token_ids, positions, want_logits=index == len(spans) - 1)
         seq.prefill_s = time.perf_counter() - started
         seq.position = prompt.first_generated_position
         seq.decode_started = time.perf_counter()

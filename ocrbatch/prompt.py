@@ -1,12 +1,15 @@
 """Prompts: task names, the checkpoint's chat template, and M-RoPE positions.
 
-A PaddleOCR-VL prompt is text, then one image span, then text:
-``<|begin_of_sentence|>User: <|IMAGE_START|>`` · image · ``<|IMAGE_END|>OCR:\\nAssistant: ``.
+A PaddleOCR-VL prompt is text, then one image span per image, then text:
+``<|begin_of_sentence|>User: <|IMAGE_START|>`` · image · ``<|IMAGE_END|>OCR:\\nAssistant: ``
+(with several images, each wrapped in its own ``<|IMAGE_START|>`` … ``<|IMAGE_END|>``, one after
+the other, as the chat template writes them).
 :class:`PromptBuilder` renders it with the checkpoint's own chat template and
 tokenizer (exactly what ``PaddleOCRVLProcessor`` feeds transformers), and
 :class:`ImagePrompt` assigns the positions transformers' ``get_rope_index``
 gives: text ``(p, p, p)``; image tokens ``(s, s + row, s + col)`` from the
-image start ``s``; text after the image resumes at ``s + max(rows, cols)``.
+image start ``s``; whatever follows an image (text or the next image) resumes
+at ``s + max(rows, cols)``.
 """
 
 from __future__ import annotations
@@ -37,48 +40,68 @@ TASKS = tuple(TASK_PROMPTS)
 
 @dataclass(frozen=True)
 class ImagePrompt:
-    """The token layout of one prompt around one image."""
+    """The token layout of one prompt around its images.
 
-    prefix_ids: tuple[int, ...]
-    suffix_ids: tuple[int, ...]
-    grid_rows: int
-    grid_cols: int
+    ``text_ids`` holds the text before the first image, between each two images and after the
+    last one (``len(grids) + 1`` pieces, any of them possibly empty); ``grids`` each image's
+    token rows and columns, in prompt order.
+    """
+
+    text_ids: tuple[tuple[int, ...], ...]
+    grids: tuple[tuple[int, int], ...]
+
+    def __post_init__(self):
+        if len(self.text_ids) != len(self.grids) + 1:
+            raise ValueError(f"{len(self.grids)} images need {len(self.grids) + 1} text pieces, not {len(self.text_ids)}")
+
+    @property
+    def image_token_counts(self) -> tuple[int, ...]:
+        return tuple(rows * cols for rows, cols in self.grids)
 
     @property
     def n_image_tokens(self) -> int:
-        return self.grid_rows * self.grid_cols
+        return sum(self.image_token_counts)
 
     @property
     def n_prompt_tokens(self) -> int:
-        return len(self.prefix_ids) + self.n_image_tokens + len(self.suffix_ids)
+        return sum(map(len, self.text_ids)) + self.n_image_tokens
 
-    def prefix_positions(self) -> np.ndarray:
-        return np.arange(len(self.prefix_ids), dtype=np.int32)
+    def spans(self) -> list[tuple[tuple[int, ...] | None, np.ndarray]]:
+        """The prompt in order as ``(token_ids, positions)`` for text (positions shape (n,)) and
+        ``(None, positions)`` for each image (shape (4, n): temporal, row, column, an unused fourth)."""
+        spans, start = [], 0
+        for index, text in enumerate(self.text_ids):
+            if index:
+                rows, cols = self.grids[index - 1]
+                grid_rows, grid_cols = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
+                positions = np.zeros((4, rows * cols), dtype=np.int32)
+                positions[0] = start
+                positions[1] = start + grid_rows.reshape(-1)
+                positions[2] = start + grid_cols.reshape(-1)
+                spans.append((None, positions))
+                start += max(rows, cols)
+            spans.append((text, np.arange(len(text), dtype=np.int32) + start))
+            start += len(text)
+        return spans
 
-    def image_positions(self) -> np.ndarray:
-        """Shape (4, n_image_tokens): temporal, row, column and an unused fourth section."""
-        start = len(self.prefix_ids)
-        rows, cols = np.meshgrid(np.arange(self.grid_rows), np.arange(self.grid_cols), indexing="ij")
-        positions = np.zeros((4, self.n_image_tokens), dtype=np.int32)
-        positions[0] = start
-        positions[1] = start + rows.reshape(-1)
-        positions[2] = start + cols.reshape(-1)
-        return positions
-
-    @property
-    def suffix_start(self) -> int:
-        return len(self.prefix_ids) + max(self.grid_rows, self.grid_cols)
-
-    def suffix_positions(self) -> np.ndarray:
-        return np.arange(len(self.suffix_ids), dtype=np.int32) + self.suffix_start
+    def positions(self) -> np.ndarray:
+        """Shape (3, n_prompt_tokens): every prompt token's M-RoPE position, as ``get_rope_index``."""
+        return np.concatenate([np.broadcast_to(positions, (3, len(positions))) if ids is not None else positions[:3]
+                               for ids, positions in self.spans()], axis=1)
 
     @property
     def first_generated_position(self) -> int:
-        return self.suffix_start + len(self.suffix_ids)
+        last_image = len(self.grids)
+        start = sum(map(len, self.text_ids[:last_image])) + sum(max(grid) for grid in self.grids)
+        return start + len(self.text_ids[-1])
 
     def input_ids(self, image_token_id: int) -> list[int]:
-        """The full id sequence transformers sees (image span as placeholder ids)."""
-        return [*self.prefix_ids, *([image_token_id] * self.n_image_tokens), *self.suffix_ids]
+        """The full id sequence transformers sees (image spans as placeholder ids)."""
+        ids = list(self.text_ids[0])
+        for count, text in zip(self.image_token_counts, self.text_ids[1:]):
+            ids += [image_token_id] * count
+            ids += text
+        return ids
 
 
 class PromptBuilder:
@@ -116,8 +139,9 @@ class PromptBuilder:
         """PaddleOCR-VL 1.5+ templates end the generation prompt with ``Assistant:\\n``."""
         return self.render("x").endswith(":\n")
 
-    def render(self, text: str) -> str:
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+    def render(self, text: str, n_images: int = 1) -> str:
+        content = [{"type": "image"}] * n_images + [{"type": "text", "text": text}]
+        messages = [{"role": "user", "content": content}]
         return self.tokenizer.apply_chat_template(
             messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=True
         )
@@ -130,20 +154,22 @@ class PromptBuilder:
             raise OcrbatchError(f"task {task!r} needs a PaddleOCR-VL 1.5+ checkpoint; {self.checkpoint_path} is 1.0")
         return TASK_PROMPTS[task]
 
-    def _text_parts(self, text: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """Token ids before and after the single image placeholder of the rendered prompt."""
-        ids = self.tokenizer(self.render(text), add_special_tokens=False)["input_ids"]
+    def _text_parts(self, text: str, n_images: int = 1) -> tuple[tuple[int, ...], ...]:
+        """Token ids around the ``n_images`` image placeholders of the rendered prompt (``n_images + 1`` pieces)."""
+        ids = self.tokenizer(self.render(text, n_images), add_special_tokens=False)["input_ids"]
         spots = [i for i, token in enumerate(ids) if token == self.image_token_id]
-        if len(spots) != 1:
-            raise OcrbatchError(
-                f"{self.checkpoint_path}: chat template gives {len(spots)} image placeholders, expected 1"
-            )
-        return tuple(ids[: spots[0]]), tuple(ids[spots[0] + 1 :])
+        if len(spots) != n_images:
+            raise OcrbatchError(f"{self.checkpoint_path}: chat template gives {len(spots)} image placeholders "
+                                f"for {n_images} images")
+        bounds = [-1, *spots, len(ids)]
+        return tuple(tuple(ids[start + 1:end]) for start, end in zip(bounds, bounds[1:]))
 
-    def build(self, text: str, grid_thw: tuple[int, int, int]) -> ImagePrompt:
-        prefix, suffix = self.text_parts(text)
-        _, height, width = grid_thw
-        return ImagePrompt(prefix, suffix, height // self.merge_size, width // self.merge_size)
+    def build(self, text: str, *grids_thw: tuple[int, int, int]) -> ImagePrompt:
+        """The prompt for ``text`` and one image of each ``grid_thw`` (in order)."""
+        if not grids_thw:
+            raise OcrbatchError("a prompt needs at least one image")
+        grids = tuple((height // self.merge_size, width // self.merge_size) for _, height, width in grids_thw)
+        return ImagePrompt(self.text_parts(text, len(grids)), grids)
 
     def decode(self, token_ids: list[int], keep_special_tokens: bool = False) -> str:
         """Generated ids as text; ``keep_special_tokens`` keeps tokens such as spotting's ``<|LOC_n|>``."""

@@ -1,8 +1,10 @@
 """``ocrbatch serve``: an OpenAI-compatible ``/v1/chat/completions`` for OCR.
 
-Requests carry one image (a ``data:`` URI in an ``image_url`` part) and the
-prompt text (a task prompt such as ``OCR:`` or free text). The image is
-encoded by the shared :class:`VisionEncoder` and decoded by the same
+Requests carry one image or several (``data:`` URIs in ``image_url`` parts, up
+to ``max_images_per_request``) and the prompt text (a task prompt such as
+``OCR:`` or free text). The images are encoded by the shared
+:class:`VisionEncoder`, each at its own size, placed in the prompt in the
+order the message gives them (as transformers does), and decoded by the same
 :class:`WorkerPool` the batch job uses, so concurrent requests share the
 workers' sequence slots. A full queue answers 503 with ``Retry-After``.
 Errors use OpenAI's error body; no request can take the server down.
@@ -62,6 +64,7 @@ class ServerSettings:
     max_queue: int = 32
     max_body_bytes: int = 32 * 1024 * 1024
     max_image_pixels: int = 40_000_000
+    max_images_per_request: int = 4
     max_tokens_limit: int = 8192
     default_max_tokens: int = 1024
     allow_remote_images: bool = False
@@ -232,26 +235,28 @@ def _routing_error(request: Request, exc: HTTPException) -> ApiError:
     return ApiError(exc.status_code, str(exc.detail), headers=exc.headers)
 
 
-def _parse_prompt(body: ChatCompletionRequest) -> tuple[str, str]:
-    """The single image URL and the prompt text of the last user message."""
+def _parse_prompt(body: ChatCompletionRequest, max_images: int) -> tuple[list[str], str]:
+    """The image URLs (in order) and the prompt text of the last user message."""
     users = [m for m in body.messages if m.role == "user"]
     if not users:
         raise ApiError(400, "messages must contain a user message", param="messages")
     content = users[-1].content
     if not isinstance(content, list):
         raise ApiError(400, "the user message must contain an image_url part with the image", param="messages")
-    images = [p for p in content if p.type in ("image_url", "input_image")]
-    if len(images) != 1:
-        raise ApiError(400, f"the user message must contain exactly one image, found {len(images)}",
-                       param="messages")
-    image = images[0].image_url
-    url = image.url if isinstance(image, ImageURL) else image
-    if not url:
-        raise ApiError(400, "image_url part without a url", param="messages")
+    images = [p.image_url for p in content if p.type in ("image_url", "input_image")]
+    if not images:
+        raise ApiError(400, "the user message must contain an image_url part with the image", param="messages")
+    if len(images) > max_images:
+        raise ApiError(400, f"the user message has {len(images)} images; this server takes at most {max_images} "
+                       "per request (--max-images-per-request)", param="messages", code="too_many_images")
+    urls = [image.url if isinstance(image, ImageURL) else image for image in images]
+    for number, url in enumerate(urls, start=1):
+        if not url:
+            raise ApiError(400, f"image {number}: image_url part without a url", param="messages")
+        _characters_only(url, f"URL of image {number}")
     text = "".join(p.text or "" for p in content if p.type in ("text", "input_text")).strip()
-    _characters_only(url, "image URL")
     _characters_only(text, "prompt text")
-    return url, text or "OCR:"
+    return urls, text or "OCR:"
 
 
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
@@ -392,16 +397,20 @@ class OcrService:
                            f"({bounds['max_pixels']})", param="mm_processor_kwargs")
         return bounds["min_pixels"], bounds["max_pixels"]
 
-    def encode(self, image_data: bytes, pixel_bounds: tuple[int, int] | None = None):
-        try:
-            image = open_image(image_data, name="image", max_pixels=self.settings.max_image_pixels)
-        except InputError as exc:
-            message = str(exc)
-            status = 413 if "exceeds the limit" in message else 400
-            raise ApiError(status, message, param="image_url") from None
+    def encode(self, images_data: list[bytes], pixel_bounds: tuple[int, int] | None = None):
+        """Every image of a request, each at its own size, in one forward; ApiError names the image at fault."""
+        images = []
+        for number, data in enumerate(images_data, start=1):
+            name = "image" if len(images_data) == 1 else f"image {number}"
+            try:
+                images.append(open_image(data, name=name, max_pixels=self.settings.max_image_pixels))
+            except InputError as exc:
+                message = str(exc)
+                status = 413 if "exceeds the limit" in message else 400
+                raise ApiError(status, message, param="image_url") from None
         with self._vision_lock:  # one forward at a time bounds memory
             try:
-                return self.engine.vision.encode([image], pixel_bounds)[0]
+                return self.engine.vision.encode(images, pixel_bounds)
             except Exception as exc:
                 raise ApiError(400, f"the image cannot be encoded: {exc}", param="image_url") from None
 
@@ -516,8 +525,15 @@ def create_app(engine, pool, settings: ServerSettings) -> FastAPI:
             raise ApiError(400, f"max_tokens must be at most {settings.max_tokens_limit}", param="max_tokens")
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         pixel_bounds = service.pixel_bounds(body.mm_processor_kwargs)
-        url, text = _parse_prompt(body)
-        image_data = await asyncio.to_thread(_image_bytes, url, settings)
+        urls, text = _parse_prompt(body, settings.max_images_per_request)
+        images_data = []
+        for number, url in enumerate(urls, start=1):
+            try:
+                images_data.append(await asyncio.to_thread(_image_bytes, url, settings))
+            except ApiError as exc:
+                if len(urls) > 1:
+                    exc.message = f"image {number}: {exc.message}"
+                raise
         sampling = Sampling(temperature=body.temperature, top_p=body.top_p, seed=body.seed)
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
@@ -531,7 +547,7 @@ def create_app(engine, pool, settings: ServerSettings) -> FastAPI:
         service.admit()
         slot_handed_over = False
         try:
-            encoded = await asyncio.to_thread(service.encode, image_data, pixel_bounds)
+            encoded = await asyncio.to_thread(service.encode, images_data, pixel_bounds)
             if body.stream:
                 loop = asyncio.get_running_loop()
                 tokens: asyncio.Queue = asyncio.Queue()

@@ -11,10 +11,13 @@ document_image = synthetic_page
 
 
 def reference_generate(processor, model, image, text, max_new_tokens, images_kwargs=None):
-    """transformers' greedy tokens for one image; ``images_kwargs`` as a model card passes them (size bounds)."""
+    """transformers' greedy tokens for one image, or a list of images in one message (in order);
+    ``images_kwargs`` as a model card passes them (size bounds)."""
     import torch
 
-    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": text}]}]
+    images = image if isinstance(image, list) else [image]
+    content = [{"type": "image", "image": each} for each in images] + [{"type": "text", "text": text}]
+    messages = [{"role": "user", "content": content}]
     inputs = processor.apply_chat_template(
         messages, tokenize=True, add_generation_prompt=True, return_dict=True, return_tensors="pt",
         **({"images_kwargs": images_kwargs} if images_kwargs else {}),

@@ -20,13 +20,42 @@ def test_positions_match_get_rope_index(engine_f32, reference, test_images):
             inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"], image_grid_thw=inputs["image_grid_thw"])
         prompt = engine_f32.prompts.build("OCR:", encoded.grid_thw)
         assert prompt.input_ids(model.config.image_token_id) == inputs["input_ids"][0].tolist()
-        ours = torch.cat([
-            torch.tensor(prompt.prefix_positions()).expand(3, -1),
-            torch.tensor(prompt.image_positions()[:3]),
-            torch.tensor(prompt.suffix_positions()).expand(3, -1),
-        ], dim=1)
-        assert torch.equal(ours, expected[:, 0])
+        assert torch.equal(torch.tensor(prompt.positions(), dtype=expected.dtype), expected[:, 0])
         assert prompt.first_generated_position == int(expected.max()) + 1
+
+
+# Several images in one message, of different sizes and shapes (wide, tall, square), in orders
+# where a later image is smaller than an earlier one: positions resume after each at max(rows, cols).
+SEVERAL = [(0, 3), (2, 1, 4), (5, 0)]
+
+
+@pytest.mark.parametrize("picks", SEVERAL, ids=lambda picks: "+".join(map(str, picks)))
+def test_positions_of_several_images_match_get_rope_index(engine_f32, reference, test_images, picks):
+    processor, model = reference
+    images = [test_images[i] for i in picks]
+    _, inputs = reference_generate(processor, model, images, "OCR:", max_new_tokens=1)
+    expected, _ = model.model.get_rope_index(
+        inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"], image_grid_thw=inputs["image_grid_thw"])
+    prompt = engine_f32.prompts.build("OCR:", *(encoded.grid_thw for encoded in engine_f32.vision.encode(images)))
+    assert len(prompt.grids) == len(images)
+    assert prompt.input_ids(model.config.image_token_id) == inputs["input_ids"][0].tolist()
+    assert torch.equal(torch.tensor(prompt.positions(), dtype=expected.dtype), expected[:, 0])
+    assert prompt.first_generated_position == int(expected.max()) + 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("picks", SEVERAL, ids=lambda picks: "+".join(map(str, picks)))
+def test_several_images_greedy_tokens_identical_to_transformers(engine_f32, reference, test_images, picks):
+    processor, model = reference
+    images = [test_images[i] for i in picks]
+    result = engine_f32.ocr_together(images, max_tokens=MAX_NEW)
+    expected, _ = reference_generate(processor, model, images, "OCR:", MAX_NEW)
+    assert result.error is None
+    assert result.token_ids == expected
+    assert result.n_image_tokens == sum(e.n_tokens for e in engine_f32.vision.encode(images))
+    # Not what any one of the images alone gives: every image reached the model.
+    alone = [engine_f32.ocr([image], max_tokens=MAX_NEW)[0].token_ids for image in images]
+    assert all(tokens != expected for tokens in alone)
 
 
 @pytest.mark.slow

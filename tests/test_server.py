@@ -163,6 +163,73 @@ def test_eight_simultaneous_requests(server, test_images, engine_f32):
     assert answers == expected
 
 
+def several(uris: list[str], text: str = "OCR:") -> list[dict]:
+    """One user message with every image in ``uris``, in order, then the text."""
+    parts = [{"type": "image_url", "image_url": {"url": uri}} for uri in uris]
+    return [{"role": "user", "content": [*parts, {"type": "text", "text": text}]}]
+
+
+@pytest.mark.slow
+def test_several_images_in_one_request_plain_streamed_and_together(server, test_images, engine_f32):
+    """2 and 3 images of different sizes: the engine's tokens (transformers' at F32, test_exactness),
+    image tokens summed; several such requests at once, among one-image ones, through the same queue."""
+    client = openai_client(server)
+    model = client.models.list().data[0].id
+    for picks in [(0, 3), (2, 1, 4)]:
+        images = [test_images[i] for i in picks]
+        expected = engine_f32.ocr_together(images, max_tokens=MAX)
+        assert expected.n_image_tokens == sum(e.n_tokens for e in engine_f32.vision.encode(images))
+        completion = client.chat.completions.create(model=model, messages=several([data_uri(i) for i in images]),
+                                                    max_tokens=MAX)
+        assert completion.model_extra["ocrbatch"]["token_ids"] == expected.token_ids
+        assert completion.choices[0].message.content == expected.text
+        assert completion.usage.prompt_tokens == expected.n_prompt_tokens
+        assert completion.usage.prompt_tokens_details.image_tokens == expected.n_image_tokens
+        stream = client.chat.completions.create(model=model, messages=several([data_uri(i) for i in images]),
+                                                max_tokens=MAX, stream=True, stream_options={"include_usage": True})
+        pieces, usage = [], None
+        for chunk in stream:
+            usage = chunk.usage or usage
+            pieces += [choice.delta.content or "" for choice in chunk.choices]
+        assert "".join(pieces) == expected.text
+        assert usage.prompt_tokens_details.image_tokens == expected.n_image_tokens
+        assert usage.completion_tokens == len(expected.token_ids)
+
+    bodies = [several([data_uri(test_images[i]) for i in picks]) for picks in [(0, 3), (4,), (2, 1, 4), (1,), (3, 0)]]
+    expected = [engine_f32.ocr_together([test_images[i] for i in picks], max_tokens=MAX).token_ids
+                for picks in [(0, 3), (4,), (2, 1, 4), (1,), (3, 0)]]
+
+    def ask(body):
+        response = httpx.post(server + "/v1/chat/completions", timeout=120, json={"messages": body, "max_tokens": MAX})
+        assert response.status_code == 200, response.text
+        return response.json()["ocrbatch"]["token_ids"]
+
+    with ThreadPoolExecutor(len(bodies)) as executor:
+        assert list(executor.map(ask, bodies)) == expected
+
+
+@pytest.mark.slow
+def test_bad_multi_image_requests_get_4xx_and_the_server_stays_up(server, test_images):
+    good = [data_uri(image) for image in test_images[:2]]
+    not_an_image = "data:image/png;base64," + base64.b64encode(b"hello").decode()
+    cases = [  # the server's default --max-images-per-request is 4
+        (several([good[0]] * 5), 400, "5 images; this server takes at most 4", "too_many_images"),
+        (several([good[0], not_an_image, good[1]]), 400, "image 2", None),
+        (several([good[0], good[1], "data:image/png;base64,@@@"]), 400, "image 3: image data URI has invalid base64",
+         None),
+        (several([good[0], "/etc/passwd"]), 400, "image 2: local file paths are disabled", None),
+    ]
+    for body, status, words, code in cases:
+        response = _post(server, {"messages": body, "max_tokens": 2})
+        assert response.status_code == status, (words, response.text)
+        error = response.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["code"] == code, error
+        assert words in error["message"], (words, error)
+        assert httpx.get(server + "/health", timeout=10).status_code == 200
+    ok = _post(server, {"messages": several([good[0]] * 4), "max_tokens": 2})
+    assert ok.status_code == 200, ok.text
+
+
 def _post(url, body=None, content=None, headers=None):
     return httpx.post(url + "/v1/chat/completions", json=body, content=content, headers=headers, timeout=60)
 
