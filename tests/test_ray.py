@@ -508,7 +508,8 @@ def test_a_file_name_that_is_not_utf8_is_read_and_recorded_escaped(cluster, tiny
     docs = tmp_path / "docs"
     docs.mkdir()
     odd = docs / os.fsdecode(b"bad\xff name.pdf")
-    write_pdf(odd, 2)
+    write_pdf(docs / "renamed.pdf", 2)  # PyMuPDF cannot save under such a name
+    os.rename(docs / "renamed.pdf", odd)
     write_pdf(docs / "good.pdf", 1, text="Other")
     summary = run_ray_job(job_options(tiny_model, [docs], tmp_path / "out", layout="none"), address=cluster.address,
                           settings=RaySettings(actor_start_timeout_s=120))
