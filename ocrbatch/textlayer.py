@@ -50,8 +50,8 @@ Markdown is checked against the layer it came from:
    :data:`MIN_MARKDOWN_RECALL` of the layer's words (as ``get_text`` reads
    them, with ActualText), or miss no more than :data:`SPARE_WORDS`, leaving
    aside only what it leaves out on purpose: running headers and footers,
-   text inside pictures and lines set sideways in a margin, as layout mode
-   does. This catches what the page's drawing operations cannot show:
+   the labels of pictures and lines set sideways in a margin, as layout
+   mode does. This catches what the page's drawing operations cannot show:
    glyphs that draw one letter where the ActualText says another, text
    pymupdf4llm cannot place, table cells cut through words, formulas (their
    text is left out: the model writes them as LaTeX).
@@ -94,6 +94,10 @@ FONT_UNMAPPED_SHARE = 0.10
 # pages read right hold 0.95-1.0 of their layer's words (a few lost to
 # hyphenation and superscripts); pages read wrongly hold 0-0.8.
 MIN_MARKDOWN_RECALL = 0.9
+# A chart's or photo's labels (axis ticks, a legend, a caption set inside
+# it) stay under 100 characters; the layout model also calls forms and
+# tables of figures pictures, with hundreds.
+MAX_PICTURE_LABEL_CHARS = 100
 # On a page of a few words, one word more or less (a drop capital, a
 # superscript run into its word) decides nothing.
 SPARE_WORDS = 1
@@ -114,9 +118,11 @@ _OCCLUDING_IMAGE = "fill-image"  # image masks ("fill-imgmask") paint only their
 _IMAGE_KINDS = ("fill-image", "fill-imgmask")
 _TEXT_KINDS = ("fill-text", "stroke-text", "ignore-text")
 _SIMPLE_FONTS = ("Type1", "MMType1", "TrueType", "Type3")  # one byte a glyph, mapped by glyph name
-# pymupdf4llm box classes whose text its Markdown leaves out on purpose (with
-# header=False, footer=False, force_text=False), as layout mode does.
-_BOXES_LEFT_OUT = ("page-header", "page-footer", "picture")
+# pymupdf4llm's box classes for running headers and footers (left out with
+# header=False, footer=False), as layout mode leaves them out.
+_FURNITURE = ("page-header", "page-footer")
+# How pymupdf4llm writes the text it finds inside a picture (force_text).
+_PICTURE_TEXT = re.compile(r"<!-- Start of picture text -->\n?(.*?)<!-- End of picture text -->", re.DOTALL)
 _SIDEWAYS_SINE = 0.1  # a line slanted more than ~6 degrees from horizontal is not a line pymupdf4llm reads
 # Scripts written without spaces: each character counts as a word.
 _UNSPACED = "\u2e80-\u9fff\uac00-\ud7af\uf900-\ufaff\uff66-\uff9f"
@@ -535,21 +541,29 @@ def _straighten(page: "pymupdf.Page") -> None:
 
 
 Char = tuple[str, float, float, float]  # a character, its origin's x and y, its font size
+Line = tuple[Box, list[Char]]
 
 
-def _layer_blocks(page: "pymupdf.Page") -> list[list[list[Char]]]:
+def _layer_blocks(page: "pymupdf.Page") -> list[list[Line]]:
     """The text blocks of a straightened ``page`` as ``get_text`` reads them (with ActualText): lines of characters.
 
     Lines still set sideways once the page is straightened are left out: the
     margin notes and stamps running up a page's edge, which pymupdf4llm skips
     and layout mode leaves out as aside text.
     """
-    return [[[(char["c"], *char["origin"], span["size"]) for span in line["spans"] for char in span["chars"]]
+    return [[(tuple(line["bbox"]), [(char["c"], *char["origin"], span["size"])
+                                    for span in line["spans"] for char in span["chars"]])
              for line in block["lines"] if line["wmode"] or abs(line["dir"][1]) < _SIDEWAYS_SINE]
             for block in page.get_text("rawdict")["blocks"] if block["type"] == 0]
 
 
-def _reference_words(blocks: list[list[list[Char]]], left_out: list[Box], kept: list[Box]) -> list[list[str]]:
+def _chars_inside(box: Box, blocks: list[list[Line]]) -> int:
+    """How many of the layer's characters (not spaces) lie inside ``box``."""
+    return sum(not char.isspace() and _inside((x, y), box)
+               for block in blocks for _, line in block for char, x, y, _ in line)
+
+
+def _reference_words(blocks: list[list[Line]], left_out: list[Box], kept: list[Box]) -> list[list[str]]:
     """The words of each of the layer's ``blocks``, less characters inside ``left_out`` boxes (and no ``kept`` one).
 
     A block's lines are joined by a space (MuPDF breaks some producers'
@@ -562,7 +576,7 @@ def _reference_words(blocks: list[list[list[Char]]], left_out: list[Box], kept: 
     words = []
     for block in blocks:
         text = []
-        for line in block:
+        for _, line in block:
             for char, x, y, size in line:
                 cell = max(size, 1.0) * 0.15
                 near = (drawn.get((char, int(x // cell) + i, int(y // cell) + j), ())
@@ -604,17 +618,37 @@ def _found_words(reference: list[list[str]], markdown: str) -> int:
     return matched
 
 
-def _write_markdown(pdf: "pymupdf.Document", page_number: int, blocks: list[list[list[Char]]],
+def _write_markdown(pdf: "pymupdf.Document", page_number: int, blocks: list[list[Line]],
                     table_output: str | None) -> LayerMarkdown:
+    """One pymupdf4llm reading of a straightened page, assembled box by box as layout mode writes a page.
+
+    pymupdf4llm writes the text it finds inside pictures and formulas in
+    HTML comments (``force_text``); here a picture with fewer than
+    :data:`MAX_PICTURE_LABEL_CHARS` characters of text (a chart's labels) is
+    left out, as layout mode leaves pictures out, while one with more (a
+    form or a table of figures the layout model took for a picture, a
+    diagram full of words) keeps its lines as plain text. Formulas are left out, but count in the layer's words: a page of
+    them goes to the model, which writes LaTeX.
+    """
     import pymupdf4llm
 
     [chunk] = pymupdf4llm.to_markdown(pdf, pages=[page_number - 1], use_ocr=False, show_progress=False,
-                                      header=False, footer=False, force_text=False, table_output=table_output,
+                                      header=False, footer=False, force_text=True, table_output=table_output,
                                       page_chunks=True)
-    boxes = chunk["page_boxes"]
-    left_out = [box["bbox"] for box in boxes if box["class"] in _BOXES_LEFT_OUT]
-    kept = [box["bbox"] for box in boxes if box["class"] not in _BOXES_LEFT_OUT]
-    markdown = chunk["text"].strip().translate(_LIGATURES)
+    pieces, left_out, kept = [], [], []
+    for box in chunk["page_boxes"]:
+        start, stop = box["pos"]
+        piece = chunk["text"][start:stop]
+        labels = box["class"] == "picture" and _chars_inside(box["bbox"], blocks) < MAX_PICTURE_LABEL_CHARS
+        if box["class"] in _FURNITURE or labels:
+            left_out.append(box["bbox"])
+            continue
+        kept.append(box["bbox"])
+        if box["class"] == "picture":
+            pieces.append("\n".join(_PICTURE_TEXT.findall(piece)).replace("<br>", "\n") + "\n\n")
+        elif box["class"] != "formula":
+            pieces.append(piece)
+    markdown = "".join(pieces).strip().translate(_LIGATURES)
     if not markdown:
         # pymupdf4llm lays text out by glyph boxes, so it drops text whose
         # glyphs have no extent: the glyphless fonts of some OCR layers.
@@ -630,8 +664,8 @@ def page_markdown(pdf: "pymupdf.Document", page_number: int) -> LayerMarkdown:
     paragraphs with lines joined, lists, and tables as HTML (its table
     engine keeps words whole, where the layout grid's cells can cut through
     them; where it loses words, the layout grid's tables are tried), in
-    reading order. Running headers and footers and the text of pictures are
-    left out, as layout mode leaves them out. OCR is off: a page that needs
+    reading order. Running headers and footers, the labels of pictures and
+    formulas are left out (:func:`_write_markdown`). OCR is off: a page that needs
     it goes to the model instead. Text that pymupdf4llm cannot place at all
     comes back as PyMuPDF's plain text. The words counted are the layer's
     (:func:`layer_words`, outside what is left out on purpose). The page is

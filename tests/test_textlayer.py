@@ -195,6 +195,37 @@ def test_text_layer_markdown_leaves_out_what_layout_mode_leaves_out(every_kind):
         assert left_out not in markdown
 
 
+def test_pictures_lose_their_labels_but_not_a_forms_text_and_formulas_count_as_missing(monkeypatch):
+    """The Markdown assembled from pymupdf4llm's boxes, on a page of one line per box kind."""
+    import pymupdf4llm
+
+    form_line = ("Enter the amount of income under the appropriate rate of tax for each line below, and the tax "
+                 "withheld at source in column (a)")
+    assert len(form_line.replace(" ", "")) >= textlayer.MAX_PICTURE_LABEL_CHARS
+    lines = {"text": BODY[0][:80], "picture-labels": "2021 2022 2023", "picture-form": form_line,
+             "formula": "E = m c squared here"}
+    with pymupdf.open() as pdf:
+        page = pdf.new_page(width=A4[0], height=A4[1])
+        boxes = []
+        for row, (kind, line) in enumerate(lines.items()):
+            page.insert_text((56, 100 + 100 * row), line, fontsize=7)
+            boxes.append((kind.split("-")[0], (50, 85 + 100 * row, 560, 105 + 100 * row)))
+        written = {"text": lines["text"] + " \n\n", "formula": f"<!-- Start of picture text -->\n{lines['formula']}"
+                   "<br><!-- End of picture text -->\n\n"}
+        pieces = [written.get(kind, f"\n\n<!-- Start of picture text -->\n{line}<br><!-- End of picture text -->\n\n")
+                  for (kind, _), line in zip(boxes, lines.values())]
+        ends = [sum(map(len, pieces[:i + 1])) for i in range(len(pieces))]
+        chunk = {"text": "".join(pieces), "page_boxes": [
+            {"class": kind, "bbox": box, "pos": (end - len(piece), end)}
+            for (kind, box), piece, end in zip(boxes, pieces, ends)]}
+        monkeypatch.setattr(pymupdf4llm, "to_markdown", lambda *args, **kwargs: [chunk])
+        markdown = page_markdown(pdf, 1)
+    assert markdown.text == f"{lines['text']} \n\n{form_line}"
+    # The labels are not the layer's words to find; the formula's are, and are missing.
+    counted = len(textlayer.layer_words(" ".join([lines["text"], form_line, lines["formula"]])))
+    assert (markdown.words, markdown.found) == (counted, counted - len(textlayer.layer_words(lines["formula"])))
+
+
 def test_dense_table_cells_keep_their_words_whole(every_kind):
     markdown = route(every_kind, [page_of("dense-table")], "only")[page_of("dense-table")].markdown
     cells = [" ".join(cell.split()) for cell in re.findall(r"<t[hd][^>]*>(.*?)</t[hd]>", markdown)]
