@@ -123,25 +123,29 @@ def text_layer_boxes(row: dict) -> list[PageBox]:
     return boxes
 
 
-def render_recorded_page(row: dict, fallback_dpi: float = 150) -> Image.Image:
-    """The page of ``row`` rendered again as the job rendered it: to the recorded size.
+def render_recorded_page(row: dict, fallback_dpi: float = 150, scale: float = 1.0) -> Image.Image:
+    """The page of ``row`` rendered again as the job rendered it: to the recorded size, times ``scale``.
 
-    A failed page has no recorded size; it is rendered at ``fallback_dpi``.
+    A failed page has no recorded size; it is rendered at ``fallback_dpi`` (times ``scale``).
     Raises :class:`OcrbatchError` when the document cannot be read (moved, deleted).
     """
     path = unescaped(row["path"])
     if not path.is_file():
         raise OcrbatchError(f"{row['path']}: the document is not there any more; cannot render its page")
     document = Document(path, row.get("doc_id"))
-    size = (row["width"], row["height"]) if row.get("width") and row.get("height") else None
-    dpi, cap = fallback_dpi, LAYOUT_PAGE_MAX_PIXELS
+    size = None
+    if row.get("width") and row.get("height"):
+        size = (max(1, round(row["width"] * scale)), max(1, round(row["height"] * scale)))
+    dpi, cap = fallback_dpi * scale, LAYOUT_PAGE_MAX_PIXELS
     if size:
         dpi, cap = _dpi_for(document, row["page"], size), size[0] * size[1]
     [page] = iter_pages(document, [row["page"]], dpi=dpi, max_pixels=cap)
     if page.error:
         raise OcrbatchError(page.error)
     image = page.image
-    if size and image.size != size:  # zoom rounding: a pixel either way
+    # Zoom rounding leaves a pixel either way; a scaled render (a report's picture, stretched over the
+    # page's box) is not worth a resize for it.
+    if size and image.size != size and scale == 1.0:
         image = image.resize(size, Image.Resampling.BICUBIC)
     return image
 

@@ -113,14 +113,17 @@ def page_sections(row: dict, boxes: list[PageBox]) -> list[Section]:
 def _page_view(number: int, row: dict, folder: Path) -> PageView:
     boxes = page_boxes(row)
     image, problem = None, ""
+    # Rendered straight at the view's size: no full-size render to shrink. The boxes stay in page pixels.
+    side = max(row.get("width") or 0, row.get("height") or 0)
+    scale = min(1.0, PAGE_IMAGE_MAX_SIDE / side) if side else 1.0
     try:
-        page = render_recorded_page(row)
+        page = render_recorded_page(row, scale=scale)
     except OcrbatchError as exc:
         problem = str(exc)
     else:
         if not row.get("width"):  # a failed page: its boxes (none) need no size, the picture does
             row = {**row, "width": page.width, "height": page.height}
-        page.thumbnail((PAGE_IMAGE_MAX_SIDE, PAGE_IMAGE_MAX_SIDE))
+        page.thumbnail((PAGE_IMAGE_MAX_SIDE, PAGE_IMAGE_MAX_SIDE))  # a failed page, of no recorded size
         image = f"{number:04d}.jpg"
         page.save(folder / image, quality=JPEG_QUALITY)
     return PageView(number, row, image, problem, boxes, page_sections(row, boxes))
