@@ -114,7 +114,7 @@ class PageWork:
         width, height = page.image_size
         row = {"page": page.page, "page_count": page.page_count, "task": task, "status": "ok", "error": None,
                "width": width, "height": height, "model": model, "quant": quant, "render_s": page.render_s,
-               "source": "model", "created_at": datetime.now(timezone.utc).isoformat()}
+               "source": "model", "timestamp_s": page.timestamp_s, "created_at": datetime.now(timezone.utc).isoformat()}
         if page.blocks is None:
             [unit] = self.units
             row = {**row, "n_image_tokens": unit.n_image_tokens, "vision_s": unit.vision_s, "blocks": [],

@@ -13,6 +13,7 @@ from .discover import PathError, check_paths, escaped
 from .errors import OcrbatchError
 from .gguf_convert import QUANTS
 from .options import BACKENDS, PAGE_TIMEOUT_BASE_S, PAGE_TIMEOUT_PER_TOKEN_S, JobOptions
+from .video import DEFAULT_VIDEO_FPS
 from .options import default as job_default
 from .prompt import TASKS
 from .layout import LAYOUTS, PP_DOCLAYOUT_V2, PP_DOCLAYOUT_V3
@@ -302,6 +303,9 @@ def _setup_logging(quiet: bool, log_file: str | None) -> None:
               show_default=True, help="Pages each worker decodes at once.")
 @click.option("--dpi", type=click.FloatRange(min=10), default=job_default("dpi"), show_default=True,
               help="PDF render resolution.")
+@click.option("--video-fps", type=click.FloatRange(min=0.001, max=60), default=job_default("video_fps"),
+              show_default=True, help="Frames sampled per second of a video; samples that look like the last "
+              "kept frame (the same slide) are dropped, each kept frame is a page with its timestamp_s.")
 @click.option("--max-pixels", type=click.IntRange(1), help="Cap on a whole page's rendered pixels with --layout "
               "none [default: the model's max_pixels, which is also the upper bound]; layout mode renders at --dpi "
               "and resizes each block within the block bounds.")
@@ -319,7 +323,7 @@ def run(paths, out, output_format, checkpoint, include, exclude, dry_run, retry_
         layout, layout_model, charts, seals, stitch, pdf_text, trust_ocr_layer, max_tokens, engine_name, ray_address, ray_vision_actors,
         ray_vision_cpus, ray_vision_gpus, ray_decode_cpus, backend, base_url,
         api_key, remote_model, concurrency, page_timeout, stop_grace, workers, seqs_per_worker, dpi, max_pixels, batch_size, max_batch_patches, markdown_dir,
-        ignore_eos, quiet, log_file):
+        ignore_eos, quiet, log_file, video_fps):
     """OCR every PDF and image under PATHS into one row per page in OUT.
 
     Resumable: finished pages are recorded in a SQLite checkpoint, so running
@@ -340,7 +344,7 @@ def run(paths, out, output_format, checkpoint, include, exclude, dry_run, retry_
         task=task, layout=layout, layout_model=layout_model, charts=charts, seals=seals, stitch=stitch, pdf_text=pdf_text, trust_ocr_layer=trust_ocr_layer, max_tokens=max_tokens, backend=backend,
         base_url=base_url, api_key=api_key, remote_model=remote_model, concurrency=concurrency,
         page_timeout=page_timeout, stop_grace=stop_grace, workers=workers,
-        seqs_per_worker=seqs_per_worker, dpi=dpi, max_pixels=max_pixels, batch_size=batch_size,
+        seqs_per_worker=seqs_per_worker, dpi=dpi, max_pixels=max_pixels, video_fps=video_fps, batch_size=batch_size,
         max_batch_patches=max_batch_patches, vision_dtype=vision_dtype, device=device, threads=threads,
         cache_dir=cache_dir, markdown_dir=markdown_dir, ignore_eos=ignore_eos, progress=not quiet)
     if layout_model and layout != "pp-doclayout":
@@ -357,6 +361,9 @@ def run(paths, out, output_format, checkpoint, include, exclude, dry_run, retry_
         if backend != "local":
             raise click.BadParameter("the ray engine runs the models on its actors, not --backend openai",
                                      param_hint="--engine")
+        if video_fps != DEFAULT_VIDEO_FPS:
+            raise click.BadParameter(f"the ray engine samples videos at {DEFAULT_VIDEO_FPS:g} frame/s; "
+                                     "--video-fps is for the local engine", param_hint="--video-fps")
         from .ray_engine import RaySettings
 
         settings = RaySettings(vision_actors=ray_vision_actors, vision_cpus=ray_vision_cpus,
@@ -370,7 +377,8 @@ def run(paths, out, output_format, checkpoint, include, exclude, dry_run, retry_
     if dry_run:
         plan = plan_only(options)
         for item in sorted(plan.work, key=lambda item: str(item.document.path)):
-            click.echo(f"{len(item.pages)}\t{escaped(item.document.path)}{_routes(item, options)}")
+            click.echo(f"{len(item.pages)}\t{escaped(item.document.path)}{_routes(item, options)}"
+                       f"{_video_note(item, options)}")
         for document, error in sorted(plan.unreadable, key=lambda entry: str(entry[0].path)):
             click.echo(f"unreadable\t{escaped(document.path)}\t{escaped(error)}")
         for document in plan.deferred:
@@ -431,6 +439,22 @@ def _run_on_ray(options: JobOptions, address: str | None, settings, dry_run: boo
         click.echo(f"{len(plan.manifest)} pages to process", err=True)
         return
     _run_to_exit(lambda: run_ray_job(options, address=address, settings=settings), options.out)
+
+
+def _video_note(item, options: JobOptions) -> str:
+    """``--dry-run``'s note of a video: its duration and the frames a run keeps of those it samples."""
+    if item.document.kind != "video":
+        return ""
+    from .video import survey
+
+    try:
+        video = item.video or survey(item.document.path, options.video_fps)  # counted before: decode it again
+    except OcrbatchError as exc:
+        return f"\tvideo unreadable ({escaped(str(exc))})"
+    duration = f"{video.duration_s:.1f} s" if video.duration_s is not None else "duration unknown"
+    broken = f"; then fails: {escaped(video.error)}" if video.error else ""
+    return (f"\tvideo {duration}, {video.kept} frames kept of {video.sampled} sampled at "
+            f"{options.video_fps:g}/s{broken}")
 
 
 def _routes(item, options: JobOptions) -> str:

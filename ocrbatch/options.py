@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .layout import recognised_pictures
 from .store import checkpoint_path_for
+from .video import DEFAULT_VIDEO_FPS
 
 # A page's decode may take this long before it is failed: a fixed allowance for
 # prefill and waiting behind other pages on the worker, plus time per token far
@@ -57,6 +58,7 @@ class JobOptions:
     seqs_per_worker: int = 4
     dpi: float = 150
     max_pixels: int | None = None
+    video_fps: float = DEFAULT_VIDEO_FPS  # frames sampled per second of a video (see ocrbatch.video)
     batch_size: int = 4
     max_batch_patches: int = 24576
     vision_dtype: str = "float32"

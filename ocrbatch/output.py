@@ -46,6 +46,8 @@ SCHEMA = pa.schema([
     ]))),
     # Task spotting: each piece of text found, with its quadrilateral (x1, y1, ..., x4, y4) in page pixels.
     ("spots", pa.list_(pa.struct([("text", pa.string()), ("quad", pa.list_(pa.float32()))]))),
+    # A video's page (a kept frame): seconds from the start of the video; null for PDFs and images.
+    ("timestamp_s", pa.float64()),
     ("created_at", pa.timestamp("us", tz="UTC")),
 ])
 COLUMNS = SCHEMA.names

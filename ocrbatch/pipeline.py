@@ -19,6 +19,7 @@ written; a second signal stops at once. Either way the checkpoint is intact.
 from __future__ import annotations
 
 import fcntl
+import functools
 import logging
 import os
 import queue
@@ -109,17 +110,19 @@ class GracefulStop:
                     signal.Signals(signum).name)
 
 
-def run_job(options: JobOptions, engine=None, pool=None, render_pages=iter_pages) -> JobSummary:
+def run_job(options: JobOptions, engine=None, pool=None, render_pages=None) -> JobSummary:
     """Run the batch job described by ``options`` and return its summary.
 
     ``engine`` (an :class:`Engine` without language model) and ``pool`` (a
     :class:`WorkerPool`) may be given already loaded, to reuse them across
     jobs; otherwise they are made from ``options`` and closed at the end.
-    ``render_pages`` renders pages in the render process (tests pass one that
+    ``render_pages`` renders pages in the render process (default
+    :func:`iter_pages` at ``options.video_fps``; tests pass one that
     crashes). Raises :class:`JobLocked` if another run holds the output, and
     :class:`OcrbatchError` for fatal problems (model, pool, output, a stage).
     """
     started = time.monotonic()
+    render_pages = render_pages or functools.partial(iter_pages, video_fps=options.video_fps)
     with JobLock(options.checkpoint_path), GracefulStop() as stop:
         store = Store(options.checkpoint_path)
         try:
@@ -151,7 +154,9 @@ def _run_locked(options: JobOptions, store: Store, engine, pool, render_pages, s
     store.check_settings({"task": options.task, "model": model_name, "quant": quant,
                           "max_tokens": str(options.max_tokens), "backend": options.backend,
                           "prompt": TASK_PROMPTS[options.task], "layout": options.layout,
-                          "layout_model": options.layout_model or ""})
+                          "layout_model": options.layout_model or "",
+                          # A video's page numbers are its kept frames at this rate.
+                          "video_fps": f"{options.video_fps:g}"})
     plan = plan_job(options, store)
     total = plan.pages + len(plan.unreadable)
     log.info("%d pages to process in %d documents (%d unreadable), %d already done",

@@ -20,6 +20,7 @@ from .discover import Document, discover, escaped
 from .errors import InputError
 from .options import JobOptions
 from .rasterize import count_pages
+from .video import VideoSurvey, survey
 from .store import Store
 
 log = logging.getLogger("ocrbatch")
@@ -32,6 +33,7 @@ class WorkItem:
     document: Document
     pages: list[int]
     page_count: int
+    video: VideoSurvey | None = None  # a video counted by this plan: its duration and frames
 
 
 @dataclass
@@ -100,6 +102,7 @@ def _plan_document(plan: Plan, document: Document, options: JobOptions, store: S
             plan.unreadable.append((document, document.error))
         return
     page_count = store.page_count(document.doc_id) if store else None
+    video = None
     if store and record:
         store.remember_file(document.path, document.size, document.mtime_ns, document.doc_id)
         store.upsert_document(document.doc_id, document.path)
@@ -108,7 +111,11 @@ def _plan_document(plan: Plan, document: Document, options: JobOptions, store: S
             plan.skipped += 1
             return
         try:
-            page_count = count_pages(document)
+            if document.kind == "video":
+                video = survey(document.path, options.video_fps)
+                page_count = video.page_count
+            else:
+                page_count = count_pages(document)
         except InputError as exc:
             plan.unreadable.append((document, str(exc)))
             return
@@ -119,4 +126,4 @@ def _plan_document(plan: Plan, document: Document, options: JobOptions, store: S
     pages = [p for p in range(1, page_count + 1) if states.get(p, "pending") in wanted]
     plan.skipped += page_count - len(pages)
     if pages:
-        plan.work.append(WorkItem(document, pages, page_count))
+        plan.work.append(WorkItem(document, pages, page_count, video))

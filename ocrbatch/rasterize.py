@@ -22,6 +22,8 @@ from .discover import Document
 from .errors import InputError
 from .images import DEFAULT_MAX_IMAGE_PIXELS, open_image
 from .spotting import SPOTTING_PIXEL_BOUNDS
+from . import video
+from .video import DEFAULT_VIDEO_FPS
 
 
 @dataclass
@@ -42,6 +44,8 @@ class PageImage:
     # The page's layout blocks in reading order (``--layout``); None: the page is one unit.
     blocks: list | None = None
     layout_s: float = 0.0
+    # A video frame's time from the start of the video (``timestamp_s``); None for PDFs and images.
+    timestamp_s: float | None = None
 
 
 # Layout mode renders pages at --dpi, as PaddleX does (zoom 2.0, no cap): the model's pixel bounds
@@ -115,8 +119,14 @@ def _open_pdf(document: Document):
     return pdf
 
 
-def count_pages(document: Document) -> int:
-    """Number of pages, or :class:`InputError` if the document cannot be opened."""
+def count_pages(document: Document, video_fps: float = DEFAULT_VIDEO_FPS) -> int:
+    """Number of pages, or :class:`InputError` if the document cannot be opened.
+
+    A video's pages are its kept frames at ``video_fps``, and one more (failed) if it breaks off:
+    this decodes it once (see :mod:`.video`).
+    """
+    if document.kind == "video":
+        return video.survey(document.path, video_fps).page_count
     if document.kind == "pdf":
         pdf = _open_pdf(document)
         try:
@@ -187,12 +197,16 @@ def _page_source(document: Document, dpi: float, max_pixels: int, max_image_pixe
 
 
 def iter_pages(document: Document, pages: Iterable[int], dpi: float = 150, max_pixels: int = 1536 * 1536,
-               max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Iterator[PageImage]:
+               max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+               video_fps: float = DEFAULT_VIDEO_FPS) -> Iterator[PageImage]:
     """Render the given 1-based ``pages`` of ``document``, one at a time.
 
     Raises :class:`InputError` if the document cannot be opened at all; a page
     that fails on its own, for whatever reason, comes back with ``error`` set.
     """
+    if document.kind == "video":
+        yield from _video_pages(document, set(pages), max_pixels, video_fps)
+        return
     with _page_source(document, dpi, max_pixels, max_image_pixels) as (count, render):
         for number in sorted(set(pages)):
             if not 1 <= number <= count:
@@ -209,3 +223,19 @@ def iter_pages(document: Document, pages: Iterable[int], dpi: float = 150, max_p
                 yield PageImage(document, number, count, error=f"{document.path} page {number}: cannot render ({reason})")
                 continue
             yield PageImage(document, number, count, image=image, render_s=time.perf_counter() - started)
+
+
+def _video_pages(document: Document, pages: set[int], max_pixels: int, fps: float) -> Iterator[PageImage]:
+    """A video's kept frames among ``pages``, decoded as they come; the page after the last good
+    frame fails with the reason when the video breaks off. ``page_count`` is left 0: the planner
+    counted the pages, and the count is only known here once the whole video is decoded."""
+    started = time.perf_counter()
+    for item in video.iter_frames(document.path, pages, fps):
+        if isinstance(item, video.VideoBroken):
+            if item.kept + 1 in pages:
+                yield PageImage(document, item.kept + 1, 0, error=str(item))
+            return
+        image = _fit(item.image(), max_pixels)
+        yield PageImage(document, item.page, 0, image=image, render_s=time.perf_counter() - started,
+                        timestamp_s=item.timestamp_s)
+        started = time.perf_counter()

@@ -149,7 +149,7 @@ def _render_main(conn, render_pages: RenderPages, text_layer: TextLayerSettings,
                                        f"layout analysis failed ({type(exc).__name__}: {exc})"))
                             continue
                     conn.send(("page", page.page, page.page_count, page.image.size, page.image.tobytes(),
-                               page.render_s, blocks, time.perf_counter() - started))
+                               page.render_s, blocks, time.perf_counter() - started, page.timestamp_s))
             except InputError as exc:
                 conn.send(("document", str(exc)))
             except Exception as exc:
@@ -289,12 +289,13 @@ class RenderStage:
 
     @staticmethod
     def _page(job: RenderJob, message) -> PageImage:
+        # Pages carry the planned count: a video's renderer only knows it at the video's end.
         if message[0] == "error":
-            _, number, page_count, error = message
-            return PageImage(job.document, number, page_count, error=error)
+            _, number, _, error = message
+            return PageImage(job.document, number, job.page_count, error=error)
         if message[0] == "text":
-            _, number, page_count, size, markdown = message
-            return PageImage(job.document, number, page_count, image_size=size, text_layer=markdown)
-        _, number, page_count, size, data, render_s, blocks, layout_s = message
-        return PageImage(job.document, number, page_count, image=Image.frombytes("RGB", size, data),
-                         render_s=render_s, blocks=blocks, layout_s=layout_s)
+            _, number, _, size, markdown = message
+            return PageImage(job.document, number, job.page_count, image_size=size, text_layer=markdown)
+        _, number, _, size, data, render_s, blocks, layout_s, timestamp_s = message
+        return PageImage(job.document, number, job.page_count, image=Image.frombytes("RGB", size, data),
+                         render_s=render_s, blocks=blocks, layout_s=layout_s, timestamp_s=timestamp_s)
