@@ -86,9 +86,11 @@ def _open(path: Path):
     import av
     import av.logging
 
-    # FFmpeg says which codec it lacks only in its log, which PyAV silences unless asked.
-    previous = av.logging.get_level()
+    # FFmpeg says which codec it lacks only in its log, which PyAV silences unless asked, and in which
+    # it drops a line repeating the previous one (the second file in one codec would go unnamed).
+    previous, skip_repeated = av.logging.get_level(), av.logging.get_skip_repeated()
     av.logging.set_level(av.logging.WARNING)
+    av.logging.set_skip_repeated(False)
     try:
         with av.logging.Capture() as logs:
             container = av.open(str(path))
@@ -96,6 +98,7 @@ def _open(path: Path):
         raise InputError(f"{path}: not a readable video ({exc.strerror or exc})") from None
     finally:
         av.logging.set_level(previous)
+        av.logging.set_skip_repeated(skip_repeated)
     if not container.streams.video:
         container.close()
         raise InputError(f"{path}: the file has no video stream")
