@@ -455,7 +455,8 @@ def test_streamed_pieces_join_to_the_answer_each_decoding_a_few_tokens(watched, 
     n_tokens = 150
     lengths = []
     decode = live.engine.prompts.decode
-    monkeypatch.setattr(live.engine.prompts, "decode", lambda ids: lengths.append(len(ids)) or decode(ids))
+    monkeypatch.setattr(live.engine.prompts, "decode",
+                        lambda ids, *args: lengths.append(len(ids)) or decode(ids, *args))
     body = {"messages": messages(data_uri(test_images[0])), "max_tokens": n_tokens}
     pieces = stream_pieces(live.url, body)
     streamed_lengths = list(lengths)
