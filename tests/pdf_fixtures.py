@@ -44,7 +44,7 @@ BODY = [
 STAMP = "RECEIVED 14 MAR 2024 - ARCHIVE COPY"
 GARBLED = "Invoice 2024-117: payment is due within thirty days of delivery."
 # A formula in a math font whose map is broken, as in PyMuPDF's test_3780.pdf:
-# brackets read U+FFFD, the other glyphs Latin-1 letters they do not draw.
+# brackets and "=" read U+FFFD, the other glyphs Latin-1 letters they do not draw.
 FORMULA = "F(x) = (a + b)(c - d) / (x + y) + (p - q)(r + s)"
 # Running header and footer, and the labels of a chart: what layout mode leaves out of a page's Markdown.
 RUNNING_HEADER = "Port of Eastham - Annual review 2024"
@@ -197,9 +197,9 @@ def _type3_without_unicode(page: pymupdf.Page) -> None:
 def _broken_math_font(page: pymupdf.Page) -> None:
     """A text page with :data:`FORMULA` in an embedded font whose ToUnicode map is broken.
 
-    The map reads the formula's brackets as U+FFFD and its other glyphs as
-    Latin-1 letters they do not draw: a few percent of the page's
-    characters unreadable, the rest of that font's characters wrong.
+    The map reads the formula's brackets and equals sign as U+FFFD and its
+    other glyphs as Latin-1 letters they do not draw: a few percent of the
+    page's characters unreadable, the rest of that font's characters wrong.
     """
     doc = page.parent
     _write_text(page)
@@ -209,7 +209,7 @@ def _broken_math_font(page: pymupdf.Page) -> None:
     font_xref = next(entry[0] for entry in page.get_fonts() if entry[4] == "M0")
     glyphs = {font.has_glyph(ord(char)): char for char in set(FORMULA)}
     mapping = "\n".join(
-        f"<{glyph:04X}> <{0x0020 if char == ' ' else 0xFFFD if char in '()' else 0xC0 + glyph % 0x3F:04X}>"
+        f"<{glyph:04X}> <{0x0020 if char == ' ' else 0xFFFD if char in '()=' else 0xC0 + glyph % 0x3F:04X}>"
         for glyph, char in sorted(glyphs.items()))
     cmap_xref = int(doc.xref_get_key(font_xref, "ToUnicode")[1].split()[0])
     doc.update_stream(cmap_xref, (CMAP_HEAD + f"{len(glyphs)} beginbfchar\n{mapping}\nendbfchar\n" + CMAP_TAIL).encode())

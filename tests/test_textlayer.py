@@ -128,11 +128,12 @@ def test_the_measures_behind_each_verdict(every_kind):
     assert verdicts["stamp"].coverage < 0.02
     for kind in ("garbage-fffd", "garbage-pua", "garbage-type3"):
         assert verdicts[kind].bad_glyph_ratio == 1.0
-    # Only the formula's brackets read U+FFFD, too few to fail the page, but its font's map is broken:
-    # every character in that font counts.
-    formula_chars, brackets = len(FORMULA.replace(" ", "")), FORMULA.count("(") + FORMULA.count(")")
+    # Only the formula's brackets and "=" read U+FFFD, too few to fail the page, but its font's map is
+    # broken for a tenth of its glyphs and characters: every character in that font counts.
+    formula_chars, unmapped = len(FORMULA.replace(" ", "")), sum(map(FORMULA.count, "()="))
     page_chars = body_chars + formula_chars
-    assert brackets / page_chars < MAX_BAD_GLYPH_RATIO and brackets / formula_chars >= FONT_UNMAPPED_SHARE
+    assert unmapped / page_chars < MAX_BAD_GLYPH_RATIO and unmapped / formula_chars >= FONT_UNMAPPED_SHARE
+    assert 3 / len(set(FORMULA.replace(" ", ""))) >= FONT_UNMAPPED_SHARE  # three distinct glyphs unmapped
     assert verdicts["broken-math-font"].bad_glyph_ratio == pytest.approx(formula_chars / page_chars)
 
 
