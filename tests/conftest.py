@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from helpers import document_image
+from helpers import document_image, settle, write_pdf
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -46,6 +46,17 @@ def release_model(tmp_path_factory):
         return built[version]
 
     return build
+
+
+@pytest.fixture
+def docs(tmp_path):
+    """Three settled two-page text PDFs."""
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    for i in range(3):
+        write_pdf(folder / f"doc{i}.pdf", 2, text=f"Document {i}")
+    settle(folder)
+    return folder
 
 
 # (width, height): ordinary, below the tiny processor's min-pixels bound, very

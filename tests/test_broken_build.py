@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import settle, write_pdf
 
 from ocrbatch import llama_build
 from ocrbatch.store import checkpoint_path_for
@@ -35,16 +34,6 @@ def run_cli(*args, fault: str | None = None, timeout: float = 600) -> subprocess
 def page_states(out: Path) -> dict[str, int]:
     with sqlite3.connect(checkpoint_path_for(out)) as db:
         return dict(db.execute("SELECT status, count(*) FROM pages GROUP BY status").fetchall())
-
-
-@pytest.fixture
-def docs(tmp_path):
-    folder = tmp_path / "docs"
-    folder.mkdir()
-    for i in range(3):
-        write_pdf(folder / f"doc{i}.pdf", 2, text=f"Document {i}")
-    settle(folder)
-    return folder
 
 
 @pytest.mark.slow

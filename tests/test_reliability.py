@@ -87,16 +87,6 @@ def pool_for(engine, worker_main, **settings) -> WorkerPool:
                       **settings)
 
 
-@pytest.fixture
-def docs(tmp_path):
-    folder = tmp_path / "docs"
-    folder.mkdir()
-    for i in range(3):
-        write_pdf(folder / f"doc{i}.pdf", 2, text=f"Document {i}")
-    settle(folder)
-    return folder
-
-
 # -- bad documents ------------------------------------------------------------------------
 
 @pytest.mark.slow

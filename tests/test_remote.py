@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 from fault_server import Drop, FaultServer, Hold, Ok, Stall, Status
-from helpers import document_image
+from helpers import document_image, llama_cpp_source
 from PIL import Image
 
 from ocrbatch.errors import OcrbatchError
@@ -383,14 +383,8 @@ runpy.run_path(script, run_name="__main__")
 def build_mmproj(checkpoint: Path, work: Path) -> Path:
     """The vision tower as a llama.cpp mmproj GGUF, made by llama.cpp's own converter from the pinned sdist."""
     sdist = work / "sdist"
-    download = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-binary", ":all:",
-                               "--no-deps", "llama-cpp-python==0.3.36", "-d", str(sdist)],
-                              capture_output=True, text=True, timeout=900)
-    if download.returncode != 0:
-        pytest.skip(f"cannot download llama-cpp-python's sdist for its converter: {download.stderr[-500:]}")
-    archive = next(sdist.glob("llama_cpp_python-*.tar.gz"))
-    subprocess.run(["tar", "xzf", str(archive), "-C", str(sdist)], check=True)
-    root = next(sdist.glob("llama_cpp_python-*/vendor/llama.cpp"))
+    sdist.mkdir()
+    root = llama_cpp_source(sdist)
     target = work / "mmproj.gguf"
     converted = subprocess.run(
         [sys.executable, "-c", CONVERTER, str(root / "convert_hf_to_gguf.py"), str(checkpoint), "--mmproj",
