@@ -29,8 +29,9 @@ def test_quick_benchmark(tiny_model, tmp_path):
     for dtype in ("float32", "bfloat16"):
         reference = results["engines"][f"transformers-{dtype}"]
         assert reference["decode_tok_s_4_sequences"] > 0
-        # Decoding one page's tokens cannot take longer than the whole page did.
-        assert 0 < (tokens - 1) / reference["decode_tok_s"] < reference["process_s"] / pages, reference
+        # Decoding one page's tokens and processing the page are timed in separate runs, so on a tiny model (tens of
+        # milliseconds each) either can win; a factor of 10 still catches a rate in the wrong unit or over the wrong count.
+        assert 0 < (tokens - 1) / reference["decode_tok_s"] < 10 * reference["process_s"] / pages, reference
     for quant, lm in results["language_model"].items():
         assert lm["prefill_tok_s"] > 0, quant
         assert lm["decode_tok_s"] > 0 and lm["decode_tok_s_4_sequences"] > 0 and lm["decode_tok_s_8_sequences"] > 0
@@ -53,7 +54,7 @@ def test_quick_benchmark(tiny_model, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("stage, options", [("vision", ["--dtype", "int8", "--image-size", "224"]),
                                             ("decode", ["--quant", "F16", "--sequences", "2", "--image-size", "224",
-                                                        "--tokens", "6"])])
+                                                        "--tokens", "6", "--top", "1000"])])
 def test_profile_names_where_time_goes(tiny_model, stage, options):
     process = subprocess.run([sys.executable, str(PROFILE), stage, "--model", str(tiny_model), *options],
                              capture_output=True, text=True, timeout=600)
@@ -61,11 +62,13 @@ def test_profile_names_where_time_goes(tiny_model, stage, options):
     report = json.loads(process.stdout)
     unit = "ms_per_page" if stage == "vision" else "ms_per_step"
     names = [entry["name"] for entry in report["top"]]
-    assert report["measured_" + unit] > 0 and 0 < sum(e["share"] for e in report["top"]) <= 1.001
+    # Each share is rounded to 3 decimals, so the listed shares may sum past 1 by half a thousandth each.
+    assert report["measured_" + unit] > 0 and 0 < sum(e["share"] for e in report["top"]) <= 1 + 0.0005 * len(names)
     if stage == "vision":
         assert "aten::_int_mm" in names
     else:
-        # llama.cpp's tensor names, layer numbers folded: proves the ggml_tensor layout is read right
+        # llama.cpp's tensor names, layer numbers folded: proves the ggml_tensor layout is read right. Every group is
+        # listed (--top 1000), so how the machine's load orders them cannot drop one.
         assert "result_output" in names and any(name.startswith("ffn_") for name in names), names
 
 
