@@ -105,8 +105,54 @@ def born_digital_page(seed: int, paper: str) -> pymupdf.Document:
     return doc
 
 
+def figure_page(seed: int, paper: str) -> pymupdf.Document:
+    """A report page with text running around a bar chart (see the module's note), a page number at the foot."""
+    import io
+
+    import pymupdf
+
+    rng = random.Random(seed)
+    width, height = PAPER[paper]
+    margin, chart_w, chart_h = 64, 200, 150
+
+    def paragraphs(count: int, sentences: int) -> str:
+        return "".join("<p>" + " ".join(_sentence(rng) for _ in range(sentences)) + "</p>" for _ in range(count))
+
+    buffer = io.BytesIO()
+    writer = pymupdf.DocumentWriter(buffer)
+    device = writer.begin_page(pymupdf.Rect(0, 0, width, height))
+
+    def place(html: str, rect: pymupdf.Rect) -> pymupdf.Rect:
+        story = pymupdf.Story(html=html, user_css=CSS)
+        _, filled = story.place(rect)
+        story.draw(device)
+        return pymupdf.Rect(filled)
+
+    above = place(f"<h1>{seed + 1}. {TOPICS[seed % len(TOPICS)]}</h1>" + paragraphs(1, 4),
+                  pymupdf.Rect(margin, margin, width - margin, height))
+    chart = pymupdf.Rect(width - margin - chart_w, above.y1 + 6, width - margin, above.y1 + 6 + chart_h)
+    # Same left margin as the paragraph above, a right edge of its own: the piece stitching joins to it.
+    beside = place(paragraphs(1, 5), pymupdf.Rect(margin, above.y1 + 2, chart.x0 - 14, chart.y1 + 4))
+    place(paragraphs(6, 3), pymupdf.Rect(margin, max(beside.y1, chart.y1) + 8, width - margin, height - margin - 20))
+    writer.end_page()
+    writer.close()
+    doc = pymupdf.open("pdf", buffer.getvalue())
+    page = doc[0]
+    page.draw_rect(chart, color=(0, 0, 0), width=0.8)
+    for bar in range(6):
+        top = chart.y1 - 10 - rng.uniform(0.2, 0.9) * (chart_h - 20)
+        x = chart.x0 + 15 + bar * 30
+        page.draw_rect(pymupdf.Rect(x, top, x + 18, chart.y1 - 10), color=None, fill=(0.3, 0.4, 0.7))
+    page.insert_text((width / 2 - 10, height - margin / 2), f"- {seed + 1} -", fontsize=9, fontname="helv")
+    return doc
+
+
 def add_page(doc: pymupdf.Document, kind: str, seed: int, paper: str) -> None:
-    """Append a born-digital (``text``) or scanned (``scan``) report page to ``doc``."""
+    """Append a born-digital (``text``), text-around-a-chart (``figure``) or scanned (``scan``) report page."""
+    if kind == "figure":
+        with figure_page(seed, paper) as source:
+            doc.insert_pdf(source)
+        return
     with born_digital_page(seed, paper) as source:
         if kind == "text":
             doc.insert_pdf(source)
