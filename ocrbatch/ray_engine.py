@@ -32,9 +32,12 @@ pages, found missing at the end, are run once more one page per task and one
 task per actor, so that a page that kills actors does not take its
 batch-mates down with it. A page that still does not come back is a failed row.
 
-Every node must see the documents, the checkpoint and the GGUF cache at the
-same paths (a shared file system): paths are made absolute by the driver, and
-the actors read the GGUF the driver converted.
+Model files: the driver resolves the model checkpoint and converts the GGUF;
+an actor on a node that does not see them at the driver's paths copies them
+once per node from a file server on the driver's node (:mod:`.ray_files`).
+Rows come back to the driver, which writes the dataset, so the actors need no
+path of the output either. Documents are read by the vision actors from their
+paths, absolute on the driver: a shared file system or object storage.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ import threading
 import time
 import warnings
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -63,6 +66,7 @@ from .errors import InputError, OcrbatchError
 from .output import SCHEMA
 from .prompt import TASK_PROMPTS
 from .rasterize import PageImage, count_pages, page_pixel_cap
+from .ray_files import DEFAULT_NODE_CACHE, FileSet, local_copy, start_file_server
 from .record import JobSummary, failure_row, text_layer_row
 from .render import LayoutSettings, RenderJob, RenderStage, StageFailed, TextLayerSettings
 
@@ -100,14 +104,19 @@ class RaySettings:
     # How long a pool may take to start all its actors: past it, the run fails with Ray's
     # "not enough resources" error instead of waiting forever for CPUs the cluster lacks.
     actor_start_timeout_s: int = 600
+    # Where each node keeps its copy of the model files when it does not see the driver's.
+    node_cache: str = str(DEFAULT_NODE_CACHE)
+    # Copy the model files to every node even where the driver's paths show them (a file system
+    # that changes modification times, say); the copy is made once per node and files.
+    always_copy_models: bool = False
 
 
 @dataclass
 class StageConfig:
     """What every stage actor needs, sent to it once when it starts."""
 
-    checkpoint: str
-    gguf: str
+    checkpoint: FileSet
+    gguf: FileSet
     model_name: str
     quant: str
     task: str
@@ -124,6 +133,18 @@ class StageConfig:
     vision_threads: int
     decode_threads: int
     seqs: int
+    node_cache: str
+    always_copy_models: bool
+    layout_files: FileSet | None = None  # --layout-model's weights, when they are a file or folder of the driver's
+    file_server: object = None  # the ray_files.FileServer actor on the driver's node, once Ray is up
+
+    @property
+    def model_files(self) -> list[FileSet]:
+        return [self.checkpoint, self.gguf, *([self.layout_files] if self.layout_files else [])]
+
+    def local(self, files: FileSet) -> str:
+        """This node's path of ``files``, copied from the driver if this node does not see the driver's."""
+        return str(local_copy(files, self.file_server, Path(self.node_cache), self.always_copy_models))
 
 
 @dataclass
@@ -193,7 +214,7 @@ class VisionStage:
         from .engine import Engine
 
         self.config = config
-        self.engine = Engine(config.checkpoint, quant=config.quant, gguf=config.gguf,
+        self.engine = Engine(config.local(config.checkpoint), quant=config.quant, gguf=config.local(config.gguf),
                              vision_dtype=config.vision_dtype, device=config.vision_device,
                              max_tokens=config.max_tokens, threads=config.vision_threads, with_language=False)
         self.prompt = self.engine.prompt_text(config.task)
@@ -205,8 +226,11 @@ class VisionStage:
         # the actor. Each batch's documents are fed to it through ``jobs``.
         self.jobs: queue.Queue = queue.Queue()
         self.pages: queue.Queue = queue.Queue()
+        layout = config.layout
+        if config.layout_files:
+            layout = replace(layout, model=config.local(config.layout_files))
         RenderStage(iter(self.jobs.get, None), config.dpi, max_pixels, self.pages,
-                    threading.Event(), text_layer=config.text_layer, layout=config.layout).start()
+                    threading.Event(), text_layer=config.text_layer, layout=layout).start()
         self.failure: StageFailed | None = None
         self.node = _node_id()
 
@@ -288,14 +312,14 @@ class DecodeStage:
         from .prompt import PromptBuilder
 
         self.config = config
-        checkpoint = Checkpoint.open(config.checkpoint)
+        checkpoint = Checkpoint.open(config.local(config.checkpoint))
         merge_size = checkpoint.config.vision_config.spatial_merge_size
         self.prompts = PromptBuilder(checkpoint.path, checkpoint.config.image_token_id, merge_size)
         # The local engine's result → row columns; of its engine it needs only ``prompts``, which this stage has.
         self.outcome = LocalDecoder(self, None, config.max_tokens).outcome
         n_ctx = context_size(AutoImageProcessor.from_pretrained(checkpoint.path), merge_size, config.seqs,
                              config.max_tokens)
-        self.model = LanguageModel(config.gguf, n_ctx=n_ctx, n_seq_max=config.seqs, n_threads=config.decode_threads)
+        self.model = LanguageModel(config.local(config.gguf), n_ctx=n_ctx, n_seq_max=config.seqs, n_threads=config.decode_threads)
         # A llama.cpp build this node's CPU cannot run kills the actor here, before it takes a page:
         # the pool cannot start and the run stops with its pages pending, as the local pool does.
         self.model.warm_up()
@@ -547,14 +571,21 @@ def _stage_config(options, settings: RaySettings, seqs: int) -> StageConfig:
     except Exception as exc:
         raise OcrbatchError(f"cannot load the layout model: {type(exc).__name__}: {exc}") from None
     return StageConfig(
-        checkpoint=str(Path(checkpoint.path).absolute()), gguf=str(Path(gguf).absolute()),
+        checkpoint=FileSet.of(checkpoint.path), gguf=FileSet.of(gguf),
         model_name=str(options.model), quant=quant, task=options.task, max_tokens=options.max_tokens,
         ignore_eos=options.ignore_eos, dpi=options.dpi, max_pixels=options.max_pixels,
         text_layer=TextLayerSettings(options.pdf_text, options.trust_ocr_layer), layout=layout,
         stitch=options.stitch,
         max_batch_patches=options.max_batch_patches, vision_dtype=options.vision_dtype,
         vision_device="cuda" if settings.vision_gpus else options.device, vision_threads=vision_threads,
-        decode_threads=max(1, int(settings.decode_cpus)), seqs=seqs)
+        decode_threads=max(1, int(settings.decode_cpus)), seqs=seqs, node_cache=settings.node_cache,
+        always_copy_models=settings.always_copy_models,
+        layout_files=FileSet.of(options.layout_model) if layout_model_is_a_path(options.layout_model) else None)
+
+
+def layout_model_is_a_path(layout_model: str | None) -> bool:
+    """Whether ``--layout-model`` names weights on the driver's disk (rather than a Hub id each node resolves)."""
+    return bool(layout_model) and Path(layout_model).exists()
 
 
 def run_ray_job(options, address: str | None = None, settings: RaySettings | None = None,
@@ -618,6 +649,7 @@ def _process(ray, manifest: list[dict], config: StageConfig, settings: RaySettin
         # Every actor of a pool is up before work starts, so work is spread over all of them
         # rather than the first one ready; this also turns a pool the cluster cannot place into an error.
         context.wait_for_min_actors_s = settings.actor_start_timeout_s
+        config = replace(config, file_server=start_file_server(ray, config.model_files))
         run = dict(config=config, settings=settings, decode_actors=decode_actors, max_retries=options.max_retries,
                    vision_batch=options.batch_size)
         for row in _stream(ray, manifest, one_page_per_task=False, **run):

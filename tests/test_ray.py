@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import filecmp
 import json
 import os
 import signal
@@ -580,3 +581,73 @@ def test_kill9_of_the_driver_then_rerun_gives_every_page_once(tiny_model, engine
     assert [f.name.split("-")[0] for f in DatasetRecord(out).files()] == ["run"]
     assert not list(out.glob(".*.tmp"))
     assert DatasetRecord(out).counts() == {"pages": {"ok": 12}, "documents": {"ok": 4}}
+
+
+def test_a_node_copy_of_model_files_is_whole_made_once_and_follows_the_drivers_files(cluster, tmp_path, monkeypatch):
+    import ray
+
+    from ocrbatch import ray_files
+    from ocrbatch.ray_files import FileSet, local_copy, start_file_server
+
+    monkeypatch.setattr(ray_files, "CHUNK_BYTES", 1000)  # several chunks a file
+    model = tmp_path / "model"
+    (model / "sub").mkdir(parents=True)
+    (model / "weights.bin").write_bytes(os.urandom(4500))
+    (model / "sub" / "config.json").write_text('{"a": 1}')
+    (model / "empty.txt").write_bytes(b"")
+    files = FileSet.of(model)
+    assert files.visible_here()  # the driver's own node sees its files
+    ray.init(address=cluster.address)
+    try:
+        server = start_file_server(ray, [files])
+        cache = tmp_path / "node-cache"
+        assert local_copy(files, server, cache) == model  # seen in place: nothing copied
+        assert not cache.exists()
+        copy = local_copy(files, server, cache, always_copy=True)
+        assert copy.parent.parent == cache and copy.name == "model"
+        for name in ("weights.bin", "sub/config.json", "empty.txt"):
+            assert (copy / name).read_bytes() == (model / name).read_bytes(), name
+        made = (copy / "weights.bin").stat().st_mtime_ns
+        assert local_copy(files, server, cache, always_copy=True) == copy  # the node's copy is used again
+        assert (copy / "weights.bin").stat().st_mtime_ns == made
+        with pytest.raises(PermissionError, match="not a model file of this job"):
+            ray.get(server.read.remote(str(tmp_path / "elsewhere"), 0, 10))
+
+        (model / "weights.bin").write_bytes(os.urandom(3000))  # the model changed on the driver
+        assert not files.visible_here()  # the old listing no longer matches what is there
+        changed = FileSet.of(model)
+        assert changed.key != files.key
+        server = start_file_server(ray, [changed])
+        fresh = local_copy(changed, server, cache, always_copy=True)
+        assert fresh != copy and (fresh / "weights.bin").read_bytes() == (model / "weights.bin").read_bytes()
+        assert not list(cache.glob("*/.partial-*"))  # no half-made copy is left behind
+    finally:
+        ray.shutdown()
+
+
+@pytest.mark.slow
+def test_actors_run_from_their_nodes_copy_of_the_model_files(cluster, tiny_model, tmp_path):
+    """With the copy forced, every actor loads the checkpoint and the GGUF from its node's cache, as on a cluster
+    without a shared disk; the copies are the driver's bytes, and the pages read as without copying."""
+    from ocrbatch.gguf_convert import convert
+    from ocrbatch.ray_engine import RaySettings, run_ray_job
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for n in range(3):
+        document_image(240, 160, n + 1).save(docs / f"scan{n}.png")
+    cache = tmp_path / "node-cache"
+    settings = RaySettings(actor_start_timeout_s=120, node_cache=str(cache), always_copy_models=True)
+    summary = run_ray_job(job_options(tiny_model, [docs], tmp_path / "out", layout="none"), address=cluster.address,
+                          settings=settings)
+    assert summary.pages_ok == 3 and summary.pages_failed == 0
+    copies = {marker.parent for marker in cache.glob("*/.complete")}
+    assert len(copies) == 2  # the checkpoint folder and the GGUF, one copy each on this machine's "nodes"
+    [gguf] = [folder / f.name for folder in copies for f in folder.iterdir() if f.suffix == ".gguf"]
+    [checkpoint] = [folder / f.name for folder in copies for f in folder.iterdir() if f.is_dir()]
+    assert (checkpoint / "config.json").read_bytes() == (Path(tiny_model) / "config.json").read_bytes()
+    plain = run_ray_job(job_options(tiny_model, [docs], tmp_path / "plain", layout="none"), address=cluster.address,
+                        settings=RaySettings(actor_start_timeout_s=120))
+    assert plain.pages_ok == 3
+    assert comparable(visible_rows(tmp_path / "out")) == comparable(visible_rows(tmp_path / "plain"))
+    assert filecmp.cmp(gguf, convert(tiny_model, "F32"), shallow=False)  # the GGUF the driver converted
