@@ -12,6 +12,7 @@ import click
 from .discover import PathError, check_paths, escaped
 from .errors import OcrbatchError
 from .gguf_convert import QUANTS
+from .storage import ObjectPath, check_reachable, input_path, parse_storage_options
 from .options import BACKENDS, PAGE_TIMEOUT_BASE_S, PAGE_TIMEOUT_PER_TOKEN_S, JobOptions
 from .video import DEFAULT_VIDEO_FPS
 from .options import default as job_default
@@ -222,11 +223,17 @@ def _setup_logging(quiet: bool, log_file: str | None) -> None:
 
 
 @main.command()
-@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("paths", nargs=-1, required=True)
 @click.option("--config", type=click.Path(dir_okay=False), is_eager=True, expose_value=False,
               callback=_load_config, help="TOML file of option defaults (e.g. configs/cpu.toml); flags override it.")
-@click.option("--out", "-o", required=True, type=click.Path(path_type=Path),
-              help="Output file: .parquet or .jsonl (with --engine ray: a folder, the Parquet dataset).")
+@click.option("--out", "-o", required=True,
+              help="Output file: .parquet or .jsonl (with --engine ray: a folder, the Parquet dataset). "
+                   "In object storage (s3://bucket/results.parquet) it is uploaded whole at the end of each run; "
+                   "a folder URL (s3://bucket/results/) gets pages.parquet (pages.jsonl with --format jsonl).")
+@click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
+              help="Option of the fsspec filesystem of s3:// (gs://, az://, ...) PATHS and --out, e.g. "
+                   "endpoint_url=http://127.0.0.1:9000 or anon=true (repeatable; true/false and integers "
+                   "are typed). Credentials otherwise come from the filesystem's usual environment and config.")
 @click.option("--format", "output_format", type=click.Choice(["parquet", "jsonl"]),
               help="Output format [default: from the --out suffix].")
 @click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path),
@@ -318,7 +325,7 @@ def _setup_logging(quiet: bool, log_file: str | None) -> None:
 @click.option("--ignore-eos", is_flag=True, help="Always generate --max-tokens tokens (for benchmarks).")
 @click.option("--quiet", is_flag=True, help="Only warnings, errors and the final summary on stderr.")
 @click.option("--log-file", type=click.Path(dir_okay=False), help="Also log to this file.")
-def run(paths, out, output_format, checkpoint, include, exclude, dry_run, retry_failed, max_retries,
+def run(paths, out, storage_options, output_format, checkpoint, include, exclude, dry_run, retry_failed, max_retries,
         max_page_error_rate, min_file_age, model, quant, gguf, vision_dtype, device, threads, cache_dir, task,
         layout, layout_model, charts, seals, stitch, pdf_text, trust_ocr_layer, max_tokens, engine_name, ray_address, ray_vision_actors,
         ray_vision_cpus, ray_vision_gpus, ray_decode_cpus, backend, base_url,
@@ -337,6 +344,14 @@ def run(paths, out, output_format, checkpoint, include, exclude, dry_run, retry_
     from .pipeline import dry_run as plan_only, run_job
 
     _setup_logging(quiet, log_file)
+    try:
+        storage_settings = parse_storage_options(storage_options)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--storage-option") from None
+    paths = [input_path(path, storage_settings) for path in paths]
+    out = input_path(out, storage_settings)
+    if isinstance(out, ObjectPath) and out.is_folder_url():
+        out = out / f"pages.{output_format or 'parquet'}"
     options = JobOptions(
         paths=list(paths), out=out, output_format=output_format, checkpoint=checkpoint, include=list(include),
         exclude=list(exclude), retry_failed=retry_failed, max_retries=max_retries,
@@ -358,6 +373,9 @@ def run(paths, out, output_format, checkpoint, include, exclude, dry_run, retry_
     except PathError as exc:
         raise click.BadParameter(str(exc), param_hint="PATHS") from None
     if engine_name == "ray":
+        if any(isinstance(path, ObjectPath) for path in [*paths, out]):
+            raise click.BadParameter("object storage PATHS and --out are for the local engine for now",
+                                     param_hint="--engine")
         if backend != "local":
             raise click.BadParameter("the ray engine runs the models on its actors, not --backend openai",
                                      param_hint="--engine")
@@ -370,7 +388,7 @@ def run(paths, out, output_format, checkpoint, include, exclude, dry_run, retry_
                                vision_gpus=ray_vision_gpus, decode_cpus=ray_decode_cpus)
         _run_on_ray(options, ray_address, settings, dry_run)
         return
-    if out.is_dir():
+    if isinstance(out, Path) and out.is_dir():
         raise click.BadParameter(f"{out} is a folder; the local engine writes one file", param_hint="--out")
     if backend == "openai" and not base_url:
         raise click.BadParameter("--backend openai needs the server's address", param_hint="--base-url")
@@ -390,7 +408,17 @@ def run(paths, out, output_format, checkpoint, include, exclude, dry_run, retry_
         special = f", {len(plan.special)} special files skipped" if plan.special else ""
         click.echo(f"{plan.pages} pages to process{special}", err=True)
         return
-    _run_to_exit(lambda: run_job(options), out)
+    def job():
+        import logging
+
+        # Before anything is planned or marked: a missing bucket is not the documents' fault (exit 3).
+        check_reachable([*paths, out])
+        if isinstance(out, ObjectPath):
+            logging.getLogger("ocrbatch").info("%s: the checkpoint is kept on this machine in %s", out,
+                                               options.checkpoint_path)
+        return run_job(options)
+
+    _run_to_exit(job, out)
 
 
 def _run_to_exit(job, out: Path) -> None:

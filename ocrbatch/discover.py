@@ -17,6 +17,11 @@ failed document.
 
 Paths are kept as Python keeps file names, with the bytes that are not UTF-8
 as lone surrogates (``os.fsdecode``); :func:`escaped` writes them as text.
+
+A PATH in object storage (an :class:`~ocrbatch.storage.ObjectPath`, ``s3://...``)
+is listed by prefix; its documents' ``path`` is the object's URL, its
+content id the same hash read in ranges, the age and "changed while being
+read" judged by the object's modification time, size and version tag.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from .errors import OcrbatchError
+from .storage import ObjectPath, ObjectStat, hash_object, list_objects
 
 PDF_SUFFIXES = {".pdf"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".bmp"}
@@ -45,7 +51,7 @@ SUPPORTED_SUFFIXES = PDF_SUFFIXES | IMAGE_SUFFIXES | VIDEO_SUFFIXES
 class Document:
     """A file to OCR, or the reason it cannot be."""
 
-    path: Path
+    path: Path | ObjectPath
     doc_id: str | None
     size: int = 0
     error: str | None = None
@@ -99,9 +105,9 @@ def unescaped(text: str) -> Path:
     return Path(os.fsdecode(codecs.escape_decode(text.encode())[0]))
 
 
-def failed_document_id(path: Path) -> str:
+def failed_document_id(path: Path | ObjectPath) -> str:
     """An id for a file that cannot be read: derived from its path, as there is no content."""
-    return "path:" + hashlib.sha256(os.fsencode(path)).hexdigest()[:32]
+    return "path:" + hashlib.sha256(os.fsencode(str(path))).hexdigest()[:32]
 
 
 def hash_file(path: Path) -> str:
@@ -167,7 +173,9 @@ def path_problem(path: Path) -> str | None:
 
 def check_paths(paths: Iterable[str | Path]) -> None:
     """Raise :class:`PathError` naming every PATH that names no file or folder, before anything is written."""
-    problems = [f"{path}: {problem}" for path in paths if (problem := path_problem(Path(path)))]
+    # Object storage is checked by asking the store (storage.check_reachable), which is the job's business.
+    problems = [f"{path}: {problem}" for path in paths
+                if not isinstance(path, ObjectPath) and (problem := path_problem(Path(path)))]
     if problems:
         raise PathError(escaped("; ".join(problems)))
 
@@ -241,7 +249,46 @@ def _identify(path: Path, known_id, min_file_age: float) -> Document:
     return Document(path, doc_id, size=before.st_size, mtime_ns=before.st_mtime_ns)
 
 
-def discover(paths: Iterable[str | Path], include: Iterable[str] = (), exclude: Iterable[str] = (),
+def _identify_object(path: ObjectPath, listed: ObjectStat, known_id, min_file_age: float) -> Document:
+    """:func:`_identify` for an object: its listing's stat brackets the hash as a file's stat does."""
+    age = time.time() - listed.mtime_ns / 1e9
+    if age < min_file_age:
+        return Document(path, None, deferred=f"modified {max(age, 0):.1f} s ago (--min-file-age {min_file_age:g})")
+    doc_id = known_id(path, listed.size, listed.mtime_ns) if known_id else None
+    if doc_id is None:
+        try:
+            doc_id = hash_object(path)
+            after = path.stat()
+        except FileNotFoundError:
+            return Document(path, None, deferred="disappeared while being read")
+        except PermissionError:
+            return Document(path, failed_document_id(path), error=f"{path}: access refused")
+        if after != listed:
+            return Document(path, None, deferred="changed while being read")
+    return Document(path, doc_id, size=listed.size, mtime_ns=listed.mtime_ns)
+
+
+def _discover_objects(root: ObjectPath, include: list[str], exclude: list[str], known_id,
+                      min_file_age: float) -> Iterator[Document]:
+    prefix = root.key.rstrip("/") + "/"
+    for path, listed in list_objects(root):
+        relative = path.key[len(prefix):] if path.key.startswith(prefix) else path.name
+        if exclude and _matches(relative, exclude):
+            continue
+        suffix_ok = path.suffix.lower() in SUPPORTED_SUFFIXES
+        if include and not _matches(relative, include) or not include and not suffix_ok:
+            continue
+        if not suffix_ok:
+            yield Document(path, failed_document_id(path), error=f"{path}: unsupported file type {path.suffix!r}")
+            continue
+        if path.suffix.lower() in VIDEO_SUFFIXES:  # PyAV is only ever given local files
+            yield Document(path, failed_document_id(path),
+                           error=f"{path}: videos are read from local files only; copy it to a local folder")
+            continue
+        yield _identify_object(path, listed, known_id, min_file_age)
+
+
+def discover(paths: Iterable[str | Path | ObjectPath], include: Iterable[str] = (), exclude: Iterable[str] = (),
              known_id: Callable[[Path, int, int], str | None] | None = None,
              min_file_age: float = 0.0) -> Iterator[Document]:
     """Yield the documents under ``paths``: supported files matching the globs, in path order.
@@ -254,7 +301,11 @@ def discover(paths: Iterable[str | Path], include: Iterable[str] = (), exclude: 
     regular files (FIFOs, devices, sockets) with ``special``.
     """
     include, exclude = list(include), list(exclude)
-    for root in map(Path, paths):
+    for root in paths:
+        if isinstance(root, ObjectPath):
+            yield from _discover_objects(root, include, exclude, known_id, min_file_age)
+            continue
+        root = Path(root)
         for path, problem, special in _candidate_files(root):
             relative = path.relative_to(root).as_posix() if path != root else path.name
             if exclude and _matches(relative, exclude):

@@ -10,6 +10,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 from .layout import recognised_pictures
+from .storage import ObjectPath, local_state_folder
 from .store import checkpoint_path_for
 from .video import DEFAULT_VIDEO_FPS
 
@@ -25,8 +26,8 @@ BACKENDS = ("local", "openai")
 class JobOptions:
     """Everything ``ocrbatch run`` can be told; defaults suit a small CPU machine."""
 
-    paths: list[Path]
-    out: Path
+    paths: list[Path | ObjectPath]  # an ObjectPath for an s3:// (gs://, az://, ...) URL: see ocrbatch.storage
+    out: Path | ObjectPath
     output_format: str | None = None
     checkpoint: Path | None = None
     include: list[str] = field(default_factory=list)
@@ -73,7 +74,12 @@ class JobOptions:
 
     @property
     def checkpoint_path(self) -> Path:
-        return self.checkpoint or checkpoint_path_for(self.out)
+        """``--checkpoint``, else beside a local ``--out``, else in this machine's folder for an object ``--out``."""
+        if self.checkpoint:
+            return self.checkpoint
+        if isinstance(self.out, ObjectPath):
+            return local_state_folder(self.out) / f"{self.out.name}.ocrbatch.db"
+        return checkpoint_path_for(self.out)
 
     @property
     def recognised_pictures(self) -> frozenset[str]:

@@ -3,7 +3,11 @@
 A run writes to a hidden partial file beside the target, in row groups as
 work completes, and renames it over the target when the run ends. A killed
 run leaves the previous output untouched; its partial file is removed by the
-next run, which rebuilds the full output from the checkpoint.
+next run, which rebuilds the full output from the checkpoint. A target in
+object storage (:class:`~ocrbatch.storage.ObjectPath`) is written the same
+way with the partial file in this machine's folder for it
+(:func:`~ocrbatch.storage.local_state_folder`), and uploaded whole when the
+run ends: the store replaces the object only once the upload is complete.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from pathlib import Path
 from typing import Protocol
 
 import pyarrow as pa
+
+from .storage import ObjectPath, local_state_folder, upload
 
 SCHEMA = pa.schema([
     ("path", pa.string()),
@@ -55,7 +61,7 @@ FORMATS = ("parquet", "jsonl")
 
 
 class OutputWriter(Protocol):
-    path: Path
+    path: Path | ObjectPath
 
     def write(self, rows: list[dict]) -> None: ...
 
@@ -66,10 +72,10 @@ class OutputWriter(Protocol):
         """Drop the partial file."""
 
 
-def format_for(path: str | Path, explicit: str | None = None) -> str:
+def format_for(path: str | Path | ObjectPath, explicit: str | None = None) -> str:
     if explicit:
         return explicit
-    suffix = Path(path).suffix.lower()
+    suffix = path.suffix.lower() if isinstance(path, ObjectPath) else Path(path).suffix.lower()
     if suffix == ".parquet":
         return "parquet"
     if suffix in (".jsonl", ".ndjson"):
@@ -87,19 +93,24 @@ def _normalise(row: dict) -> dict:
 
 
 class _PartialFile:
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        for stale in self.path.parent.glob(f".{self.path.name}.*.partial"):
+    def __init__(self, path: str | Path | ObjectPath):
+        self.path = path if isinstance(path, ObjectPath) else Path(path)
+        folder = local_state_folder(path) if isinstance(path, ObjectPath) else self.path.parent
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in folder.glob(f".{self.path.name}.*.partial"):
             stale.unlink(missing_ok=True)  # left by a killed run; the caller holds the job lock
-        self.partial = self.path.with_name(f".{self.path.name}.{os.getpid()}.partial")
+        self.partial = folder / f".{self.path.name}.{os.getpid()}.partial"
 
     def _close(self) -> None:
         raise NotImplementedError
 
     def commit(self) -> None:
         self._close()
-        os.replace(self.partial, self.path)
+        if isinstance(self.path, ObjectPath):
+            upload(self.partial, self.path)
+            self.partial.unlink()
+        else:
+            os.replace(self.partial, self.path)
 
     def abort(self) -> None:
         self._close()
@@ -145,5 +156,5 @@ class JsonlOutput(_PartialFile):
         self._file.close()
 
 
-def open_output(path: str | Path, output_format: str | None = None) -> OutputWriter:
+def open_output(path: str | Path | ObjectPath, output_format: str | None = None) -> OutputWriter:
     return {"parquet": ParquetOutput, "jsonl": JsonlOutput}[format_for(path, output_format)](path)

@@ -20,6 +20,7 @@ from .discover import Document, discover, escaped
 from .errors import InputError
 from .options import JobOptions
 from .rasterize import count_pages
+from .storage import StorageError
 from .video import VideoSurvey, survey
 from .store import Store
 
@@ -84,6 +85,8 @@ def plan_job(options: JobOptions, store: Store | None, record: bool = True) -> P
             continue
         try:
             _plan_document(plan, document, options, store, record)
+        except StorageError:
+            raise  # the object store failed, not the document: the run stops, nothing is failed
         except Exception as exc:  # whatever a file does to the planner, it fails alone
             plan.unreadable.append((document, f"{document.path}: cannot be planned ({type(exc).__name__}: {exc})"))
     if store and record:

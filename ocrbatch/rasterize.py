@@ -22,6 +22,7 @@ from .discover import Document
 from .errors import InputError
 from .images import DEFAULT_MAX_IMAGE_PIXELS, open_image
 from .spotting import SPOTTING_PIXEL_BOUNDS
+from .storage import ObjectPath, StorageError
 from . import video
 from .video import DEFAULT_VIDEO_FPS
 
@@ -85,7 +86,7 @@ def pdf_zoom(width_pt: float, height_pt: float, dpi: float, max_pixels: int) -> 
     return zoom
 
 
-def open_pdf_file(path: Path):
+def open_pdf_file(path: Path | ObjectPath):
     """``pymupdf.open`` of the PDF at ``path``, whatever bytes its name holds.
 
     MuPDF takes a file name as UTF-8 text, so a name that is not UTF-8 (as files written by other
@@ -94,6 +95,8 @@ def open_pdf_file(path: Path):
     """
     import pymupdf
 
+    if isinstance(path, ObjectPath):  # MuPDF reads a PDF by random access: the whole object, in memory
+        return pymupdf.open(stream=path.read_bytes(), filetype="pdf")
     try:
         str(path).encode("utf-8")
     except UnicodeEncodeError:
@@ -108,6 +111,8 @@ def open_pdf_file(path: Path):
 def _open_pdf(document: Document):
     try:
         pdf = open_pdf_file(document.path)
+    except StorageError:
+        raise  # the store failed, not the document
     except Exception as exc:
         raise InputError(f"{document.path}: not a readable PDF ({exc})") from None
     if pdf.needs_pass:
@@ -145,20 +150,28 @@ class _checked_image:
 
     def __enter__(self) -> Image.Image:
         path = self.document.path
+        # An object is read in ranges: knowing its size and frames takes its header alone.
+        self.handle = path.open() if isinstance(path, ObjectPath) else None
         try:
-            self.image = Image.open(path)
-        except FileNotFoundError:
-            raise InputError(f"{path}: no such file") from None
-        except PermissionError:
-            raise InputError(f"{path}: permission denied") from None
-        except Exception:
+            self.image = Image.open(self.handle or path)
+        except BaseException as exc:
+            if self.handle is not None:
+                self.handle.close()
+            if isinstance(exc, FileNotFoundError):
+                raise InputError(f"{path}: no such file") from None
+            if isinstance(exc, PermissionError):
+                raise InputError(f"{path}: permission denied") from None
+            if not isinstance(exc, Exception):
+                raise
             # open_image gives the precise one-line reason (empty, corrupt, ...)
-            open_image(path)
+            open_image(path.read_bytes() if isinstance(path, ObjectPath) else path, name=str(path))
             raise InputError(f"{path}: not a recognised image format") from None
         return self.image
 
     def __exit__(self, *exc):
         self.image.close()
+        if self.handle is not None:
+            self.handle.close()
 
 
 def _fit(image: Image.Image, max_pixels: int) -> Image.Image:
@@ -189,9 +202,12 @@ def _page_source(document: Document, dpi: float, max_pixels: int, max_image_pixe
             pdf.close()
         return
 
+    path = document.path
+    source = path.read_bytes() if isinstance(path, ObjectPath) else path  # an object is fetched once, not per frame
+
     def render(number: int) -> Image.Image:
         name = f"{document.path} page {number}"
-        return _fit(open_image(document.path, name=name, max_pixels=max_image_pixels, frame=number - 1), max_pixels)
+        return _fit(open_image(source, name=name, max_pixels=max_image_pixels, frame=number - 1), max_pixels)
 
     yield count_pages(document), render
 

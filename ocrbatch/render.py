@@ -29,6 +29,7 @@ from PIL import Image
 from .discover import Document
 from .errors import InputError
 from .rasterize import PageImage, iter_pages, open_pdf_file, pdf_zoom
+from .storage import StorageError
 
 log = logging.getLogger("ocrbatch")
 
@@ -78,8 +79,9 @@ class LayoutSettings:
                            recognised=self.recognised)
 
 
-class LayoutUnavailable(Exception):
-    """The render process could not load the layout model: the stage fails, the pages stay pending."""
+class RenderUnavailable(Exception):
+    """The render process cannot go on (the layout model did not load, the object store failed):
+    the stage fails, the pages stay pending."""
 
 
 @dataclass
@@ -150,6 +152,9 @@ def _render_main(conn, render_pages: RenderPages, text_layer: TextLayerSettings,
                             continue
                     conn.send(("page", page.page, page.page_count, page.image.size, page.image.tobytes(),
                                page.render_s, blocks, time.perf_counter() - started, page.timestamp_s))
+            except StorageError as exc:  # not the document's fault: no page of it may be failed for this
+                conn.send(("fatal", str(exc)))
+                return
             except InputError as exc:
                 conn.send(("document", str(exc)))
             except Exception as exc:
@@ -251,7 +256,7 @@ class RenderStage:
                     if kind == "done":
                         break
                     if kind == "fatal":
-                        raise LayoutUnavailable(message[1])
+                        raise RenderUnavailable(message[1])
                     if kind == "document":
                         for number in remaining:
                             if not self._put(PageImage(job.document, number, job.page_count, error=message[1])):

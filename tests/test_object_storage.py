@@ -1,0 +1,273 @@
+"""``ocrbatch run`` with inputs and outputs in object storage: a real S3 API (moto's server) on loopback.
+
+The job runs as a subprocess with ``--storage-option endpoint_url=...`` against
+the server started here, and ``--backend openai`` against the scriptable stub
+in :mod:`fault_server`, whose answer is the prompt and the size of the image it
+got: the rows say that each page was rendered from the object's bytes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from fault_server import FaultServer, Hold, Ok
+from helpers import document_image, settle, write_pdf
+
+moto_server = pytest.importorskip("moto.server")
+s3fs = pytest.importorskip("s3fs")
+
+COMMON = ["--backend", "openai", "--concurrency", "1", "--max-tokens", "16", "--dpi", "50", "--layout", "none"]
+COMPARED = ("text", "status", "page_count", "width", "height", "doc_id")
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """``(endpoint_url, filesystem)`` of a moto S3 server on loopback, with dummy credentials."""
+    with pytest.MonkeyPatch.context() as patch:
+        # Subprocesses inherit these: s3fs finds credentials where it always does.
+        patch.setenv("AWS_ACCESS_KEY_ID", "testing")
+        patch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        patch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        server.start()
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        yield endpoint, s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True)
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def stub():
+    with FaultServer() as server:
+        yield server
+
+
+def ocrbatch(*args, timeout=180):
+    return subprocess.run([sys.executable, "-m", "ocrbatch", "run", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def backdate(bucket: str, key: str, age_s: float = 3600) -> None:
+    """Make an object in the moto server look uploaded ``age_s`` ago (S3 cannot be told a time)."""
+    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.s3.models import s3_backends
+
+    stored = s3_backends[DEFAULT_ACCOUNT_ID]["global"].buckets[bucket].keys[key]
+    stored.last_modified -= timedelta(seconds=age_s)
+
+
+def make_inbox(folder: Path) -> Path:
+    """PDFs and images in nested folders, a copy of one PDF, and a file to exclude."""
+    (folder / "scans" / "deep").mkdir(parents=True)
+    write_pdf(folder / "report.pdf", 3, text="Report")
+    write_pdf(folder / "scans" / "letter.pdf", 2, width=612, height=792, text="Letter")
+    shutil.copy(folder / "report.pdf", folder / "scans" / "report copy.pdf")
+    document_image(620, 240, 1).save(folder / "scans" / "receipt.png")
+    document_image(260, 700, 2).save(folder / "scans" / "deep" / "note.jpg")
+    write_pdf(folder / "scans" / "draft.pdf", 1, text="Draft")  # excluded
+    settle(folder)
+    return folder
+
+
+def upload_tree(fs, folder: Path, prefix: str, bucket: str) -> None:
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            key = f"{prefix}/{path.relative_to(folder).as_posix()}"
+            fs.put_file(str(path), f"{bucket}/{key}")
+            backdate(bucket, key)
+
+
+def rows_by_relative_path(rows: list[dict], root: str) -> dict:
+    keyed = {}
+    for row in rows:
+        assert row["path"].startswith(root), row["path"]
+        key = (row["path"][len(root):].lstrip("/"), row["page"])
+        assert key not in keyed, f"{key} twice"
+        keyed[key] = {column: row[column] for column in COMPARED}
+    return keyed
+
+
+def bucket_rows(fs, key: str) -> list[dict]:
+    fs.invalidate_cache()
+    with fs.open(key, "rb") as handle:
+        return pq.read_table(io.BytesIO(handle.read())).to_pylist()
+
+
+def checkpoint_states(checkpoint: Path) -> dict[str, int]:
+    with sqlite3.connect(f"file:{checkpoint}?mode=ro", uri=True) as db:
+        return dict(db.execute("SELECT status, count(*) FROM pages GROUP BY status").fetchall())
+
+
+def test_a_bucket_inbox_into_a_bucket_dataset_equals_the_same_job_on_local_folders(s3, stub, tmp_path):
+    endpoint, fs = s3
+    fs.mkdir("equal")
+    inbox = make_inbox(tmp_path / "inbox")
+    upload_tree(fs, inbox, "inbox", "equal")
+    options = ["--base-url", stub.url, "--exclude", "draft*", "--min-file-age", "60", *COMMON]
+
+    local = ocrbatch(inbox, "--out", tmp_path / "local.jsonl", *options)
+    assert local.returncode == 0, local.stderr
+    local_rows = rows_by_relative_path([json.loads(line) for line in (tmp_path / "local.jsonl").open()],
+                                       str(inbox))
+    requests_before = len(stub.seen)
+    remote = ocrbatch("s3://equal/inbox", "--out", "s3://equal/results/", "--storage-option",
+                      f"endpoint_url={endpoint}", *options)
+    assert remote.returncode == 0, remote.stderr
+    remote_rows = rows_by_relative_path(bucket_rows(fs, "equal/results/pages.parquet"), "s3://equal/inbox")
+
+    # 3 + 2 pages of PDFs, 2 images; the copy is processed once under its first path, the draft excluded.
+    assert sorted(local_rows) == [("report.pdf", 1), ("report.pdf", 2), ("report.pdf", 3),
+                                  ("scans/deep/note.jpg", 1), ("scans/letter.pdf", 1), ("scans/letter.pdf", 2),
+                                  ("scans/receipt.png", 1)]
+    assert remote_rows == local_rows
+    # The stub answers with the size of the image it got: each object was rendered, at its own size.
+    receipt, note = remote_rows[("scans/receipt.png", 1)]["text"], remote_rows[("scans/deep/note.jpg", 1)]["text"]
+    assert receipt.startswith("OCR: ") and note.startswith("OCR: ") and receipt != note
+    assert len(stub.seen) - requests_before == 7
+    assert "same content as s3://equal/inbox/report.pdf" in remote.stderr
+    # The checkpoint stays on this machine, where the log says, keyed by the output's URL.
+    from ocrbatch.storage import ObjectPath, local_state_folder
+
+    checkpoint = local_state_folder(ObjectPath("s3://equal/results/pages.parquet")) / "pages.parquet.ocrbatch.db"
+    assert f"the checkpoint is kept on this machine in {checkpoint}" in remote.stderr
+    assert checkpoint_states(checkpoint) == {"ok": 7}
+    assert not fs.exists("equal/results/pages.parquet.ocrbatch.db")
+
+    # A moved object keeps its rows under its new path, without being read by the model again.
+    fs.mv("equal/inbox/scans/receipt.png", "equal/inbox/receipt-moved.png")
+    backdate("equal", "inbox/receipt-moved.png")
+    again = ocrbatch("s3://equal/inbox", "--out", "s3://equal/results/", "--storage-option",
+                     f"endpoint_url={endpoint}", *options)
+    assert again.returncode == 0, again.stderr
+    moved = rows_by_relative_path(bucket_rows(fs, "equal/results/pages.parquet"), "s3://equal/inbox")
+    assert len(stub.seen) - requests_before == 7
+    assert moved[("receipt-moved.png", 1)] == remote_rows[("scans/receipt.png", 1)]
+    assert ("scans/receipt.png", 1) not in moved and len(moved) == 7
+
+
+def test_an_object_still_being_uploaded_is_deferred(s3, stub, tmp_path):
+    endpoint, fs = s3
+    fs.mkdir("young")
+    folder = tmp_path / "inbox"
+    folder.mkdir()
+    write_pdf(folder / "old.pdf", 1)
+    write_pdf(folder / "new.pdf", 2)
+    fs.put_file(str(folder / "old.pdf"), "young/inbox/old.pdf")
+    backdate("young", "inbox/old.pdf")
+    fs.put_file(str(folder / "new.pdf"), "young/inbox/new.pdf")  # modified just now
+    out = tmp_path / "out.jsonl"
+    args = ["s3://young/inbox", "--out", out, "--storage-option", f"endpoint_url={endpoint}",
+            "--base-url", stub.url, "--min-file-age", "60", *COMMON]
+
+    first = ocrbatch(*args)
+    assert first.returncode == 0, first.stderr
+    assert "s3://young/inbox/new.pdf: modified" in first.stderr and "left for a later run" in first.stderr
+    assert "1 files still being written" in first.stderr
+    assert [(row["path"], row["page"]) for row in map(json.loads, out.open())] == [("s3://young/inbox/old.pdf", 1)]
+
+    backdate("young", "inbox/new.pdf")  # the upload has settled
+    second = ocrbatch(*args)
+    assert second.returncode == 0, second.stderr
+    assert sorted((row["path"], row["page"]) for row in map(json.loads, out.open())) == [
+        ("s3://young/inbox/new.pdf", 1), ("s3://young/inbox/new.pdf", 2), ("s3://young/inbox/old.pdf", 1)]
+
+
+@pytest.mark.parametrize("where", ["input", "output"])
+def test_a_bucket_that_does_not_exist_is_fatal_before_any_page_is_marked(s3, stub, tmp_path, where):
+    endpoint, fs = s3
+    present = f"present-{where}"
+    fs.mkdir(present)
+    folder = tmp_path / "inbox"
+    folder.mkdir()
+    write_pdf(folder / "a.pdf", 1)
+    fs.put_file(str(folder / "a.pdf"), f"{present}/inbox/a.pdf")
+    backdate(present, "inbox/a.pdf")
+    inbox = "s3://no-such-inbox/docs" if where == "input" else f"s3://{present}/inbox"
+    out = f"s3://{present}/out.jsonl" if where == "input" else "s3://no-such-results/out.jsonl"
+    checkpoint = tmp_path / "job.db"
+    requests_before = len(stub.seen)
+    result = ocrbatch(inbox, "--out", out, "--checkpoint", checkpoint, "--storage-option",
+                      f"endpoint_url={endpoint}", "--base-url", stub.url, "--min-file-age", "0", *COMMON)
+    assert result.returncode == 3, result.stderr
+    bucket = "no-such-inbox" if where == "input" else "no-such-results"
+    assert f"bucket '{bucket}': no such bucket" in result.stderr
+    assert len(stub.seen) == requests_before
+    assert not checkpoint.exists() or checkpoint_states(checkpoint) == {}
+
+
+def test_an_fsspec_protocol_without_its_package_names_the_package(tmp_path):
+    pytest.importorskip("fsspec")
+    if __import__("importlib").util.find_spec("gcsfs") is not None:
+        pytest.skip("gcsfs is installed here")
+    result = ocrbatch("gs://some-bucket/inbox", "--out", tmp_path / "out.jsonl", "--base-url",
+                      "http://127.0.0.1:9/v1", *COMMON)
+    assert result.returncode == 3, result.stderr
+    assert "gs://some-bucket/inbox: Please install gcsfs" in result.stderr
+
+
+def test_a_bad_storage_option_is_a_bad_command_line(tmp_path):
+    result = ocrbatch("s3://b/inbox", "--out", tmp_path / "out.jsonl", "--storage-option", "endpoint_url",
+                      "--base-url", "http://127.0.0.1:9/v1", *COMMON)
+    assert result.returncode == 2
+    assert "'endpoint_url': expected KEY=VALUE" in result.stderr
+
+
+def test_parse_storage_options():
+    from ocrbatch.storage import parse_storage_options
+
+    assert parse_storage_options(["anon=true", "use_ssl=False", "max_concurrency=8", "endpoint_url=http://h:1",
+                                  "key=a=b"]) == {"anon": True, "use_ssl": False, "max_concurrency": 8,
+                                                  "endpoint_url": "http://h:1", "key": "a=b"}
+
+
+def test_kill_9_mid_run_then_every_page_exactly_once_in_the_bucket(s3, stub, tmp_path):
+    endpoint, fs = s3
+    fs.mkdir("killed")
+    folder = tmp_path / "inbox"
+    folder.mkdir()
+    for i in range(4):
+        write_pdf(folder / f"doc{i}.pdf", 2, text=f"Document {i}")
+    upload_tree(fs, folder, "inbox", "killed")
+    checkpoint = tmp_path / "job.db"
+    args = ["s3://killed/inbox", "--out", "s3://killed/results.parquet", "--checkpoint", checkpoint,
+            "--storage-option", f"endpoint_url={endpoint}", "--base-url", stub.url, "--min-file-age", "60",
+            *COMMON]
+    # Two pages answered, then the third held: the kill lands while the run is in its middle.
+    stub.script("OCR:", Ok(), Ok(), Hold())
+    process = subprocess.Popen([sys.executable, "-m", "ocrbatch", "run", *map(str, args)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                if checkpoint_states(checkpoint).get("ok", 0) >= 2 and stub.in_flight:
+                    break
+            except sqlite3.Error:
+                pass
+            time.sleep(0.05)
+        assert process.poll() is None, "the run ended before the kill"
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    finally:
+        stub.release_held()
+    states = checkpoint_states(checkpoint)
+    assert states.get("ok") == 2 and states.get("pending", 0) == 6  # the kill landed mid-run
+    assert not fs.exists("killed/results.parquet")  # uploaded whole at the end of a run, never in part
+
+    final = ocrbatch(*args)
+    assert final.returncode == 0, final.stderr
+    keys = [(row["path"], row["page"]) for row in bucket_rows(fs, "killed/results.parquet")]
+    assert sorted(keys) == [(f"s3://killed/inbox/doc{i}.pdf", page) for i in range(4) for page in (1, 2)]
+    assert not list(Path(os.environ["OCRBATCH_CACHE_DIR"]).glob("outputs/*/.results.parquet.*.partial"))
