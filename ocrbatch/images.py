@@ -8,7 +8,6 @@ A pixel cap guards against decompression bombs.
 from __future__ import annotations
 
 import io
-import warnings
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
@@ -39,27 +38,22 @@ def open_image(source: str | Path | bytes, name: str | None = None,
             raise InputError(f"{label}: permission denied") from None
         except OSError as exc:
             raise InputError(f"{label}: cannot read ({exc.strerror or exc})") from None
+    # The limit is checked here, from the header, before decoding, rather than by setting Pillow's global
+    # MAX_IMAGE_PIXELS per call, which would race between the server's threads. Pillow still refuses, on its
+    # own, images over twice its limit (DecompressionBombError), which caps ``max_pixels``.
     try:
-        with stream, warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            previous = Image.MAX_IMAGE_PIXELS
-            Image.MAX_IMAGE_PIXELS = max_pixels
-            try:
-                image = Image.open(stream)
-                width, height = image.size
-                if width * height > max_pixels:
-                    raise InputError(
-                        f"{label}: image of {width}x{height} pixels exceeds the limit of {max_pixels} pixels"
-                    )
-                if frame:
-                    image.seek(frame)
-                image.load()
-                return image.convert("RGB")
-            finally:
-                Image.MAX_IMAGE_PIXELS = previous
+        with stream:
+            image = Image.open(stream)
+            width, height = image.size
+            if width * height > max_pixels:
+                raise InputError(f"{label}: image of {width}x{height} pixels exceeds the limit of {max_pixels} pixels")
+            if frame:
+                image.seek(frame)
+            image.load()
+            return image.convert("RGB")
     except InputError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+    except Image.DecompressionBombError:
         raise InputError(f"{label}: image exceeds the limit of {max_pixels} pixels (decompression-bomb guard)") from None
     except UnidentifiedImageError:
         raise InputError(f"{label}: not a recognised image format") from None
