@@ -103,9 +103,13 @@ class Engine:
         ``charts`` and ``seals`` send those blocks to the model instead of
         keeping them as pictures (seals need a 1.5+ checkpoint).
         """
+        # torch's thread count is the process's: the engine sets it for its vision encoder and close() puts
+        # it back, so an application's own torch work does not keep the engine's setting.
+        self._torch_threads = None
         if threads:
             import torch
 
+            self._torch_threads = torch.get_num_threads()
             torch.set_num_threads(threads)
         self.checkpoint = Checkpoint.open(model)
         self.model_name = str(model)
@@ -293,3 +297,8 @@ class Engine:
     def close(self) -> None:
         if self.language is not None:
             self.language.close()
+        if self._torch_threads is not None:
+            import torch
+
+            torch.set_num_threads(self._torch_threads)
+            self._torch_threads = None
