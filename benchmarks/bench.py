@@ -8,6 +8,7 @@ to ``--out``.
 
     python benchmarks/bench.py --model /path/to/full-checkpoint --out benchmarks/results/cpu-2core.json
     python benchmarks/bench.py --quick     # tiny checkpoint, seconds: keeps the harness working in CI
+    python benchmarks/bench.py --model /tmp/full --layout cdla --stitch on off   # layout mode vs the same blocks
 """
 
 from __future__ import annotations
@@ -110,50 +111,78 @@ def run_child(kind: str, spec: dict, timeout: float = 3600, script: str = __file
 
 # -- children ----------------------------------------------------------------------------
 
-def child_transformers(spec: dict) -> dict:
-    """Plain transformers: one page at a time, generate with min_new_tokens = max_new_tokens."""
+class StepClock:
+    """A logits processor that only notes when each generation step's logits are ready."""
+
+    def __init__(self):
+        self.stamps = []
+
+    def __call__(self, input_ids, scores):
+        self.stamps.append(time.perf_counter())
+        return scores
+
+
+def load_transformers(spec: dict):
+    """transformers' PaddleOCR-VL in ``spec["dtype"]`` on ``spec["threads"]``: (processor, model, load seconds)."""
     import torch
-    from PIL import Image
     from transformers import AutoProcessor, PaddleOCRVLForConditionalGeneration
 
     torch.set_num_threads(spec["threads"])
-    dtype = getattr(torch, spec["dtype"])
     started = time.perf_counter()
     processor = AutoProcessor.from_pretrained(spec["model"])
-    model = PaddleOCRVLForConditionalGeneration.from_pretrained(spec["model"], dtype=dtype).eval()
-    load_s = time.perf_counter() - started
-    tokens = spec["tokens"]
+    model = PaddleOCRVLForConditionalGeneration.from_pretrained(spec["model"], dtype=getattr(torch, spec["dtype"]))
+    return processor, model.eval(), time.perf_counter() - started
 
-    def conversation(path):
-        return [{"role": "user", "content": [{"type": "image", "image": Image.open(path).convert("RGB")},
-                                             {"type": "text", "text": PROMPT}]}]
+
+def chat_inputs(processor, items, pixel_bounds: tuple[int, int] | None = None):
+    """Model inputs for (image, prompt) pairs, one conversation each; several make one padded batch.
+
+    Padded on the left, so every sequence's generated tokens follow its own
+    prompt (what a batched ``generate`` needs). ``pixel_bounds`` (min, max
+    pixels) replaces the processor's resize bounds, as ocrbatch's encoder
+    does for layout blocks.
+    """
+    conversations = [[{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": prompt}]}]
+                     for image, prompt in items]
+    size = {"size": {"shortest_edge": pixel_bounds[0], "longest_edge": pixel_bounds[1]}} if pixel_bounds else {}
+    return processor.apply_chat_template(conversations if len(items) > 1 else conversations[0], tokenize=True,
+                                         add_generation_prompt=True, return_dict=True, return_tensors="pt",
+                                         processor_kwargs={"padding": True, "padding_side": "left", **size})
+
+
+def forced_generate(model, inputs, n: int) -> tuple[float, float, float, int]:
+    """Greedy ``generate`` of exactly ``n`` tokens a sequence (end-of-sentence suppressed by min_new_tokens).
+
+    Returns seconds for the whole call, for the decode steps alone, and for
+    the first step (vision + prefill), and the tokens generated in all.
+    """
+    import torch
+
+    clock = StepClock()
+    with torch.inference_mode():
+        begin = time.perf_counter()
+        output = model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                logits_processor=[clock])
+        total_s = time.perf_counter() - begin
+    generated = (output.shape[1] - inputs["input_ids"].shape[1]) * output.shape[0]
+    return total_s, clock.stamps[-1] - clock.stamps[0], clock.stamps[0] - begin, generated
+
+
+def child_transformers(spec: dict) -> dict:
+    """Plain transformers on whole pages: one page at a time, generate with min_new_tokens = max_new_tokens."""
+    import torch
+    from PIL import Image
+
+    processor, model, load_s = load_transformers(spec)
+    dtype = model.dtype
+    tokens = spec["tokens"]
 
     def inputs_for(*paths):
         """One conversation per page; several pages make one padded batch."""
-        conversations = [conversation(p) for p in paths]
-        return processor.apply_chat_template(conversations if len(paths) > 1 else conversations[0],
-                                             tokenize=True, add_generation_prompt=True, return_dict=True,
-                                             return_tensors="pt", padding=True)
-
-    class StepClock:
-        """A logits processor that only notes when each generation step's logits are ready."""
-
-        def __init__(self):
-            self.stamps = []
-
-        def __call__(self, input_ids, scores):
-            self.stamps.append(time.perf_counter())
-            return scores
+        return chat_inputs(processor, [(Image.open(path).convert("RGB"), PROMPT) for path in paths])
 
     def generate(inputs, n):
-        """Seconds for the whole call, and for the decode steps alone (prefill and vision excluded)."""
-        clock = StepClock()
-        with torch.inference_mode():
-            begin = time.perf_counter()
-            model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                           logits_processor=[clock])
-            total_s = time.perf_counter() - begin
-        return total_s, clock.stamps[-1] - clock.stamps[0], clock.stamps[0] - begin
+        return forced_generate(model, inputs, n)[:3]
 
     first = inputs_for(spec["pages"][0])
     with torch.inference_mode():
@@ -185,6 +214,82 @@ def child_transformers(spec: dict) -> dict:
         _, batch_decode_s, _ = generate(inputs_for(*batch), tokens)
         result[f"decode_tok_s_{len(batch)}_sequences"] = len(batch) * (tokens - 1) / batch_decode_s
     return result
+
+
+def layout_pages(pdfs: list[str], dpi: float, detector, model_max_pixels: int):
+    """Each page of ``pdfs`` as ocrbatch's layout stage sees it: (page image, blocks, seconds to render and detect).
+
+    The job's own code path: rendered by :func:`ocrbatch.rasterize.iter_pages`
+    under the layout cap at ``dpi``, blocks from ``detector`` (a
+    :func:`ocrbatch.layout.load_layout` detector). Callers make the model's
+    units with :func:`ocrbatch.assemble.layout_units`, as the job does.
+    """
+    from ocrbatch.discover import Document
+    from ocrbatch.rasterize import count_pages, iter_pages, page_pixel_cap
+
+    for path in pdfs:
+        document = Document(Path(path), None)
+        started = time.perf_counter()
+        for page in iter_pages(document, range(1, count_pages(document) + 1), dpi,
+                               page_pixel_cap(detector.name, model_max_pixels)):
+            if page.error:
+                raise RuntimeError(page.error)
+            blocks = detector.detect(page.image)
+            yield page.image, blocks, time.perf_counter() - started
+            started = time.perf_counter()
+
+
+def child_transformers_blocks(spec: dict) -> dict:
+    """The fair anchor: transformers on exactly the units of ocrbatch's layout stage, one ``generate`` per page.
+
+    What a user of the official layout pipeline with a transformers backend
+    runs: the same render, layout blocks, crops, stitching (``spec["stitch"]``)
+    and pixel bounds as ocrbatch (:func:`layout_pages`, then
+    :func:`ocrbatch.assemble.layout_units`), each page's units one
+    left-padded batch, every unit decoding ``spec["tokens"]``. The clock runs
+    over rendering and layout too, as ocrbatch's job does.
+    """
+    from PIL import Image
+
+    from ocrbatch.assemble import layout_units
+    from ocrbatch.layout import load_layout
+
+    processor, model, load_s = load_transformers(spec)
+    detector = load_layout(spec["layout"], threads=spec["threads"])
+    # transformers runs eagerly, but its first call still pays for allocations: not on the clock.
+    forced_generate(model, chat_inputs(processor, [(Image.new("RGB", (224, 224), "white"), PROMPT)]), 2)
+    pages = []
+    cpu_before = cpu_seconds([])
+    begin = time.perf_counter()
+    for image, blocks, layout_s in layout_pages(spec["documents"], spec["dpi"], detector,
+                                                processor.image_processor.size.longest_edge):
+        units, _ = layout_units(image, blocks, spec["stitch"])
+        [bounds] = {unit.pixel_bounds for unit in units}  # one processor call resizes within one set of bounds
+        inputs = chat_inputs(processor, [(unit.image, unit.prompt) for unit in units], bounds)
+        _, _, first_step_s, generated = forced_generate(model, inputs, spec["tokens"])
+        pages.append({"layout_s": layout_s, "first_step_s": first_step_s, "generated": generated,
+                      "calls": len(units), "blocks": sum(len(unit.blocks) for unit in units),
+                      "patches": int(inputs["image_grid_thw"].prod(-1).sum())})
+    process_s = time.perf_counter() - begin
+    cpu_s = cpu_seconds([]) - cpu_before
+    count = len(pages)
+
+    def per_page(key):
+        return sum(page[key] for page in pages) / count
+
+    return {
+        "load_s": load_s,
+        "layout_s_per_page": per_page("layout_s"),  # render and layout detection
+        "vision_prefill_s_per_page": per_page("first_step_s"),
+        "image_patches_per_page": per_page("patches"),
+        "blocks_per_page": per_page("blocks"),
+        "model_calls_per_page": per_page("calls"),
+        "output_tokens": sum(page["generated"] for page in pages),
+        "pages_per_min": count / process_s * 60,
+        "process_s": process_s,
+        "cpu_s_per_page": cpu_s / count,
+        "peak_rss_mb": peak_rss_mb(),
+    }
 
 
 def timed_job(spec: dict, **job) -> dict:
@@ -399,7 +504,8 @@ def child_mmproj(spec: dict) -> dict:
             "peak_rss_mb": peak_rss_mb()}
 
 
-CHILDREN = {"transformers": child_transformers, "ocrbatch": child_ocrbatch, "llama": child_llama,
+CHILDREN = {"transformers": child_transformers, "transformers-blocks": child_transformers_blocks,
+            "ocrbatch": child_ocrbatch, "llama": child_llama,
             "fidelity": child_fidelity, "mmproj": child_mmproj}
 
 
@@ -472,15 +578,19 @@ def main() -> None:
                         help="Run only these engines (e.g. transformers-float32 ocrbatch-Q4_K_M-vision-int8).")
     parser.add_argument("--skip-fidelity", action="store_true")
     parser.add_argument("--layout", nargs="+", choices=["none", "cdla"], metavar="MODE",
-                        help="Instead of the synthetic pages: report pages (Letter and A4 at --dpi, a table on "
-                             "most) through ocrbatch with each --layout MODE and each --vision-dtypes, beside "
-                             "transformers float32 on the whole pages, at the same output tokens per page.")
+                        help="Instead of the synthetic pages: report pages (Letter and A4 at --dpi, of each "
+                             "--page-kinds) through ocrbatch with each --layout MODE and each --vision-dtypes, beside "
+                             "transformers float32 on the whole pages (with none) and on the same blocks (with a "
+                             "layout), at the same output tokens per page.")
     parser.add_argument("--vision-dtypes", nargs="+", default=["float32", "int8"], metavar="DTYPE",
                         help="With --layout: the vision dtypes to run ocrbatch with.")
     parser.add_argument("--stitch", nargs="+", choices=["on", "off"], default=["on"], metavar="MODE",
                         help="With --layout cdla: run layout mode with stitching on (the default) and/or off "
                              "(--no-stitch); both give the stitched/unstitched ratios of model calls, image "
                              "patches and pages/min.")
+    parser.add_argument("--page-kinds", nargs="+", choices=["text", "figure"], default=["text", "figure"],
+                        metavar="KIND", help="With --layout: the report pages' kinds, in turn: text (paragraphs "
+                        "and a table) and figure (text running around a chart, where stitching applies).")
     parser.add_argument("--dpi", type=int, default=110, help="With --layout: render DPI (configs/cpu.toml's).")
     parser.add_argument("--max-pixels", type=int, default=1254400,
                         help="With --layout: render cap in pixels (configs/cpu.toml's).")
@@ -571,8 +681,10 @@ def measure(args, work: Path) -> dict:
     return results
 
 
-def make_report_pages(folder: Path, pages: int, dpi: int, max_pixels: int) -> tuple[list[Path], list[Path]]:
-    """Born-digital report PDFs (half Letter, half A4) and each page rendered as the job renders it (PNG)."""
+def make_report_pages(folder: Path, pages: int, dpi: int, max_pixels: int, kinds: list[str]
+                      ) -> tuple[list[Path], list[Path], list[str]]:
+    """Born-digital report PDFs (half Letter, half A4), each page rendered as the job renders a whole page (PNG),
+    and each page's kind (see :mod:`report_pages`): page ``i`` of the run is ``kinds[i % len(kinds)]``."""
     import pymupdf
     from report_pages import add_page
 
@@ -580,7 +692,7 @@ def make_report_pages(folder: Path, pages: int, dpi: int, max_pixels: int) -> tu
 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "docs").mkdir()
-    pdfs, images = [], []
+    pdfs, images, page_kinds = [], [], []
     for paper in ("letter", "a4"):
         count = pages // 2 + (pages % 2 if paper == "letter" else 0)
         if not count:
@@ -588,7 +700,9 @@ def make_report_pages(folder: Path, pages: int, dpi: int, max_pixels: int) -> tu
         path = folder / "docs" / f"report-{paper}.pdf"
         with pymupdf.open() as doc:
             for index in range(count):
-                add_page(doc, "text", len(images) + index, paper)
+                seed = len(images) + index
+                page_kinds.append(kinds[seed % len(kinds)])
+                add_page(doc, page_kinds[-1], seed, paper)
             doc.save(path, garbage=3, deflate=True)
             for page in doc:
                 zoom = pdf_zoom(page.rect.width, page.rect.height, dpi, max_pixels)
@@ -596,7 +710,7 @@ def make_report_pages(folder: Path, pages: int, dpi: int, max_pixels: int) -> tu
                 page.get_pixmap(matrix=pymupdf.Matrix(zoom, zoom)).save(image)
                 images.append(image)
         pdfs.append(path)
-    return pdfs, images
+    return pdfs, images, page_kinds
 
 
 # English prose averages about four characters per token in the 100k-token vocabularies of
@@ -605,11 +719,18 @@ def make_report_pages(folder: Path, pages: int, dpi: int, max_pixels: int) -> tu
 CHARS_PER_TOKEN = 4
 
 
-def report_page_facts(pdfs: list[Path], images: list[Path]) -> dict:
-    """Per page: its text layer's length in estimated tokens, CDLA's blocks that go to the model, and the
-    model calls they take with stitching."""
+def report_page_facts(pdfs: list[Path], model: str, dpi: int, threads: int) -> dict:
+    """Per page: its text layer's length in estimated tokens, CDLA's blocks that go to the model, and the model
+    calls and image patches they take with stitching and without; and the patches spent on upscaling.
+
+    Units are made as the job makes them (:func:`layout_pages`, ``layout_units``);
+    patches are counted by the checkpoint's image processor within each unit's
+    pixel bounds. A crop below the block minimum (112,896 pixels) is enlarged
+    to it, as PaddleX does: ``upscaling`` sets the patches such units get
+    beside the patches of the same crops at their own size (no minimum).
+    """
     import pymupdf
-    from PIL import Image
+    from transformers import AutoImageProcessor
 
     from ocrbatch.assemble import layout_units
     from ocrbatch.layout import load_layout
@@ -618,20 +739,51 @@ def report_page_facts(pdfs: list[Path], images: list[Path]) -> dict:
     for path in pdfs:
         with pymupdf.open(path) as doc:
             chars += [len(page.get_text()) for page in doc]
-    detector = load_layout("cdla")
-    labels, calls = [], []
-    for path in images:
-        image = Image.open(path).convert("RGB")
-        blocks = detector.detect(image)
-        labels.append([b.label for b in blocks if b.prompt is not None])
-        calls.append(len(layout_units(image, blocks)[0]))
-    return {"text_chars": chars, "text_tokens_estimated": [round(c / CHARS_PER_TOKEN) for c in chars],
-            "model_blocks": [len(page) for page in labels], "model_calls_stitched": calls,
-            "tables": [page.count("table") for page in labels]}
+    processor = AutoImageProcessor.from_pretrained(model)
+    smallest = (processor.patch_size * processor.merge_size) ** 2  # one image token: the processor's floor
+
+    def patches(unit, low: int) -> int:
+        bounds = {"min_pixels": low, "max_pixels": unit.pixel_bounds[1]}
+        return processor.get_number_of_image_patches(unit.image.height, unit.image.width, images_kwargs=bounds)
+
+    facts: dict = {"text_chars": chars, "text_tokens_estimated": [round(c / CHARS_PER_TOKEN) for c in chars],
+                   "model_blocks": [], "tables": []}
+    upscaling = {}
+    for stitch, mode in ((True, "stitched"), (False, "unstitched")):
+        calls, page_patches, by_label = [], [], {}
+        detector = load_layout("cdla", threads=threads)
+        for image, blocks, _ in layout_pages([str(p) for p in pdfs], dpi, detector,
+                                             processor.size.longest_edge):
+            units, _ = layout_units(image, blocks, stitch)
+            calls.append(len(units))
+            page_patches.append(0)
+            for unit in units:
+                given, own = patches(unit, unit.pixel_bounds[0]), patches(unit, smallest)
+                page_patches[-1] += given
+                if given > own:
+                    label = unit.block.label + (" (stitched)" if unit.stitched else "")
+                    entry = by_label.setdefault(label, {"units": 0, "patches": 0, "patches_at_own_size": 0})
+                    entry["units"] += 1
+                    entry["patches"] += given
+                    entry["patches_at_own_size"] += own
+            if stitch:
+                recognised = [b.label for b in blocks if b.prompt is not None]
+                facts["model_blocks"].append(len(recognised))
+                facts["tables"].append(recognised.count("table"))
+        facts[f"model_calls_{mode}"], facts[f"image_patches_{mode}"] = calls, page_patches
+        extra = sum(e["patches"] - e["patches_at_own_size"] for e in by_label.values())
+        upscaling[mode] = {"units": sum(e["units"] for e in by_label.values()),
+                           "patches": sum(e["patches"] for e in by_label.values()),
+                           "patches_at_own_size": sum(e["patches_at_own_size"] for e in by_label.values()),
+                           "extra_patches_share_of_all": round(extra / sum(page_patches), 3),
+                           "by_label": dict(sorted(by_label.items()))}
+    facts["upscaling"] = upscaling
+    return facts
 
 
 def measure_layout(args, work: Path) -> dict:
-    """Whole pages vs layout blocks on report pages, beside transformers float32 on the whole pages.
+    """Whole pages vs layout blocks on report pages, beside transformers float32 on the whole pages and on the
+    same blocks.
 
     Every engine decodes the same number of output tokens per page on
     average: whole pages ``page_tokens`` each; in layout mode every model
@@ -639,7 +791,9 @@ def measure_layout(args, work: Path) -> dict:
     (blocks, or with stitching the stitched units), so the run's total is
     the same (end-of-sentence and the loop guard off). ``--stitch on off``
     runs layout mode both ways, to compare model calls, image patches and
-    pages per minute.
+    pages per minute. The fair anchor, transformers on the same blocks
+    (:func:`child_transformers_blocks`), runs with each stitch setting, so
+    both sides make the same model calls on the same crops.
     """
     from ocrbatch.gguf_convert import convert
 
@@ -650,57 +804,86 @@ def measure_layout(args, work: Path) -> dict:
         from ocrbatch.devmodel import make_model
 
         model = str(make_model(work / "tiny", size="tiny"))
-    pdfs, images = make_report_pages(work / "pages", args.pages, args.dpi, args.max_pixels)
-    facts = report_page_facts(pdfs, images)
+    pdfs, images, kinds = make_report_pages(work / "pages", args.pages, args.dpi, args.max_pixels, args.page_kinds)
+    facts = {"kinds": kinds, **report_page_facts(pdfs, model, args.dpi, args.threads)}
     page_tokens = args.page_tokens or round(sum(facts["text_tokens_estimated"]) / len(images))
     block_tokens = max(1, round(page_tokens * len(images) / sum(facts["model_blocks"])))
     unit_tokens = max(1, round(page_tokens * len(images) / sum(facts["model_calls_stitched"])))
     convert(model, "Q4_K_M")  # cached: no run pays for the conversion
     results: dict = {"machine": machine_info(), "settings": {
-        "model": model, "pages": len(images), "papers": [p.stem for p in pdfs], "dpi": args.dpi,
-        "max_pixels": args.max_pixels, "page_tokens": page_tokens, "block_tokens": block_tokens,
+        "model": model, "pages": len(images), "papers": [p.stem for p in pdfs], "page_kinds": args.page_kinds,
+        "dpi": args.dpi, "max_pixels": args.max_pixels, "page_tokens": page_tokens, "block_tokens": block_tokens,
         "stitched_unit_tokens": unit_tokens, "stitch": args.stitch,
         "threads": args.threads, "quick": args.quick, **ENGINE_SETTINGS,
         "quant": "Q4_K_M"}, "pages": facts}
     base = {"model": model, "threads": args.threads}
+    layouts = [layout for layout in args.layout if layout != "none"]
+
+    def suffix(stitch: str) -> str:
+        return "" if stitch == "on" else "-no-stitch"
+
+    def tokens(layout: str, stitch: str) -> int:
+        return page_tokens if layout == "none" else unit_tokens if stitch == "on" else block_tokens
+
     engines = {}
     if "none" in args.layout:
         engines["transformers-float32"] = run_child("transformers", {
             **base, "dtype": "float32", "tokens": page_tokens, "pages": [str(p) for p in images], "batched": False})
+    for layout in layouts:
+        for stitch in args.stitch:
+            engines[f"transformers-float32-layout-{layout}{suffix(stitch)}"] = run_child("transformers-blocks", {
+                **base, "dtype": "float32", "documents": [str(p) for p in pdfs], "layout": layout,
+                "stitch": stitch == "on", "dpi": args.dpi, "tokens": tokens(layout, stitch)})
     for vision in args.vision_dtypes:
         for layout in args.layout:
             for stitch in (["on"] if layout == "none" else args.stitch):
-                suffix = "" if stitch == "on" else "-no-stitch"
-                tokens = page_tokens if layout == "none" else unit_tokens if stitch == "on" else block_tokens
-                engines[f"ocrbatch-Q4_K_M-vision-{vision}-layout-{layout}{suffix}"] = run_child("ocrbatch", {
+                engines[f"ocrbatch-Q4_K_M-vision-{vision}-layout-{layout}{suffix(stitch)}"] = run_child("ocrbatch", {
                     **base, "quant": "Q4_K_M", "vision_dtype": vision, "pages_dir": str(work / "pages" / "docs"),
                     "layout": layout, "stitch": stitch == "on", "dpi": args.dpi, "max_pixels": args.max_pixels,
-                    "tokens": tokens, **ENGINE_SETTINGS})
+                    "tokens": tokens(layout, stitch), **ENGINE_SETTINGS})
     results["engines"] = engines
     tf32 = engines.get("transformers-float32", {})
+    compared = ("pages_per_min", "model_calls_per_page", "image_patches_per_page", "cpu_s_per_page")
+    both_ways = set(args.stitch) == {"on", "off"}
+
+    def stitched_vs_not(name: str) -> dict:
+        return {key: ratio(engines.get(name, {}).get(key), engines.get(f"{name}-no-stitch", {}).get(key))
+                for key in compared}
+
     ratios = {}
     for vision in args.vision_dtypes:
-        whole = engines.get(f"ocrbatch-Q4_K_M-vision-{vision}-layout-none", {})
+        def ours(layout: str, stitch: str = "on") -> dict:
+            return engines.get(f"ocrbatch-Q4_K_M-vision-{vision}-layout-{layout}{suffix(stitch)}", {})
+
+        whole = ours("none")
         ratios[f"vision-{vision}"] = {
+            # The fair anchor first: the same blocks (and stitched units) through transformers float32.
+            **{f"pages_per_min_{layout}{suffix(stitch).replace('-', '_')}_vs_transformers_fp32_same_blocks": ratio(
+                ours(layout, stitch).get("pages_per_min"),
+                engines.get(f"transformers-float32-layout-{layout}{suffix(stitch)}", {}).get("pages_per_min"))
+               for layout in layouts for stitch in args.stitch},
+            # CPU seconds per page: what the pages cost, much less moved by other jobs' load
+            **{f"cpu_s_per_page_transformers_fp32_same_blocks_vs_{layout}{suffix(stitch).replace('-', '_')}": ratio(
+                engines.get(f"transformers-float32-layout-{layout}{suffix(stitch)}", {}).get("cpu_s_per_page"),
+                ours(layout, stitch).get("cpu_s_per_page"))
+               for layout in layouts for stitch in args.stitch},
             "pages_per_min_whole_page_vs_transformers_fp32": ratio(whole.get("pages_per_min"),
                                                                    tf32.get("pages_per_min")),
-            # CPU seconds per page: what the pages cost, much less moved by other jobs' load
             "cpu_s_per_page_transformers_fp32_vs_whole_page": ratio(tf32.get("cpu_s_per_page"),
                                                                     whole.get("cpu_s_per_page")),
             **{f"{layout}_vs_whole_page": {
-                key: ratio(engines.get(f"ocrbatch-Q4_K_M-vision-{vision}-layout-{layout}", {}).get(key),
-                           whole.get(key))
+                key: ratio(ours(layout).get(key), whole.get(key))
                 for key in ("pages_per_min", "vision_s_per_page", "image_patches_per_page", "cpu_s_per_page")}
-               for layout in args.layout if layout != "none"},
-            **{f"pages_per_min_{layout}_vs_transformers_fp32": ratio(
-                engines.get(f"ocrbatch-Q4_K_M-vision-{vision}-layout-{layout}", {}).get("pages_per_min"),
-                tf32.get("pages_per_min")) for layout in args.layout if layout != "none"},
-            **{f"{layout}_stitched_vs_not": {
-                key: ratio(engines.get(f"ocrbatch-Q4_K_M-vision-{vision}-layout-{layout}", {}).get(key),
-                           engines.get(f"ocrbatch-Q4_K_M-vision-{vision}-layout-{layout}-no-stitch", {}).get(key))
-                for key in ("pages_per_min", "model_calls_per_page", "image_patches_per_page", "cpu_s_per_page")}
-               for layout in args.layout if layout != "none" and set(args.stitch) == {"on", "off"}},
+               for layout in layouts if "none" in args.layout},
+            **{f"pages_per_min_{layout}_vs_transformers_fp32": ratio(ours(layout).get("pages_per_min"),
+                                                                    tf32.get("pages_per_min"))
+               for layout in layouts if "none" in args.layout},
+            **{f"{layout}_stitched_vs_not": stitched_vs_not(f"ocrbatch-Q4_K_M-vision-{vision}-layout-{layout}")
+               for layout in layouts if both_ways},
         }
+    if both_ways:  # what stitching buys the anchor itself
+        ratios["transformers-float32"] = {f"{layout}_stitched_vs_not": stitched_vs_not(
+            f"transformers-float32-layout-{layout}") for layout in layouts}
     results["ratios"] = ratios
     results["notes"] = args.note
     return results
