@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
 from PIL import Image
+
+from ocrbatch.options import JobOptions
 
 from ocrbatch.samples import synthetic_page
 
@@ -167,79 +175,31 @@ def write_lying_pdf(path, kids: int = 1, count: int = 3) -> None:
     write_raw_pdf(path, objects)
 
 
-# -- misbehaving processes, for the reliability tests --------------------------------------
-# They run in spawned children, which import this module by name (the tests folder is on
-# sys.path there too). The page to misbehave on is the one whose image has
-# $OCRBATCH_TEST_POISON_TOKENS image tokens: a page size no other test page has.
-
-def _is_poison(message) -> bool:
-    import os
-
-    wanted = os.environ.get("OCRBATCH_TEST_POISON_TOKENS")
-    request = message[1] if isinstance(message, tuple) and len(message) == 3 else None
-    return bool(wanted) and request is not None and request.prompt.n_image_tokens == int(wanted)
+def job_options(model, paths, out, **settings) -> JobOptions:
+    """A job's options as the tests run it (F32, no progress bar, files taken at once), ``settings`` on top."""
+    base = dict(paths=[Path(p) for p in paths], out=Path(out), model=str(model), quant="F32", progress=False,
+                min_file_age=0)
+    return JobOptions(**{**base, **settings})
 
 
-class _Tripwire:
-    """A worker's pipe that calls ``action`` when the poison request arrives."""
-
-    def __init__(self, conn, action):
-        self.conn, self.action = conn, action
-
-    def recv(self):
-        message = self.conn.recv()
-        if _is_poison(message):
-            self.action()
-        return message
-
-    def __getattr__(self, name):
-        return getattr(self.conn, name)
+def run_cli(*args, timeout: float = 600, prefix: list[str] = ()) -> subprocess.CompletedProcess:
+    """``python -m ocrbatch ARGS`` in a child process (after ``prefix``, a command that runs it), its output kept."""
+    return subprocess.run([*prefix, sys.executable, "-m", "ocrbatch", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout)
 
 
-def crashing_worker_main(conn, settings) -> None:
-    """A llama.cpp worker that dies of a segmentation fault whenever it receives the poison page."""
-    import ctypes
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a job's output file, read with pyarrow or json, not with the code under test."""
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        return [json.loads(line) for line in path.read_text().splitlines()]
+    import pyarrow.parquet as pq
 
-    from ocrbatch.pool import _worker_main
-
-    _worker_main(_Tripwire(conn, lambda: ctypes.string_at(0)), settings)
-
-
-def hanging_worker_main(conn, settings) -> None:
-    """A llama.cpp worker that hangs (never reads its pipe again) on the poison page."""
-    import time
-
-    from ocrbatch.pool import _worker_main
-
-    _worker_main(_Tripwire(conn, lambda: time.sleep(3600)), settings)
+    return pq.read_table(path).to_pylist()
 
 
-def failing_prefill_worker_main(conn, settings) -> None:
-    """A llama.cpp worker whose llama_decode fails for the poison page's prefill only."""
-    import os
-
-    from ocrbatch.errors import OcrbatchError
-    from ocrbatch.language import LanguageModel
-    from ocrbatch.pool import _worker_main
-
-    wanted = int(os.environ["OCRBATCH_TEST_POISON_TOKENS"])
-    prefill = LanguageModel._prefill
-
-    def failing(self, seq):
-        if seq.request.prompt.n_image_tokens == wanted:
-            raise OcrbatchError("llama_decode failed with status 1")
-        return prefill(self, seq)
-
-    LanguageModel._prefill = failing
-    _worker_main(conn, settings)
-
-
-def segfaulting_renderer(document, pages, dpi, max_pixels):
-    """Renders pages as usual, but crashes the render process on files named *segfault*."""
-    import ctypes
-
-    from ocrbatch.rasterize import iter_pages
-
-    if "segfault" in document.path.name:
-        ctypes.string_at(0)
-    return iter_pages(document, pages, dpi, max_pixels)
+def free_port() -> int:
+    """A loopback port nothing listens on (for a server a test starts)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -1,47 +1,33 @@
 """``ocrbatch run``: the resumable batch job, end to end, with bad input and kills."""
 
-import json
 import os
 import re
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
-from helpers import (document_image, good_documents, llama_workers, settle, write_encrypted_pdf, write_pdf,
-                     write_png_claiming_size, write_zero_page_pdf)
+from helpers import (document_image, good_documents, job_options, llama_workers, read_rows, run_cli, settle,
+                     write_encrypted_pdf, write_pdf, write_png_claiming_size, write_zero_page_pdf)
 
 from ocrbatch.cli import main
 from ocrbatch.output import COLUMNS
-from ocrbatch.options import JobOptions
 from ocrbatch.pipeline import JobLock, run_job
 from ocrbatch.record import EXIT_LOCKED
 from ocrbatch.store import Store, checkpoint_path_for
 
 
-def options(tiny_model, paths, out, **overrides) -> JobOptions:
-    settings = dict(paths=[Path(p) for p in paths], out=Path(out), model=str(tiny_model), quant="F32",
-                    max_tokens=8, workers=1, seqs_per_worker=2, dpi=72, progress=False, min_file_age=0, layout="none")
-    settings.update(overrides)
-    return JobOptions(**settings)
-
 
 # Root ignores file permissions; without these capabilities it meets them like any user.
 AS_USER = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
+cli = partial(run_cli, prefix=AS_USER)
+options = partial(job_options, max_tokens=8, workers=1, seqs_per_worker=2, dpi=72, layout="none")
 
 
-def cli(*args, timeout=600):
-    return subprocess.run([*AS_USER, sys.executable, "-m", "ocrbatch", *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout)
-
-
-def read_rows(path: Path) -> list[dict]:
-    if path.suffix == ".jsonl":
-        return [json.loads(line) for line in path.read_text().splitlines()]
-    return pq.read_table(path).to_pylist()
 
 
 @pytest.fixture(scope="module")

@@ -2,31 +2,26 @@
 
 import json
 import shutil
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
-from helpers import settle, write_pdf
+from helpers import job_options, settle, write_pdf
 from PIL import Image
 
 from ocrbatch.cli import main
-from ocrbatch.options import JobOptions
 from ocrbatch.overlay import STYLES
 from ocrbatch.pipeline import run_job
 
 SAMPLE_DOCS = Path(__file__).parents[1] / "sample_docs"
 DPI = 110
+options = partial(job_options, max_tokens=4, dpi=DPI, layout="cdla")
 # The purchase order's table (ocrbatch.samples): 460 pt wide, 5 rows of 28 pt, from (56, 90).
 TABLE_PT = (56, 90, 516, 230)
 
-
-def options(tiny_model, paths, out, **overrides) -> JobOptions:
-    settings = dict(paths=[Path(p) for p in paths], out=Path(out), model=str(tiny_model), quant="F32",
-                    max_tokens=4, dpi=DPI, progress=False, min_file_age=0, layout="cdla")
-    settings.update(overrides)
-    return JobOptions(**settings)
 
 
 @pytest.fixture(scope="module")

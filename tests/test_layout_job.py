@@ -7,24 +7,20 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from helpers import settle
+from helpers import job_options, settle
 from test_reliability import page_states, wait_for_ok_pages
 
-from ocrbatch.options import JobOptions
 from ocrbatch.pipeline import run_job
+
+options = partial(job_options, max_tokens=12, dpi=110, layout="cdla")
 
 SAMPLE_DOCS = Path(__file__).parents[1] / "sample_docs"
 
-
-def options(tiny_model, paths, out, **overrides) -> JobOptions:
-    settings = dict(paths=[Path(p) for p in paths], out=Path(out), model=str(tiny_model), quant="F32",
-                    max_tokens=12, dpi=110, progress=False, min_file_age=0, layout="cdla")
-    settings.update(overrides)
-    return JobOptions(**settings)
 
 
 @pytest.fixture(scope="module")

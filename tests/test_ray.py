@@ -10,12 +10,14 @@ import subprocess
 import sys
 import time
 from datetime import datetime, timedelta, timezone
+from functools import partial
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from helpers import document_image, write_pdf
+from helpers import job_options as base_options
 
 from ocrbatch.dataset_record import DatasetRecord
 from ocrbatch.errors import OcrbatchError
@@ -341,12 +343,8 @@ def end(processes, grace_s: float = 5.0) -> None:
             pass
 
 
-def job_options(model, paths, out, **overrides) -> JobOptions:
-    settings = dict(paths=[Path(p) for p in paths], out=Path(out), model=str(model), quant="F32", max_tokens=8,
-                    workers=2, seqs_per_worker=2, batch_size=2, dpi=72, progress=False, max_retries=1, min_file_age=0)
-    settings.update(overrides)
-    return JobOptions(**settings)
-
+# The job as the Ray tests run it: two decode actors of two sequences, pages two to a vision batch.
+job_options = partial(base_options, max_tokens=8, workers=2, seqs_per_worker=2, batch_size=2, dpi=72, max_retries=1)
 
 def poison_decoding():
     """Ray worker setup hook: a decode actor dies, as in a llama.cpp abort, on a batch with a 'poison' page."""

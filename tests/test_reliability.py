@@ -5,7 +5,6 @@ events they provoke (a kill, a crash, a signal) are checked to have landed
 mid-run, not at a harmless moment.
 """
 
-import json
 import os
 import random
 import shutil
@@ -15,36 +14,22 @@ import statistics
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
-from helpers import (crashing_worker_main, failing_prefill_worker_main, hanging_worker_main, llama_workers,
-                     segfaulting_renderer, settle, write_lying_pdf, write_pdf)
+from fault_workers import crashing_worker_main, failing_prefill_worker_main, hanging_worker_main, segfaulting_renderer
+from helpers import job_options, llama_workers, read_rows, run_cli, settle, write_lying_pdf, write_pdf
 
-from ocrbatch.options import JobOptions
 from ocrbatch.pipeline import PipelineError, run_job
 from ocrbatch.pool import PoolFailed, WorkerPool
 from ocrbatch.store import checkpoint_path_for
 
-
-def options(tiny_model, paths, out, **overrides) -> JobOptions:
-    settings = dict(paths=[Path(p) for p in paths], out=Path(out), model=str(tiny_model), quant="F32",
-                    max_tokens=8, workers=1, seqs_per_worker=2, dpi=72, progress=False, min_file_age=0, layout="none")
-    settings.update(overrides)
-    return JobOptions(**settings)
+options = partial(job_options, max_tokens=8, workers=1, seqs_per_worker=2, dpi=72, layout="none")
+cli = run_cli
 
 
-def cli(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "ocrbatch", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout)
 
-
-def read_rows(path: Path) -> list[dict]:
-    if path.suffix == ".jsonl":
-        return [json.loads(line) for line in path.read_text().splitlines()]
-    import pyarrow.parquet as pq
-
-    return pq.read_table(path).to_pylist()
 
 
 def page_states(out: Path) -> dict[str, int]:

@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 from fault_server import Drop, FaultServer, Hold, Ok, Stall, Status
-from helpers import document_image, llama_cpp_source
+from helpers import document_image, free_port, llama_cpp_source
 from PIL import Image
 
 from ocrbatch.errors import OcrbatchError
@@ -298,11 +298,6 @@ def test_close_resolves_or_cancels_every_future(server, recognizer):
 
 MAX_TOKENS = 16
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start(command: list[str], port: int, log: Path, startup_s: float = 300, env: dict | None = None) -> subprocess.Popen:

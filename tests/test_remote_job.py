@@ -10,10 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import document_image, settle, write_pdf
+from helpers import document_image, free_port, settle, write_pdf
 from scanned_article import write_scanned_article
 from test_reliability import page_states, wait_for_ok_pages
-from test_remote import free_port, start, stop
+from test_remote import start, stop
 from test_server import live  # noqa: F401  (a fixture: ocrbatch serve in this process, its engine at hand)
 
 SAMPLE_DOCS = Path(__file__).parents[1] / "sample_docs"

@@ -19,17 +19,12 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
-from helpers import document_image, write_png_claiming_size
+from helpers import document_image, free_port, write_png_claiming_size
 
 MAX = 16
 # A decode this long is never waited for: with end-of-sentence ignored, only a cancel ends it in time.
 LONG = 2000
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start_server(model, *extra):

@@ -1,6 +1,5 @@
 """Video files as documents: sampled frames, near-duplicates dropped, timestamps, broken files, kills."""
 
-import json
 import re
 import signal
 import sqlite3
@@ -10,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import settle, write_pdf
+from helpers import read_rows, run_cli, settle, write_pdf
 from video_fixtures import (noisy, slide_image, truncate, write_slides_video, write_unknown_codec_video,
                             write_video)
 
@@ -21,9 +20,8 @@ from ocrbatch.pipeline import run_job
 from ocrbatch.rasterize import iter_pages
 from ocrbatch.store import checkpoint_path_for
 
+cli = run_cli
 
-def read_rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def test_slides_held_for_seconds_are_one_page_each_at_their_timestamps(tmp_path, record_property):
@@ -81,10 +79,6 @@ def job_options(tiny_model, paths, out, **overrides) -> JobOptions:
     settings.update(overrides)
     return JobOptions(**settings)
 
-
-def cli(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "ocrbatch", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout)
 
 
 @pytest.mark.slow
