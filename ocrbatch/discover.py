@@ -30,6 +30,7 @@ import errno
 import fnmatch
 import codecs
 import hashlib
+import logging
 import os
 import re
 import stat
@@ -40,6 +41,8 @@ from typing import Callable, Iterable, Iterator
 
 from .errors import OcrbatchError
 from .storage import ObjectPath, ObjectStat, hash_object, list_objects
+
+log = logging.getLogger("ocrbatch")
 
 PDF_SUFFIXES = {".pdf"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".bmp"}
@@ -271,7 +274,9 @@ def _identify_object(path: ObjectPath, listed: ObjectStat, known_id, min_file_ag
 def _discover_objects(root: ObjectPath, include: list[str], exclude: list[str], known_id,
                       min_file_age: float) -> Iterator[Document]:
     prefix = root.key.rstrip("/") + "/"
+    listed_any = False
     for path, listed in list_objects(root):
+        listed_any = True
         relative = path.key[len(prefix):] if path.key.startswith(prefix) else path.name
         if exclude and _matches(relative, exclude):
             continue
@@ -281,11 +286,9 @@ def _discover_objects(root: ObjectPath, include: list[str], exclude: list[str], 
         if not suffix_ok:
             yield Document(path, failed_document_id(path), error=f"{path}: unsupported file type {path.suffix!r}")
             continue
-        if path.suffix.lower() in VIDEO_SUFFIXES:  # PyAV is only ever given local files
-            yield Document(path, failed_document_id(path),
-                           error=f"{path}: videos are read from local files only; copy it to a local folder")
-            continue
         yield _identify_object(path, listed, known_id, min_file_age)
+    if not listed_any:  # a prefix holds nothing until an object is put under it: it may be a typo, or empty yet
+        log.warning("%s: no objects under this prefix", root)
 
 
 def discover(paths: Iterable[str | Path | ObjectPath], include: Iterable[str] = (), exclude: Iterable[str] = (),

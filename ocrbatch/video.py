@@ -38,6 +38,7 @@ from typing import Iterator
 import numpy as np
 
 from .errors import InputError
+from .storage import ObjectPath
 
 DEFAULT_VIDEO_FPS = 1.0
 # The duplicate rule (see the module's docstring).
@@ -93,7 +94,9 @@ def _open(path: Path):
     av.logging.set_skip_repeated(False)
     try:
         with av.logging.Capture() as logs:
-            container = av.open(str(path))
+            # An object in storage is read through its fsspec file, in ranges as FFmpeg seeks; the
+            # container does not close it: fsspec closes a file when it is collected with the container.
+            container = av.open(path.open() if isinstance(path, ObjectPath) else str(path))
     except av.FFmpegError as exc:
         raise InputError(f"{path}: not a readable video ({exc.strerror or exc})") from None
     finally:

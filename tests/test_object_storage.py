@@ -24,12 +24,13 @@ import pyarrow.parquet as pq
 import pytest
 from fault_server import FaultServer, Hold, Ok
 from helpers import document_image, settle, write_pdf
+from video_fixtures import write_slides_video
 
 moto_server = pytest.importorskip("moto.server")
 s3fs = pytest.importorskip("s3fs")
 
 COMMON = ["--backend", "openai", "--concurrency", "1", "--max-tokens", "16", "--dpi", "50", "--layout", "none"]
-COMPARED = ("text", "status", "page_count", "width", "height", "doc_id")
+COMPARED = ("text", "status", "page_count", "width", "height", "doc_id", "timestamp_s")
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +78,7 @@ def make_inbox(folder: Path) -> Path:
     document_image(620, 240, 1).save(folder / "scans" / "receipt.png")
     document_image(260, 700, 2).save(folder / "scans" / "deep" / "note.jpg")
     write_pdf(folder / "scans" / "draft.pdf", 1, text="Draft")  # excluded
+    write_slides_video(folder / "talk.mp4", [1.5, 1.5])  # two slides: two pages
     settle(folder)
     return folder
 
@@ -127,22 +129,23 @@ def test_a_bucket_inbox_into_a_bucket_dataset_equals_the_same_job_on_local_folde
     assert remote.returncode == 0, remote.stderr
     remote_rows = rows_by_relative_path(bucket_rows(fs, "equal/results/pages.parquet"), "s3://equal/inbox")
 
-    # 3 + 2 pages of PDFs, 2 images; the copy is processed once under its first path, the draft excluded.
+    # 3 + 2 pages of PDFs, 2 images, 2 slides of a video; the copy is processed once under its first
+    # path, the draft excluded.
     assert sorted(local_rows) == [("report.pdf", 1), ("report.pdf", 2), ("report.pdf", 3),
                                   ("scans/deep/note.jpg", 1), ("scans/letter.pdf", 1), ("scans/letter.pdf", 2),
-                                  ("scans/receipt.png", 1)]
+                                  ("scans/receipt.png", 1), ("talk.mp4", 1), ("talk.mp4", 2)]
     assert remote_rows == local_rows
     # The stub answers with the size of the image it got: each object was rendered, at its own size.
     receipt, note = remote_rows[("scans/receipt.png", 1)]["text"], remote_rows[("scans/deep/note.jpg", 1)]["text"]
     assert receipt.startswith("OCR: ") and note.startswith("OCR: ") and receipt != note
-    assert len(stub.seen) - requests_before == 7
+    assert len(stub.seen) - requests_before == 9
     assert "same content as s3://equal/inbox/report.pdf" in remote.stderr
     # The checkpoint stays on this machine, where the log says, keyed by the output's URL.
     from ocrbatch.storage import ObjectPath, local_state_folder
 
     checkpoint = local_state_folder(ObjectPath("s3://equal/results/pages.parquet")) / "pages.parquet.ocrbatch.db"
     assert f"the checkpoint is kept on this machine in {checkpoint}" in remote.stderr
-    assert checkpoint_states(checkpoint) == {"ok": 7}
+    assert checkpoint_states(checkpoint) == {"ok": 9}
     assert not fs.exists("equal/results/pages.parquet.ocrbatch.db")
 
     # A moved object keeps its rows under its new path, without being read by the model again.
@@ -152,9 +155,9 @@ def test_a_bucket_inbox_into_a_bucket_dataset_equals_the_same_job_on_local_folde
                      f"endpoint_url={endpoint}", *options)
     assert again.returncode == 0, again.stderr
     moved = rows_by_relative_path(bucket_rows(fs, "equal/results/pages.parquet"), "s3://equal/inbox")
-    assert len(stub.seen) - requests_before == 7
+    assert len(stub.seen) - requests_before == 9
     assert moved[("receipt-moved.png", 1)] == remote_rows[("scans/receipt.png", 1)]
-    assert ("scans/receipt.png", 1) not in moved and len(moved) == 7
+    assert ("scans/receipt.png", 1) not in moved and len(moved) == 9
 
 
 def test_an_object_still_being_uploaded_is_deferred(s3, stub, tmp_path):
