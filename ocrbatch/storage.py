@@ -33,6 +33,8 @@ from .errors import OcrbatchError
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 # Keys of a listing's entries that hold the modification time, by filesystem: s3fs, adlfs, gcsfs.
 _MTIME_KEYS = ("LastModified", "last_modified", "updated", "mtime")
+# Storage options that name the store itself, not how to reach or sign in to it: s3fs, adlfs.
+_PLACE_OPTIONS = ("endpoint_url", "account_name")
 
 
 class StorageError(OcrbatchError):
@@ -241,11 +243,14 @@ def upload(local: Path, target: ObjectPath) -> None:
 def local_state_folder(target: ObjectPath) -> Path:
     """This machine's folder for an object output's checkpoint and partial file.
 
-    Under ``$OCRBATCH_CACHE_DIR`` or ``~/.cache/ocrbatch``, in ``outputs/<hash of the URL>``, so
-    the same ``--out`` finds the same checkpoint on every run from this machine.
+    Under ``$OCRBATCH_CACHE_DIR`` or ``~/.cache/ocrbatch``, in ``outputs/<hash>``, so the same
+    ``--out`` finds the same checkpoint on every run from this machine. The hash is of the URL and
+    of the options that say which store it is in (an S3 endpoint, an Azure account): the same
+    bucket name on two stores is two outputs; credentials, which change, are left out.
     """
     base = Path(os.environ.get("OCRBATCH_CACHE_DIR") or Path.home() / ".cache" / "ocrbatch")
-    return base / "outputs" / hashlib.sha256(target.url.encode()).hexdigest()[:16]
+    place = [f"{key}={value}" for key, value in target.options if key in _PLACE_OPTIONS]
+    return base / "outputs" / hashlib.sha256("\n".join([target.url, *place]).encode()).hexdigest()[:16]
 
 
 def input_path(text: str, options: dict[str, Any]) -> Path | ObjectPath:

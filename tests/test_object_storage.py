@@ -143,7 +143,8 @@ def test_a_bucket_inbox_into_a_bucket_dataset_equals_the_same_job_on_local_folde
     # The checkpoint stays on this machine, where the log says, keyed by the output's URL.
     from ocrbatch.storage import ObjectPath, local_state_folder
 
-    checkpoint = local_state_folder(ObjectPath("s3://equal/results/pages.parquet")) / "pages.parquet.ocrbatch.db"
+    output = ObjectPath.of("s3://equal/results/pages.parquet", {"endpoint_url": endpoint})
+    checkpoint = local_state_folder(output) / "pages.parquet.ocrbatch.db"
     assert f"the checkpoint is kept on this machine in {checkpoint}" in remote.stderr
     assert checkpoint_states(checkpoint) == {"ok": 9}
     assert not fs.exists("equal/results/pages.parquet.ocrbatch.db")
@@ -274,3 +275,19 @@ def test_kill_9_mid_run_then_every_page_exactly_once_in_the_bucket(s3, stub, tmp
     keys = [(row["path"], row["page"]) for row in bucket_rows(fs, "killed/results.parquet")]
     assert sorted(keys) == [(f"s3://killed/inbox/doc{i}.pdf", page) for i in range(4) for page in (1, 2)]
     assert not list(Path(os.environ["OCRBATCH_CACHE_DIR"]).glob("outputs/*/.results.parquet.*.partial"))
+
+
+def test_an_object_outputs_checkpoint_is_local_keyed_by_url_and_store_not_credentials(tmp_path, monkeypatch):
+    from ocrbatch.options import JobOptions
+    from ocrbatch.storage import ObjectPath
+
+    monkeypatch.setenv("OCRBATCH_CACHE_DIR", str(tmp_path))
+
+    def checkpoint(url, **options):
+        return JobOptions(paths=[], out=ObjectPath.of(url, options)).checkpoint_path
+
+    here = checkpoint("s3://b/out.parquet", endpoint_url="http://a:1", key="old")
+    assert here.parent.parent == tmp_path / "outputs" and here.name == "out.parquet.ocrbatch.db"
+    assert checkpoint("s3://b/out.parquet", endpoint_url="http://a:1", key="rotated") == here
+    assert checkpoint("s3://b/out.parquet", endpoint_url="http://other:1") != here
+    assert checkpoint("s3://b/other.parquet", endpoint_url="http://a:1") != here
