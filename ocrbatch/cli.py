@@ -350,7 +350,7 @@ def run(paths, out, storage_options, output_format, checkpoint, include, exclude
         raise click.BadParameter(str(exc), param_hint="--storage-option") from None
     paths = [input_path(path, storage_settings) for path in paths]
     out = input_path(out, storage_settings)
-    if isinstance(out, ObjectPath) and out.is_folder_url():
+    if isinstance(out, ObjectPath) and out.is_folder_url() and engine_name == "local":  # ray: the dataset folder
         out = out / f"pages.{output_format or 'parquet'}"
     options = JobOptions(
         paths=list(paths), out=out, output_format=output_format, checkpoint=checkpoint, include=list(include),
@@ -373,9 +373,6 @@ def run(paths, out, storage_options, output_format, checkpoint, include, exclude
     except PathError as exc:
         raise click.BadParameter(str(exc), param_hint="PATHS") from None
     if engine_name == "ray":
-        if any(isinstance(path, ObjectPath) for path in [*paths, out]):
-            raise click.BadParameter("object storage PATHS and --out are for the local engine for now",
-                                     param_hint="--engine")
         if backend != "local":
             raise click.BadParameter("the ray engine runs the models on its actors, not --backend openai",
                                      param_hint="--engine")

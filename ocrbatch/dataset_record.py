@@ -13,6 +13,13 @@ pandas) and whatever plans the next run see the same thing. The layout:
 ``.ocrbatch.lock``
     held by the run that writes ``DIR``.
 
+``DIR`` may be a folder in object storage (an :class:`~ocrbatch.storage.ObjectPath`,
+``s3://bucket/results/``): each file is then written locally and uploaded whole,
+which an object store makes visible only once complete (so no hidden name and
+rename), a rewrite replaces the object whole, and the lock is a file on this
+machine (in :func:`~ocrbatch.storage.local_state_folder`): one machine drives
+a dataset in object storage at a time.
+
 Files are written whole under a hidden name and renamed, so a reader or a
 killed run never meets half a file; names ending in ``.tmp`` and starting
 with ``.`` are skipped by ``*.parquet`` globs and by pyarrow alike. Every file
@@ -49,6 +56,7 @@ import pyarrow.parquet as pq
 
 from .errors import OcrbatchError
 from .output import COLUMNS, SCHEMA
+from .storage import ObjectPath, list_objects, local_state_folder, reading, upload
 
 SETTINGS_KEY = b"ocrbatch.settings"
 LOCK_NAME = ".ocrbatch"  # the lock file is this name plus ".lock"
@@ -65,7 +73,7 @@ def new_run_id() -> str:
 class Entry:
     """Where one page's row lives and what it says."""
 
-    file: Path
+    file: Path | ObjectPath
     row: int  # index within the file
     path: str
     doc_id: str
@@ -98,37 +106,54 @@ def _rows_table(rows: Iterable[dict]) -> pa.Table:
 class DatasetRecord:
     """Read, extend and repair the Parquet dataset in ``folder``."""
 
-    def __init__(self, folder: str | Path, settings: dict[str, str] | None = None):
+    def __init__(self, folder: str | Path | ObjectPath, settings: dict[str, str] | None = None):
         """``settings`` are stored in every file this object writes (see :meth:`check_settings`)."""
-        self.folder = Path(folder)
+        self.folder = folder if isinstance(folder, ObjectPath) else Path(folder)
         self.settings = dict(settings or {})
+
+    @property
+    def in_object_storage(self) -> bool:
+        return isinstance(self.folder, ObjectPath)
 
     # -- files -----------------------------------------------------------------------
 
-    def files(self) -> list[Path]:
+    def files(self) -> list[Path | ObjectPath]:
         """The dataset's visible Parquet files, in name order; hidden and partial files are not part of it."""
-        if not self.folder.is_dir():
+        if self.in_object_storage:
+            self.folder.fs.invalidate_cache(self.folder.key.rstrip("/"))  # this run's own writes must show
+            found = [path for path, _ in list_objects(self.folder)]
+        elif self.folder.is_dir():
+            found = [p for p in self.folder.iterdir() if p.is_file()]
+        else:
             return []
-        return sorted(p for p in self.folder.iterdir()
-                      if p.suffix == ".parquet" and not p.name.startswith((".", "_")) and p.is_file())
+        return sorted((p for p in found if p.suffix == ".parquet" and not p.name.startswith((".", "_"))),
+                      key=lambda p: p.name)
 
     def lock(self):
         """The run's exclusive lock on ``folder`` (:class:`ocrbatch.pipeline.JobLock`, exit code 4 when held)."""
         from .pipeline import JobLock
 
+        if self.in_object_storage:
+            state = local_state_folder(self.folder)
+            state.mkdir(parents=True, exist_ok=True)
+            return JobLock(state / LOCK_NAME)
         if self.folder.exists() and not self.folder.is_dir():
             raise OcrbatchError(f"{self.folder}: not a folder; the ray engine writes a Parquet dataset folder")
         self.folder.mkdir(parents=True, exist_ok=True)
         return JobLock(self.folder / LOCK_NAME)
 
-    def _write_atomically(self, target: Path, table: pa.Table) -> None:
-        """Write ``table`` under a hidden name, flush it to disk, and rename it over ``target``."""
-        self.folder.mkdir(parents=True, exist_ok=True)
+    def _write_atomically(self, target: Path | ObjectPath, table: pa.Table) -> None:
+        """Write ``table`` under a hidden name, flush it to disk, and rename it over ``target`` (or upload it whole)."""
         metadata = {SETTINGS_KEY: json.dumps(self.settings, sort_keys=True).encode()}
         table = table.replace_schema_metadata(metadata)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        staging = local_state_folder(self.folder) if self.in_object_storage else self.folder
+        staging.mkdir(parents=True, exist_ok=True)
+        tmp = staging / f".{target.name}.{os.getpid()}.tmp"
         try:
             pq.write_table(table, tmp, compression="zstd")
+            if self.in_object_storage:
+                upload(tmp, target)
+                return
             with open(tmp, "rb") as handle:
                 os.fsync(handle.fileno())
             os.replace(tmp, target)
@@ -136,10 +161,17 @@ class DatasetRecord:
             tmp.unlink(missing_ok=True)
         _fsync_folder(self.folder)
 
-    def write(self, rows: list[dict], name: str) -> Path:
+    def _delete(self, file: Path | ObjectPath) -> None:
+        if isinstance(file, ObjectPath):
+            with reading(file):
+                file.fs.rm_file(file.key)
+        else:
+            file.unlink()
+
+    def write(self, rows: list[dict], name: str) -> Path | ObjectPath:
         """Write ``rows`` (output rows; other keys are dropped) as the new file ``name``."""
         target = self.folder / name
-        if target.exists():
+        if target.fs.exists(target.key) if self.in_object_storage else target.exists():
             raise OcrbatchError(f"{target}: already exists; a record file is never overwritten by a new batch")
         self._write_atomically(target, _rows_table(rows))
         return target
@@ -149,14 +181,15 @@ class DatasetRecord:
 
         A file left with no rows is deleted.
         """
-        table = pq.read_table(file, schema=SCHEMA)
+        table = _read_table(file, schema=SCHEMA)
         paths = table.column("path").to_pylist()
         keep = [changes.get(number, paths[number]) is not None for number in range(table.num_rows)]
         new_paths = [changes.get(number, path) for number, path in enumerate(paths) if keep[number]]
         table = table.filter(pa.array(keep, pa.bool_()))
         if table.num_rows == 0:
-            file.unlink()
-            _fsync_folder(self.folder)
+            self._delete(file)
+            if not self.in_object_storage:
+                _fsync_folder(self.folder)
             return
         table = table.set_column(COLUMNS.index("path"), "path", pa.array(new_paths, pa.string()))
         self._write_atomically(file, table)
@@ -167,7 +200,7 @@ class DatasetRecord:
         """Every row of every file, duplicates included (see :meth:`index` for one per page)."""
         entries = []
         for file in self.files():
-            table = pq.read_table(file, columns=INDEX_COLUMNS)
+            table = _read_table(file, columns=INDEX_COLUMNS)
             for number, row in enumerate(table.to_pylist()):
                 entries.append(Entry(file, number, row["path"], row["doc_id"], row["page"], row["page_count"],
                                      row["status"], row["error"], row["created_at"]))
@@ -179,17 +212,18 @@ class DatasetRecord:
 
     def table(self) -> pa.Table:
         """All rows, one per page even before :meth:`recover` has removed duplicates."""
-        keep: dict[Path, list[int]] = defaultdict(list)
+        keep: dict[Path | ObjectPath, list[int]] = defaultdict(list)
         for entry in self.index().values():
             keep[entry.file].append(entry.row)
-        parts = [pq.read_table(file, schema=SCHEMA).take(sorted(rows)) for file, rows in sorted(keep.items())]
+        parts = [_read_table(file, schema=SCHEMA).take(sorted(rows))
+                 for file, rows in sorted(keep.items(), key=lambda item: item[0].name)]
         table = pa.concat_tables(parts) if parts else SCHEMA.empty_table()
         return table.sort_by([("path", "ascending"), ("page", "ascending")])
 
     def stored_settings(self) -> dict[str, str]:
         """The settings written into the dataset's files (the first file that has any)."""
         for file in self.files():
-            metadata = pq.read_schema(file).metadata or {}
+            metadata = _read_schema(file).metadata or {}
             if SETTINGS_KEY in metadata:
                 return json.loads(metadata[SETTINGS_KEY])
         return {}
@@ -210,12 +244,12 @@ class DatasetRecord:
 
         Call with the lock held: a partial file of a live writer would be lost.
         """
-        if self.folder.is_dir():
+        if not self.in_object_storage and self.folder.is_dir():
             for stale in self.folder.glob(".*.tmp"):
                 stale.unlink(missing_ok=True)
         entries = self.entries()
         best = best_entries(entries)
-        losers: dict[Path, dict[int, None]] = defaultdict(dict)
+        losers: dict[Path | ObjectPath, dict[int, None]] = defaultdict(dict)
         for entry in entries:
             if best[entry.key] != entry:
                 losers[entry.file][entry.row] = None
@@ -239,7 +273,7 @@ class DatasetRecord:
         """
         path_owner = {path: doc_id for doc_id, path in current.items()}
         counts: Counter[str] = Counter()
-        changes: dict[Path, dict[int, str | None]] = defaultdict(dict)
+        changes: dict[Path | ObjectPath, dict[int, str | None]] = defaultdict(dict)
         remaining = []
         for entry in self.entries():
             if entry.doc_id not in current and path_owner.get(entry.path, entry.doc_id) != entry.doc_id:
@@ -269,12 +303,13 @@ class DatasetRecord:
         parts = [file for file in self.files() if file.name.startswith("part-")]
         if not parts:
             return None
-        table = pa.concat_tables([pq.read_table(file, schema=SCHEMA) for file in parts])
+        table = pa.concat_tables([_read_table(file, schema=SCHEMA) for file in parts])
         target = self.folder / f"run-{run_id}.parquet"
         self._write_atomically(target, table.sort_by([("path", "ascending"), ("page", "ascending")]))
         for file in parts:
-            file.unlink()
-        _fsync_folder(self.folder)
+            self._delete(file)
+        if not self.in_object_storage:
+            _fsync_folder(self.folder)
         return target
 
     # -- reporting -------------------------------------------------------------------
@@ -308,6 +343,20 @@ def best_entries(entries: Iterable[Entry]) -> dict[tuple[str, int], Entry]:
         if entry.key not in best or entry.rank() > best[entry.key].rank():
             best[entry.key] = entry
     return best
+
+
+def _read_table(file: Path | ObjectPath, **options) -> pa.Table:
+    if isinstance(file, ObjectPath):
+        with file.open() as handle, reading(file):
+            return pq.read_table(handle, **options)
+    return pq.read_table(file, **options)
+
+
+def _read_schema(file: Path | ObjectPath) -> pa.Schema:
+    if isinstance(file, ObjectPath):
+        with file.open() as handle, reading(file):
+            return pq.read_schema(handle)
+    return pq.read_schema(file)
 
 
 def _fsync_folder(folder: Path) -> None:

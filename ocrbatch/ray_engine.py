@@ -67,6 +67,7 @@ from .output import SCHEMA
 from .prompt import TASK_PROMPTS
 from .rasterize import PageImage, count_pages, page_pixel_cap
 from .ray_files import DEFAULT_NODE_CACHE, FileSet, local_copy, start_file_server
+from .storage import ObjectPath, check_reachable, input_path, is_url
 from .record import JobSummary, failure_row, text_layer_row
 from .render import LayoutSettings, RenderJob, RenderStage, StageFailed, TextLayerSettings
 
@@ -135,6 +136,7 @@ class StageConfig:
     seqs: int
     node_cache: str
     always_copy_models: bool
+    storage_options: dict  # --storage-option: how the actors reach documents in object storage
     layout_files: FileSet | None = None  # --layout-model's weights, when they are a file or folder of the driver's
     file_server: object = None  # the ray_files.FileServer actor on the driver's node, once Ray is up
 
@@ -264,6 +266,10 @@ class VisionStage:
                                                                   protocol=pickle.HIGHEST_PROTOCOL)))
         return pa.Table.from_pylist(out, schema=ENCODED_SCHEMA)
 
+    def _document_path(self, path: str) -> Path | ObjectPath:
+        """A manifest path as the render stage opens it: an object by its URL, a file by its (unescaped) path."""
+        return input_path(path, self.config.storage_options) if is_url(path) else unescaped(path)
+
     def _render(self, items: list[dict]) -> list[PageImage]:
         """The render stage's page for each manifest item, rendered, failed or read from its text layer."""
         if self.failure is None:
@@ -271,7 +277,7 @@ class VisionStage:
             for item in items:
                 by_document[(item["path"], item["doc_id"], item["page_count"])].append(item["page"])
             for (path, doc_id, page_count), numbers in by_document.items():
-                self.jobs.put(RenderJob(Document(unescaped(path), doc_id), numbers, page_count))
+                self.jobs.put(RenderJob(Document(self._document_path(path), doc_id), numbers, page_count))
             pages = []
             while self.failure is None and len(pages) < len(items):  # one page comes back per page asked for
                 page = self.pages.get()
@@ -380,8 +386,8 @@ def plan_pages(options, record: DatasetRecord, dry_run: bool = False) -> RayPlan
     """
     documents: dict[str, Document] = {}
     deferred = special = 0
-    for document in discover([Path(p).absolute() for p in options.paths], options.include, options.exclude,
-                             min_file_age=options.min_file_age):
+    roots = [p if isinstance(p, ObjectPath) else Path(p).absolute() for p in options.paths]
+    for document in discover(roots, options.include, options.exclude, min_file_age=options.min_file_age):
         if document.deferred:
             log.info("%s: %s; left for a later run", document.path, document.deferred)
             deferred += 1
@@ -580,6 +586,7 @@ def _stage_config(options, settings: RaySettings, seqs: int) -> StageConfig:
         vision_device="cuda" if settings.vision_gpus else options.device, vision_threads=vision_threads,
         decode_threads=max(1, int(settings.decode_cpus)), seqs=seqs, node_cache=settings.node_cache,
         always_copy_models=settings.always_copy_models,
+        storage_options=next((dict(p.options) for p in options.paths if isinstance(p, ObjectPath)), {}),
         layout_files=FileSet.of(options.layout_model) if layout_model_is_a_path(options.layout_model) else None)
 
 
@@ -600,6 +607,8 @@ def run_ray_job(options, address: str | None = None, settings: RaySettings | Non
     dataset, and :class:`OcrbatchError` for fatal problems.
     """
     ray = import_ray()
+    # Before anything is planned or written: a missing bucket is not the documents' fault (exit 3).
+    check_reachable([*options.paths, options.out])
     settings = settings or RaySettings()
     started = time.monotonic()
     decode_actors = settings.decode_actors or options.workers

@@ -11,6 +11,7 @@ from pathlib import Path
 from PIL import Image
 
 from ocrbatch.options import JobOptions
+from ocrbatch.storage import ObjectPath
 
 from ocrbatch.samples import synthetic_page
 
@@ -177,8 +178,11 @@ def write_lying_pdf(path, kids: int = 1, count: int = 3) -> None:
 
 def job_options(model, paths, out, **settings) -> JobOptions:
     """A job's options as the tests run it (F32, no progress bar, files taken at once), ``settings`` on top."""
-    base = dict(paths=[Path(p) for p in paths], out=Path(out), model=str(model), quant="F32", progress=False,
-                min_file_age=0)
+    def local_or_object(path):  # an ObjectPath (s3://...) stays one
+        return path if isinstance(path, ObjectPath) else Path(path)
+
+    base = dict(paths=[local_or_object(p) for p in paths], out=local_or_object(out), model=str(model), quant="F32",
+                progress=False, min_file_age=0)
     return JobOptions(**{**base, **settings})
 
 

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from helpers import document_image, write_pdf
-from helpers import job_options as base_options
+from helpers import job_options as base_options  # test_ray's job_options adds the Ray tests' defaults
 
 from ocrbatch.dataset_record import DatasetRecord
 from ocrbatch.errors import OcrbatchError
@@ -649,3 +649,69 @@ def test_actors_run_from_their_nodes_copy_of_the_model_files(cluster, tiny_model
     assert plain.pages_ok == 3
     assert comparable(visible_rows(tmp_path / "out")) == comparable(visible_rows(tmp_path / "plain"))
     assert filecmp.cmp(gguf, convert(tiny_model, "F32"), shallow=False)  # the GGUF the driver converted
+
+
+@pytest.fixture(scope="module")
+def s3_store():
+    """A real S3 API on loopback (moto's server) and the storage options that reach it.
+
+    The credentials travel as storage options, not environment variables: the cluster's raylets,
+    started first, would not pass later variables on to the actors.
+    """
+    moto_server = pytest.importorskip("moto.server")
+    s3fs = pytest.importorskip("s3fs")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    options = {"endpoint_url": f"http://{host}:{port}", "key": "testing", "secret": "testing"}
+    yield options, s3fs.S3FileSystem(**options, skip_instance_cache=True)
+    server.stop()
+
+
+@pytest.mark.slow
+def test_a_bucket_inbox_into_a_bucket_dataset_on_two_nodes_equals_the_job_on_local_folders(cluster, tiny_model,
+                                                                                          s3_store, tmp_path):
+    """Documents read from a bucket by the actors and the dataset written whole into a bucket: the same rows
+    as the same job on local folders; a re-run finds everything done; a missing bucket stops before any write."""
+    from ocrbatch.ray_engine import RaySettings, run_ray_job
+    from ocrbatch.storage import ObjectPath, StorageError
+
+    options, fs = s3_store
+    docs = tmp_path / "docs"
+    (docs / "scans").mkdir(parents=True)
+    write_pdf(docs / "letter.pdf", 2, text="Letter")
+    document_image(300, 200, 3).save(docs / "scans" / "receipt.png")
+    document_image(200, 320, 4).save(docs / "scans" / "note.jpg")
+    fs.mkdir("ray-inbox")
+    fs.mkdir("ray-results")
+    for path in docs.rglob("*"):
+        if path.is_file():
+            fs.put_file(str(path), f"ray-inbox/in/{path.relative_to(docs).as_posix()}")
+    inbox, results = ObjectPath.of("s3://ray-inbox/in", options), ObjectPath.of("s3://ray-results/ocr/", options)
+    settings = RaySettings(actor_start_timeout_s=120)
+    summary = run_ray_job(job_options(tiny_model, [inbox], results, layout="none"), address=cluster.address,
+                          settings=settings)
+    assert summary.pages_ok == 4 and summary.pages_failed == 0
+    local = run_ray_job(job_options(tiny_model, [docs], tmp_path / "local", layout="none"), address=cluster.address,
+                        settings=settings)
+    assert local.pages_ok == 4
+
+    fs.invalidate_cache()
+    files = [key for key in fs.find("ray-results/ocr") if key.endswith(".parquet")]
+    assert files and all(key.rsplit("/", 1)[1].startswith("run-") for key in files)  # compacted, parts gone
+    in_bucket = [row for key in files for row in pq.read_table(fs.open(key, "rb")).to_pylist()]
+
+    def by_relative_path(rows, root):
+        return {(r["path"][len(root):].lstrip("/"), r["page"]): (r["status"], r["text"], r["doc_id"]) for r in rows}
+
+    assert len(in_bucket) == 4
+    assert by_relative_path(in_bucket, "s3://ray-inbox/in") == by_relative_path(visible_rows(tmp_path / "local"),
+                                                                               str(docs))
+    again = run_ray_job(job_options(tiny_model, [inbox], results, layout="none"), address=cluster.address,
+                        settings=settings)
+    assert again.pages_skipped == 4 and again.pages_ok == 0
+
+    missing = ObjectPath.of("s3://no-such-bucket/ocr/", options)
+    with pytest.raises(StorageError, match="bucket 'no-such-bucket': no such bucket"):
+        run_ray_job(job_options(tiny_model, [inbox], missing, layout="none"), address=cluster.address,
+                    settings=settings)
