@@ -10,6 +10,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 from .layout import recognised_pictures
+from .prompt import TASK_PROMPTS
 from .storage import ObjectPath, local_state_folder
 from .store import checkpoint_path_for
 from .video import DEFAULT_VIDEO_FPS
@@ -80,6 +81,19 @@ class JobOptions:
         if isinstance(self.out, ObjectPath):
             return local_state_folder(self.out) / f"{self.out.name}.ocrbatch.db"
         return checkpoint_path_for(self.out)
+
+    def record_settings(self, model_name: str, quant: str) -> dict[str, str]:
+        """What a job's record (checkpoint or dataset) holds it to: a run with any other value is refused,
+        since its pages would not read as the recorded ones do."""
+        settings = {"task": self.task, "model": model_name, "quant": quant, "max_tokens": str(self.max_tokens),
+                    "backend": self.backend, "prompt": TASK_PROMPTS[self.task], "layout": self.layout,
+                    "layout_model": self.layout_model or "",
+                    # A video's page numbers are its kept frames at this rate.
+                    "video_fps": f"{self.video_fps:g}"}
+        if self.layout != "none":  # blocks merged or not, pictures read or not: other model calls, other text
+            settings["stitch"] = "on" if self.stitch else "off"
+            settings["recognised_pictures"] = ",".join(sorted(self.recognised_pictures)) or "none"
+        return settings
 
     @property
     def recognised_pictures(self) -> frozenset[str]:

@@ -151,12 +151,7 @@ def _run_locked(options: JobOptions, store: Store, engine, pool, render_pages, s
             raise
     else:
         model_name, quant = str(options.model), options.quant.upper()
-    store.check_settings({"task": options.task, "model": model_name, "quant": quant,
-                          "max_tokens": str(options.max_tokens), "backend": options.backend,
-                          "prompt": TASK_PROMPTS[options.task], "layout": options.layout,
-                          "layout_model": options.layout_model or "",
-                          # A video's page numbers are its kept frames at this rate.
-                          "video_fps": f"{options.video_fps:g}"})
+    store.check_settings(options.record_settings(model_name, quant))
     plan = plan_job(options, store)
     total = plan.pages + len(plan.unreadable)
     log.info("%d pages to process in %d documents (%d unreadable), %d already done",

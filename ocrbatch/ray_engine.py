@@ -64,7 +64,6 @@ from .discover import Document, discover, escaped, unescaped
 from .encode import encode_units
 from .errors import InputError, OcrbatchError
 from .output import SCHEMA
-from .prompt import TASK_PROMPTS
 from .rasterize import PageImage, count_pages, page_pixel_cap
 from .ray_files import DEFAULT_NODE_CACHE, FileSet, local_copy, start_file_server
 from .storage import ObjectPath, check_reachable, input_path, is_url
@@ -613,10 +612,7 @@ def run_ray_job(options, address: str | None = None, settings: RaySettings | Non
     started = time.monotonic()
     decode_actors = settings.decode_actors or options.workers
     seqs = settings.seqs_per_actor or options.seqs_per_worker
-    record = DatasetRecord(options.out, {"task": options.task, "model": str(options.model),
-                                         "quant": options.quant.upper(), "max_tokens": str(options.max_tokens),
-                                         "prompt": TASK_PROMPTS[options.task], "layout": options.layout,
-                                         "layout_model": options.layout_model or ""})
+    record = DatasetRecord(options.out, options.record_settings(str(options.model), options.quant.upper()))
     summary = RayJobSummary()
     with record.lock():
         record.check_settings()

@@ -355,3 +355,17 @@ def test_pp_doclayout_defaults_to_the_layout_model_paddlex_pairs_with_the_releas
         Engine(checkpoint, quant="F32", with_language=False, layout="pp-doclayout")
     with pytest.raises(PipelineError, match=f"cannot load the layout model: .*PaddlePaddle/{default}"):
         run_job(options(checkpoint, [SAMPLE_DOCS / "report.pdf"], tmp_path / "out.jsonl", layout="pp-doclayout"))
+
+
+@pytest.mark.slow
+def test_a_checkpoint_keeps_its_stitching_and_recognised_pictures(cdla_run, tiny_model):
+    """Stitched blocks and pictures sent to the model are other model calls, so other text: a re-run that
+    changes either would mix two kinds of pages in one output, and is refused before any page is touched."""
+    from ocrbatch.errors import OcrbatchError
+
+    _, _, folder = cdla_run
+    out = folder / "out.parquet"
+    with pytest.raises(OcrbatchError, match="made with stitch=on, not off"):
+        run_job(options(tiny_model, [folder], out, stitch=False))
+    with pytest.raises(OcrbatchError, match="made with recognised_pictures=none, not chart"):
+        run_job(options(tiny_model, [folder], out, charts=True))

@@ -487,6 +487,8 @@ def test_two_node_cluster_run_with_layout_and_text_layers_matches_the_local_engi
     # The dataset belongs to its layout, as a checkpoint does.
     with pytest.raises(OcrbatchError, match="made with layout=cdla, not none"):
         run_ray_job(job_options(tiny_model, [folder], out, layout="none"))
+    with pytest.raises(OcrbatchError, match="made with stitch=on, not off"):
+        run_ray_job(job_options(tiny_model, [folder], out, **{**mode, "stitch": False}))
 
 
 @pytest.mark.slow
