@@ -500,12 +500,22 @@ def _routes(item, options: JobOptions) -> str:
 
 
 @main.command()
-@click.argument("target", type=click.Path(path_type=Path))
-def status(target):
-    """Counts per status and the failed pages of a job (TARGET: its output, checkpoint or --engine ray dataset)."""
+@click.argument("target")
+@click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
+              help="For a TARGET in object storage: an option of its filesystem, as for ocrbatch run.")
+def status(target, storage_options):
+    """Counts per status and the failed pages of a job (TARGET: its output, checkpoint or --engine ray dataset).
+
+    An output in object storage (s3://bucket/results.parquet) is read from this machine's checkpoint of it;
+    an --engine ray dataset there (s3://bucket/results/) from the bucket."""
     from .store import Store, checkpoint_path_for
 
-    if target.is_dir():  # an --engine ray dataset: the dataset is the record
+    try:
+        target = input_path(target, parse_storage_options(storage_options))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--storage-option") from None
+    is_dataset = (target.is_folder_url() or not target.suffix) if isinstance(target, ObjectPath) else target.is_dir()
+    if is_dataset:  # an --engine ray dataset: the dataset is the record
         from .dataset_record import DatasetRecord
 
         record = DatasetRecord(target)

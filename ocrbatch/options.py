@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .layout import recognised_pictures
 from .prompt import TASK_PROMPTS
-from .storage import ObjectPath, local_state_folder
+from .storage import ObjectPath
 from .store import checkpoint_path_for
 from .video import DEFAULT_VIDEO_FPS
 
@@ -76,11 +76,7 @@ class JobOptions:
     @property
     def checkpoint_path(self) -> Path:
         """``--checkpoint``, else beside a local ``--out``, else in this machine's folder for an object ``--out``."""
-        if self.checkpoint:
-            return self.checkpoint
-        if isinstance(self.out, ObjectPath):
-            return local_state_folder(self.out) / f"{self.out.name}.ocrbatch.db"
-        return checkpoint_path_for(self.out)
+        return self.checkpoint or checkpoint_path_for(self.out)
 
     def record_settings(self, model_name: str, quant: str) -> dict[str, str]:
         """What a job's record (checkpoint or dataset) holds it to: a run with any other value is refused,

@@ -21,6 +21,7 @@ from typing import Iterator
 
 from .discover import escaped
 from .errors import OcrbatchError
+from .storage import ObjectPath, local_state_folder
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -60,8 +61,14 @@ def _stored_path(path: Path) -> str | bytes:
     return text
 
 
-def checkpoint_path_for(target: str | Path) -> Path:
-    """The checkpoint file for an output path (or the path itself if it is a checkpoint)."""
+def checkpoint_path_for(target: str | Path | ObjectPath) -> Path:
+    """The checkpoint file for an output path (or the path itself if it is a checkpoint).
+
+    An output in object storage keeps its checkpoint on this machine, in its
+    :func:`~ocrbatch.storage.local_state_folder`: SQLite needs a local disk.
+    """
+    if isinstance(target, ObjectPath):
+        return local_state_folder(target) / f"{target.name}.ocrbatch.db"
     target = Path(target)
     if target.suffix == ".db":
         return target

@@ -712,6 +712,13 @@ def test_a_bucket_inbox_into_a_bucket_dataset_on_two_nodes_equals_the_job_on_loc
     again = run_ray_job(job_options(tiny_model, [inbox], results, layout="none"), address=cluster.address,
                         settings=settings)
     assert again.pages_skipped == 4 and again.pages_ok == 0
+    from click.testing import CliRunner
+
+    from ocrbatch.cli import main
+
+    storage = [arg for key, value in options.items() for arg in ("--storage-option", f"{key}={value}")]
+    status = CliRunner().invoke(main, ["status", "s3://ray-results/ocr/", *storage])
+    assert status.exit_code == 0 and "pages: 4 ok" in status.output, status.output
 
     missing = ObjectPath.of("s3://no-such-bucket/ocr/", options)
     with pytest.raises(StorageError, match="bucket 'no-such-bucket': no such bucket"):
