@@ -188,8 +188,9 @@ def test_an_object_still_being_uploaded_is_deferred(s3, stub, tmp_path):
         ("s3://young/inbox/new.pdf", 1), ("s3://young/inbox/new.pdf", 2), ("s3://young/inbox/old.pdf", 1)]
 
 
-@pytest.mark.parametrize("where", ["input", "output"])
-def test_a_bucket_that_does_not_exist_is_fatal_before_any_page_is_marked(s3, stub, tmp_path, where):
+@pytest.mark.parametrize("where", ["input", "output", "refused"])
+def test_a_bucket_that_does_not_exist_or_refuses_access_is_fatal_before_any_page_is_marked(
+        s3, stub, tmp_path, monkeypatch, where):
     endpoint, fs = s3
     present = f"present-{where}"
     fs.mkdir(present)
@@ -199,16 +200,23 @@ def test_a_bucket_that_does_not_exist_is_fatal_before_any_page_is_marked(s3, stu
     fs.put_file(str(folder / "a.pdf"), f"{present}/inbox/a.pdf")
     backdate(present, "inbox/a.pdf")
     inbox = "s3://no-such-inbox/docs" if where == "input" else f"s3://{present}/inbox"
-    out = f"s3://{present}/out.jsonl" if where == "input" else "s3://no-such-results/out.jsonl"
+    out = "s3://no-such-results/out.jsonl" if where == "output" else tmp_path / "out.jsonl"
+    if where == "refused":
+        import moto.settings
+
+        # The server checks signatures from now on, and knows no user with the dummy keys: 403.
+        monkeypatch.setattr(moto.settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)
     checkpoint = tmp_path / "job.db"
     requests_before = len(stub.seen)
     result = ocrbatch(inbox, "--out", out, "--checkpoint", checkpoint, "--storage-option",
                       f"endpoint_url={endpoint}", "--base-url", stub.url, "--min-file-age", "0", *COMMON)
     assert result.returncode == 3, result.stderr
-    bucket = "no-such-inbox" if where == "input" else "no-such-results"
-    assert f"bucket '{bucket}': no such bucket" in result.stderr
+    expected = {"input": "bucket 'no-such-inbox': no such bucket", "output": "bucket 'no-such-results': no such bucket",
+                "refused": f"bucket '{present}': access refused"}[where]
+    assert expected in result.stderr
     assert len(stub.seen) == requests_before
     assert not checkpoint.exists() or checkpoint_states(checkpoint) == {}
+    assert where == "output" or not (tmp_path / "out.jsonl").exists()
 
 
 def test_an_fsspec_protocol_without_its_package_names_the_package(tmp_path):
