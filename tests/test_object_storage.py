@@ -299,3 +299,51 @@ def test_an_object_outputs_checkpoint_is_local_keyed_by_url_and_store_not_creden
     assert checkpoint("s3://b/out.parquet", endpoint_url="http://a:1", key="rotated") == here
     assert checkpoint("s3://b/out.parquet", endpoint_url="http://other:1") != here
     assert checkpoint("s3://b/other.parquet", endpoint_url="http://a:1") != here
+
+
+def store_failing_renderer(document, pages, dpi, max_pixels):
+    """Renders as usual, but the store fails (as a dropped connection does) reading ``doc1.pdf``."""
+    from ocrbatch.rasterize import iter_pages
+    from ocrbatch.storage import StorageError
+
+    if document.path.name == "doc1.pdf":
+        raise StorageError(f"{document.path}: cannot read from storage (ConnectionError: injected)")
+    return iter_pages(document, pages, dpi, max_pixels)
+
+
+def test_a_store_failing_while_rendering_stops_the_run_and_fails_no_page(stub, docs, tmp_path):
+    from helpers import job_options, read_rows
+
+    from ocrbatch.pipeline import PipelineError, run_job
+    from ocrbatch.store import checkpoint_path_for
+
+    out = tmp_path / "out.jsonl"
+    options = job_options("unused", [docs], out, backend="openai", base_url=stub.url, concurrency=1,
+                          layout="none", dpi=50, max_tokens=16)
+    with pytest.raises(PipelineError, match="render stage failed: .*doc1.pdf: cannot read from storage"):
+        run_job(options, render_pages=store_failing_renderer)
+    states = checkpoint_states(checkpoint_path_for(out))
+    assert states.get("failed", 0) == 0 and states.get("pending", 0) >= 4  # doc1 and doc2 left for the next run
+    summary = run_job(options)
+    assert summary.exit_code == 0
+    assert sorted((Path(row["path"]).name, row["page"]) for row in read_rows(out)) == [
+        (f"doc{i}.pdf", page) for i in range(3) for page in (1, 2)]
+
+
+def test_a_store_failing_while_planning_stops_the_run_and_fails_no_document(stub, docs, tmp_path, monkeypatch):
+    from helpers import job_options
+
+    import ocrbatch.plan
+    from ocrbatch.pipeline import run_job
+    from ocrbatch.storage import StorageError
+    from ocrbatch.store import checkpoint_path_for
+
+    def count_pages(document, *args):
+        raise StorageError(f"{document.path}: cannot read from storage (ConnectionError: injected)")
+
+    monkeypatch.setattr(ocrbatch.plan, "count_pages", count_pages)
+    out = tmp_path / "out.jsonl"
+    options = job_options("unused", [docs], out, backend="openai", base_url=stub.url, layout="none")
+    with pytest.raises(StorageError, match="doc0.pdf: cannot read from storage"):
+        run_job(options)
+    assert checkpoint_states(checkpoint_path_for(out)) == {}
