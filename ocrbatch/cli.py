@@ -13,8 +13,7 @@ from .discover import PathError, check_paths, escaped
 from .errors import OcrbatchError
 from .gguf_convert import QUANTS
 from .storage import ObjectPath, check_reachable, input_path, parse_storage_options
-from .options import BACKENDS, PAGE_TIMEOUT_BASE_S, PAGE_TIMEOUT_PER_TOKEN_S, JobOptions
-from .video import DEFAULT_VIDEO_FPS
+from .options import BACKENDS, PAGE_TIMEOUT_BASE_S, PAGE_TIMEOUT_PER_TOKEN_S, JobOptions, OptionError
 from .options import default as job_default
 from .prompt import TASKS
 from .layout import LAYOUTS, PP_DOCLAYOUT_V2, PP_DOCLAYOUT_V3
@@ -362,33 +361,20 @@ def run(paths, out, storage_options, output_format, checkpoint, include, exclude
         seqs_per_worker=seqs_per_worker, dpi=dpi, max_pixels=max_pixels, video_fps=video_fps, batch_size=batch_size,
         max_batch_patches=max_batch_patches, vision_dtype=vision_dtype, device=device, threads=threads,
         cache_dir=cache_dir, markdown_dir=markdown_dir, ignore_eos=ignore_eos, progress=not quiet)
-    if layout_model and layout != "pp-doclayout":
-        raise click.BadParameter("applies to --layout pp-doclayout only", param_hint="--layout-model")
-    if pdf_text != "never" and task != "ocr":
-        raise click.BadParameter(f"the text layer stands in for OCR only, not task {task!r}", param_hint="--pdf-text")
-    if task == "spotting" and layout != "none":  # layout blocks take their labels' prompts, never Spotting:
-        raise click.BadParameter("spotting reads whole pages, as PaddleX does: add --layout none", param_hint="--task")
     try:
+        options.validate(engine_name)
         check_paths(paths)  # before anything is written: a typo or an unmounted share is a bad command line
+    except OptionError as exc:
+        raise click.BadParameter(str(exc), param_hint=exc.option) from None
     except PathError as exc:
         raise click.BadParameter(str(exc), param_hint="PATHS") from None
     if engine_name == "ray":
-        if backend != "local":
-            raise click.BadParameter("the ray engine runs the models on its actors, not --backend openai",
-                                     param_hint="--engine")
-        if video_fps != DEFAULT_VIDEO_FPS:
-            raise click.BadParameter(f"the ray engine samples videos at {DEFAULT_VIDEO_FPS:g} frame/s; "
-                                     "--video-fps is for the local engine", param_hint="--video-fps")
         from .ray_engine import RaySettings
 
         settings = RaySettings(vision_actors=ray_vision_actors, vision_cpus=ray_vision_cpus,
                                vision_gpus=ray_vision_gpus, decode_cpus=ray_decode_cpus)
         _run_on_ray(options, ray_address, settings, dry_run)
         return
-    if isinstance(out, Path) and out.is_dir():
-        raise click.BadParameter(f"{out} is a folder; the local engine writes one file", param_hint="--out")
-    if backend == "openai" and not base_url:
-        raise click.BadParameter("--backend openai needs the server's address", param_hint="--base-url")
     if dry_run:
         plan = plan_only(options)
         for item in sorted(plan.work, key=lambda item: str(item.document.path)):

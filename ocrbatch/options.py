@@ -23,6 +23,14 @@ PAGE_TIMEOUT_PER_TOKEN_S = 0.5
 BACKENDS = ("local", "openai")
 
 
+class OptionError(ValueError):
+    """Options that do not go together; ``option`` names the one to change (``--layout-model``)."""
+
+    def __init__(self, option: str, message: str):
+        super().__init__(message)
+        self.option = option
+
+
 @dataclass
 class JobOptions:
     """Everything ``ocrbatch run`` can be told; defaults suit a small CPU machine."""
@@ -77,6 +85,26 @@ class JobOptions:
     def checkpoint_path(self) -> Path:
         """``--checkpoint``, else beside a local ``--out``, else in this machine's folder for an object ``--out``."""
         return self.checkpoint or checkpoint_path_for(self.out)
+
+    def validate(self, engine: str = "local") -> None:
+        """Raise :class:`OptionError` for options that do not go together (for ``engine``: local or ray)."""
+        if self.layout_model and self.layout != "pp-doclayout":
+            raise OptionError("--layout-model", "applies to --layout pp-doclayout only")
+        if self.pdf_text != "never" and self.task != "ocr":
+            raise OptionError("--pdf-text", f"the text layer stands in for OCR only, not task {self.task!r}")
+        if self.task == "spotting" and self.layout != "none":  # layout blocks take their labels' prompts
+            raise OptionError("--task", "spotting reads whole pages, as PaddleX does: add --layout none")
+        if engine == "ray":
+            if self.backend != "local":
+                raise OptionError("--engine", "the ray engine runs the models on its actors, not --backend openai")
+            if self.video_fps != DEFAULT_VIDEO_FPS:
+                raise OptionError("--video-fps", f"the ray engine samples videos at {DEFAULT_VIDEO_FPS:g} frame/s; "
+                                  "--video-fps is for the local engine")
+            return
+        if isinstance(self.out, Path) and self.out.is_dir():
+            raise OptionError("--out", f"{self.out} is a folder; the local engine writes one file")
+        if self.backend == "openai" and not self.base_url:
+            raise OptionError("--base-url", "--backend openai needs the server's address")
 
     def record_settings(self, model_name: str, quant: str) -> dict[str, str]:
         """What a job's record (checkpoint or dataset) holds it to: a run with any other value is refused,
