@@ -623,12 +623,11 @@ def serve(model, quant, gguf, vision_dtype, device, threads, cache_dir, host, po
 
     engine = Engine(model, quant=quant, gguf=gguf, vision_dtype=vision_dtype, device=device,
                     max_tokens=max_tokens_limit, threads=threads, cache_dir=cache_dir, with_language=False)
-    cores = os.cpu_count() or 1
     # A request of k of the largest images needs the cells of k one-image sequences: with room for
     # max(seqs, k) of those, the largest request fits once the others have finished.
     n_ctx = engine.context_size(max(seqs_per_worker, max_images_per_request))
     pool = WorkerPool(engine.gguf_path, workers=workers, n_seq_max=seqs_per_worker,
-                      n_ctx=n_ctx, threads=threads or max(1, cores // workers))
+                      n_ctx=n_ctx, threads=threads)
     settings = ServerSettings(model_name=str(model), api_key=api_key, max_queue=max_queue,
                               max_body_bytes=int(max_body_mb * 1024 * 1024), max_image_pixels=max_image_pixels,
                               max_images_per_request=max_images_per_request,

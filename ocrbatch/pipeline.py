@@ -200,10 +200,8 @@ def _run_locked(options: JobOptions, store: Store, engine, pool, render_pages, s
             max_pixels = page_pixel_cap(options.layout, engine.vision.image_processor.size.longest_edge,
                                         options.max_pixels, options.task)
             if pool is None:
-                cores = os.cpu_count() or 1
-                threads = options.threads or max(1, cores // options.workers)
                 pool = WorkerPool(engine.gguf_path, workers=options.workers, n_seq_max=options.seqs_per_worker,
-                                  n_ctx=engine.context_size(options.seqs_per_worker), threads=threads,
+                                  n_ctx=engine.context_size(options.seqs_per_worker), threads=options.threads,
                                   max_retries=options.max_retries, request_timeout=options.effective_page_timeout)
             decoder = LocalDecoder(engine, pool, options.max_tokens, options.ignore_eos)
             for item in plan.work:

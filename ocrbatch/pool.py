@@ -32,6 +32,7 @@ from __future__ import annotations
 import itertools
 import logging
 import multiprocessing
+import os
 import queue
 import signal
 import threading
@@ -192,11 +193,14 @@ class WorkerPool:
                  worker_main: Callable = _worker_main):
         """Start ``workers`` processes, each decoding up to ``n_seq_max`` requests at once.
 
+        ``threads`` is each worker's llama.cpp threads; by default the machine's cores are shared
+        among the workers, since more threads than cores only make them wait on each other.
         ``request_timeout`` bounds the seconds from a worker taking a request
         to its result; a worker that has not dropped a timed-out request
         ``stuck_grace_s`` later is killed. ``worker_main(conn, settings)`` is the worker process's
         body; tests pass one that misbehaves on purpose.
         """
+        threads = threads or max(1, (os.cpu_count() or 1) // workers)
         self.settings = WorkerSettings(Path(gguf_path), n_ctx, n_seq_max, threads)
         self.max_retries = max_retries
         self.request_timeout = request_timeout

@@ -246,6 +246,16 @@ def test_a_pool_that_cannot_load_its_model_leaves_pages_pending(tiny_model, engi
     assert len(read_rows(out)) == 6
 
 
+def test_workers_share_the_machines_cores_unless_told_their_threads(engine):
+    shared = WorkerPool(engine.gguf_path, workers=2, n_seq_max=1, n_ctx=engine.context_size(1))
+    told = WorkerPool(engine.gguf_path, workers=2, n_seq_max=1, n_ctx=engine.context_size(1), threads=3)
+    try:
+        assert shared.settings.threads == max(1, (os.cpu_count() or 1) // 2) and told.settings.threads == 3
+    finally:
+        shared.close()
+        told.close()
+
+
 def test_close_resolves_every_future(engine):
     import numpy as np
 
