@@ -95,8 +95,11 @@ def open_pdf_file(path: Path | ObjectPath):
     """
     import pymupdf
 
-    if isinstance(path, ObjectPath):  # MuPDF reads a PDF by random access: the whole object, in memory
-        return pymupdf.open(stream=path.read_bytes(), filetype="pdf")
+    if isinstance(path, ObjectPath):
+        # MuPDF reads by random access, from bytes or a file only: a temporary file keeps a large PDF out
+        # of memory. MuPDF keeps the file open, so its name can go at once.
+        with path.local_copy() as local:
+            return pymupdf.open(local, filetype="pdf")
     try:
         str(path).encode("utf-8")
     except UnicodeEncodeError:

@@ -6,9 +6,11 @@ the render process. Everything the job does with an object goes through the
 few calls here, on fsspec's own APIs: :func:`list_objects` (the listing, with
 size and modification time), :meth:`ObjectPath.open` (reading, ranged: a
 hash or an image header never loads the whole object),
-:meth:`ObjectPath.read_bytes` (a PDF for PyMuPDF, which needs the whole
-document at hand), :meth:`ObjectPath.stat` and :func:`upload` (a whole file,
-which an object store makes visible only once complete). A local path stays
+:meth:`ObjectPath.read_bytes` (an image), :meth:`ObjectPath.local_copy` (a
+PDF, which MuPDF reads by random access from bytes or a file only: a
+temporary file keeps a large one out of memory), :meth:`ObjectPath.stat` and
+:func:`upload` (a whole file, which an object store makes visible only once
+complete). A local path stays
 a :class:`pathlib.Path` and never touches this module's filesystems.
 
 Credentials and endpoints come from each filesystem's usual environment and
@@ -23,6 +25,7 @@ import contextlib
 import hashlib
 import os
 import re
+import tempfile
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path, PurePosixPath
@@ -143,6 +146,18 @@ class ObjectPath:
     def read_bytes(self) -> bytes:
         with reading(self):
             return self.fs.cat_file(self.key)
+
+    @contextlib.contextmanager
+    def local_copy(self) -> Iterator[Path]:
+        """The object downloaded, block by block, to a temporary local file, removed on exit."""
+        handle, name = tempfile.mkstemp(prefix="ocrbatch-", suffix=self.suffix)
+        os.close(handle)
+        try:
+            with reading(self):
+                self.fs.get_file(self.key, name)
+            yield Path(name)
+        finally:
+            os.unlink(name)
 
     def stat(self) -> ObjectStat:
         """Size, modification time and version tag, asked of the store now (not from a cached listing)."""
