@@ -14,6 +14,7 @@ from .errors import OcrbatchError
 from .gguf_convert import QUANTS
 from .storage import ObjectPath, check_reachable, input_path, parse_storage_options
 from .options import BACKENDS, PAGE_TIMEOUT_BASE_S, PAGE_TIMEOUT_PER_TOKEN_S, JobOptions, OptionError
+from .options import RaySettings
 from .options import default as job_default
 from .prompt import TASKS
 from .layout import LAYOUTS, PP_DOCLAYOUT_V2, PP_DOCLAYOUT_V3
@@ -33,6 +34,11 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except OcrbatchError as exc:
             raise click.ClickException(str(exc)) from None
+
+
+def ray_default(name: str):
+    """An ``--ray-*`` option's default: :class:`RaySettings`', as ``--help`` shows it."""
+    return job_default(name, of=RaySettings)
 
 
 def _quiet_libraries() -> None:
@@ -280,13 +286,13 @@ def _setup_logging(quiet: bool, log_file: str | None) -> None:
                    "'ocrbatch[ray]').")
 @click.option("--ray-address", help="Join this Ray cluster (auto, ray://host:10001, host:6379) "
               "[default: start a fresh local instance].")
-@click.option("--ray-vision-actors", type=click.IntRange(1), default=1, show_default=True,
+@click.option("--ray-vision-actors", type=click.IntRange(1), default=ray_default("vision_actors"), show_default=True,
               help="--engine ray: actors that render, analyse the layout and run the vision encoder.")
-@click.option("--ray-vision-cpus", type=click.FloatRange(min=0.01), default=1.0, show_default=True,
+@click.option("--ray-vision-cpus", type=click.FloatRange(min=0.01), default=ray_default("vision_cpus"), show_default=True,
               help="--engine ray: CPUs each vision actor reserves; its torch threads are as many.")
-@click.option("--ray-vision-gpus", type=click.FloatRange(min=0), default=0.0, show_default=True,
+@click.option("--ray-vision-gpus", type=click.FloatRange(min=0), default=ray_default("vision_gpus"), show_default=True,
               help="--engine ray: GPUs each vision actor reserves (above 0: the encoder runs on CUDA).")
-@click.option("--ray-decode-cpus", type=click.FloatRange(min=0.01), default=1.0, show_default=True,
+@click.option("--ray-decode-cpus", type=click.FloatRange(min=0.01), default=ray_default("decode_cpus"), show_default=True,
               help="--engine ray: CPUs each decode actor reserves; its llama.cpp threads are as many. "
                    "There are --workers decode actors, each decoding --seqs-per-worker pages at once.")
 @click.option("--backend", type=click.Choice(BACKENDS), default=job_default("backend"), show_default=True,
@@ -369,8 +375,6 @@ def run(paths, out, storage_options, output_format, checkpoint, include, exclude
     except PathError as exc:
         raise click.BadParameter(str(exc), param_hint="PATHS") from None
     if engine_name == "ray":
-        from .ray_engine import RaySettings
-
         settings = RaySettings(vision_actors=ray_vision_actors, vision_cpus=ray_vision_cpus,
                                vision_gpus=ray_vision_gpus, decode_cpus=ray_decode_cpus)
         _run_on_ray(options, ray_address, settings, dry_run)

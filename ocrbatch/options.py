@@ -10,6 +10,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 from .layout import recognised_pictures
+from .ray_files import DEFAULT_NODE_CACHE
 from .prompt import TASK_PROMPTS
 from .storage import ObjectPath
 from .store import checkpoint_path_for
@@ -134,9 +135,34 @@ def page_timeout_for(max_tokens: int) -> float:
     return PAGE_TIMEOUT_BASE_S + PAGE_TIMEOUT_PER_TOKEN_S * max_tokens
 
 
-def default(name: str):
-    """The default of the :class:`JobOptions` field ``name``."""
-    for option in fields(JobOptions):
+@dataclass
+class RaySettings:
+    """How the job is laid out on Ray; ``None`` fields follow the job's options."""
+
+    vision_actors: int = 1
+    vision_cpus: float = 1.0
+    vision_gpus: float = 0.0
+    decode_actors: int | None = None  # default: --workers
+    decode_cpus: float = 1.0
+    seqs_per_actor: int | None = None  # default: --seqs-per-worker
+    # A local instance only: logical CPUs (default: every actor's plus one, at least the cores)
+    # and object-store bytes (default: see default_object_store_bytes).
+    num_cpus: int | None = None
+    object_store_memory: int | None = None
+    runtime_env: dict | None = None  # the job's Ray runtime environment (env vars, setup hooks)
+    # How long a pool may take to start all its actors: past it, the run fails with Ray's
+    # "not enough resources" error instead of waiting forever for CPUs the cluster lacks.
+    actor_start_timeout_s: int = 600
+    # Where each node keeps its copy of the model files when it does not see the driver's.
+    node_cache: str = str(DEFAULT_NODE_CACHE)
+    # Copy the model files to every node even where the driver's paths show them (a file system
+    # that changes modification times, say); the copy is made once per node and files.
+    always_copy_models: bool = False
+
+
+def default(name: str, of: type = JobOptions):
+    """The default of the field ``name`` of the options class ``of`` (:class:`JobOptions`, :class:`RaySettings`)."""
+    for option in fields(of):
         if option.name == name:
             if option.default is MISSING:
                 raise KeyError(f"{name} has no default")

@@ -65,7 +65,8 @@ from .encode import encode_units
 from .errors import InputError, OcrbatchError
 from .output import SCHEMA
 from .rasterize import PageImage, count_pages, page_pixel_cap
-from .ray_files import DEFAULT_NODE_CACHE, FileSet, local_copy, start_file_server
+from .options import RaySettings
+from .ray_files import FileSet, local_copy, start_file_server
 from .storage import ObjectPath, check_reachable, input_path, is_url
 from .record import JobSummary, failure_row, text_layer_row
 from .render import LayoutSettings, RenderJob, RenderStage, StageFailed, TextLayerSettings
@@ -84,31 +85,6 @@ ENCODED_SCHEMA = pa.schema([
 DEBUG_FIELDS = [("token_ids", pa.list_(pa.int32())), ("vision_node", pa.string()), ("decode_node", pa.string())]
 DECODED_SCHEMA = pa.schema([*SCHEMA.set(SCHEMA.get_field_index("created_at"), pa.field("created_at", pa.string())),
                             *DEBUG_FIELDS])
-
-
-@dataclass
-class RaySettings:
-    """How the job is laid out on Ray; ``None`` fields follow the job's options."""
-
-    vision_actors: int = 1
-    vision_cpus: float = 1.0
-    vision_gpus: float = 0.0
-    decode_actors: int | None = None  # default: --workers
-    decode_cpus: float = 1.0
-    seqs_per_actor: int | None = None  # default: --seqs-per-worker
-    # A local instance only: logical CPUs (default: every actor's plus one, at least the cores)
-    # and object-store bytes (default: see default_object_store_bytes).
-    num_cpus: int | None = None
-    object_store_memory: int | None = None
-    runtime_env: dict | None = None  # the job's Ray runtime environment (env vars, setup hooks)
-    # How long a pool may take to start all its actors: past it, the run fails with Ray's
-    # "not enough resources" error instead of waiting forever for CPUs the cluster lacks.
-    actor_start_timeout_s: int = 600
-    # Where each node keeps its copy of the model files when it does not see the driver's.
-    node_cache: str = str(DEFAULT_NODE_CACHE)
-    # Copy the model files to every node even where the driver's paths show them (a file system
-    # that changes modification times, say); the copy is made once per node and files.
-    always_copy_models: bool = False
 
 
 @dataclass
