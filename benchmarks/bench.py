@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Sequence
 
 PROMPT = "OCR:"
 # Pool settings for the engine comparison: configs/cpu.toml's, the fastest in the scaling run.
@@ -681,10 +682,12 @@ def measure(args, work: Path) -> dict:
     return results
 
 
-def make_report_pages(folder: Path, pages: int, dpi: int, max_pixels: int, kinds: list[str]
-                      ) -> tuple[list[Path], list[Path], list[str]]:
-    """Born-digital report PDFs (half Letter, half A4), each page rendered as the job renders a whole page (PNG),
-    and each page's kind (see :mod:`report_pages`): page ``i`` of the run is ``kinds[i % len(kinds)]``."""
+def make_report_pages(folder: Path, pages: int, dpi: int, max_pixels: int, kinds: Sequence[str] = ("text",)
+                      ) -> tuple[list[Path], list[Path]]:
+    """Born-digital report PDFs (half Letter, half A4) and each page rendered as the job renders a whole page (PNG).
+
+    Page ``i`` of the run (Letter first) is of kind ``kinds[i % len(kinds)]`` (see :mod:`report_pages`).
+    """
     import pymupdf
     from report_pages import add_page
 
@@ -692,7 +695,7 @@ def make_report_pages(folder: Path, pages: int, dpi: int, max_pixels: int, kinds
 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "docs").mkdir()
-    pdfs, images, page_kinds = [], [], []
+    pdfs, images = [], []
     for paper in ("letter", "a4"):
         count = pages // 2 + (pages % 2 if paper == "letter" else 0)
         if not count:
@@ -701,8 +704,7 @@ def make_report_pages(folder: Path, pages: int, dpi: int, max_pixels: int, kinds
         with pymupdf.open() as doc:
             for index in range(count):
                 seed = len(images) + index
-                page_kinds.append(kinds[seed % len(kinds)])
-                add_page(doc, page_kinds[-1], seed, paper)
+                add_page(doc, kinds[seed % len(kinds)], seed, paper)
             doc.save(path, garbage=3, deflate=True)
             for page in doc:
                 zoom = pdf_zoom(page.rect.width, page.rect.height, dpi, max_pixels)
@@ -710,7 +712,7 @@ def make_report_pages(folder: Path, pages: int, dpi: int, max_pixels: int, kinds
                 page.get_pixmap(matrix=pymupdf.Matrix(zoom, zoom)).save(image)
                 images.append(image)
         pdfs.append(path)
-    return pdfs, images, page_kinds
+    return pdfs, images
 
 
 # English prose averages about four characters per token in the 100k-token vocabularies of
@@ -804,8 +806,9 @@ def measure_layout(args, work: Path) -> dict:
         from ocrbatch.devmodel import make_model
 
         model = str(make_model(work / "tiny", size="tiny"))
-    pdfs, images, kinds = make_report_pages(work / "pages", args.pages, args.dpi, args.max_pixels, args.page_kinds)
-    facts = {"kinds": kinds, **report_page_facts(pdfs, model, args.dpi, args.threads)}
+    pdfs, images = make_report_pages(work / "pages", args.pages, args.dpi, args.max_pixels, args.page_kinds)
+    facts = {"kinds": [args.page_kinds[i % len(args.page_kinds)] for i in range(len(images))],
+             **report_page_facts(pdfs, model, args.dpi, args.threads)}
     page_tokens = args.page_tokens or round(sum(facts["text_tokens_estimated"]) / len(images))
     block_tokens = max(1, round(page_tokens * len(images) / sum(facts["model_blocks"])))
     unit_tokens = max(1, round(page_tokens * len(images) / sum(facts["model_calls_stitched"])))
