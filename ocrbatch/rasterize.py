@@ -12,7 +12,7 @@ import contextlib
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -97,9 +97,10 @@ def open_pdf_file(path: Path | ObjectPath):
 
     if isinstance(path, ObjectPath):
         # MuPDF reads by random access, from bytes or a file only: a temporary file keeps a large PDF out
-        # of memory. MuPDF keeps the file open, so its name can go at once.
-        with path.local_copy() as local:
-            return pymupdf.open(local, filetype="pdf")
+        # of memory. MuPDF opens the file anew and keeps it open, so the copy's block can end at once.
+        # A path from fetched() is not downloaded again.
+        with path.downloaded() as held:
+            return pymupdf.open(held.copy, filetype="pdf")
     try:
         str(path).encode("utf-8")
     except UnicodeEncodeError:
@@ -109,6 +110,26 @@ def open_pdf_file(path: Path | ObjectPath):
         finally:
             os.close(descriptor)
     return pymupdf.open(path, filetype="pdf")
+
+
+@contextlib.contextmanager
+def fetched(document: Document) -> Iterator[Document]:
+    """``document`` for the readers inside the block: a PDF in object storage downloaded once for them
+    all (the text layer's routing and Markdown, the render), not once each. Other documents as they are.
+
+    A missing object, or one we may not read, is the document's problem (:class:`InputError`), as for a file.
+    """
+    if document.kind != "pdf" or not isinstance(document.path, ObjectPath):
+        yield document
+        return
+    with contextlib.ExitStack() as stack:
+        try:
+            held = stack.enter_context(document.path.downloaded())
+        except FileNotFoundError:
+            raise InputError(f"{document.path}: no such object") from None
+        except PermissionError:
+            raise InputError(f"{document.path}: access refused") from None
+        yield replace(document, path=held)
 
 
 def _open_pdf(document: Document):

@@ -28,7 +28,7 @@ from PIL import Image
 
 from .discover import Document
 from .errors import InputError
-from .rasterize import PageImage, iter_pages, open_pdf_file, pdf_zoom
+from .rasterize import PageImage, fetched, iter_pages, open_pdf_file, pdf_zoom
 from .storage import StorageError
 
 log = logging.getLogger("ocrbatch")
@@ -137,21 +137,23 @@ def _render_main(conn, render_pages: RenderPages, text_layer: TextLayerSettings,
                 return
             document, pages, dpi, max_pixels = message
             try:
-                pages = _text_layer_pages(conn, document, pages, dpi, max_pixels, text_layer)
-                for page in render_pages(document, pages, dpi, max_pixels) if pages else ():
-                    if page.error:
-                        conn.send(("error", page.page, page.page_count, page.error))
-                        continue
-                    blocks, started = None, time.perf_counter()
-                    if detector is not None:
-                        try:
-                            blocks = detector.detect(page.image)
-                        except Exception as exc:  # the page fails; the next one may do better
-                            conn.send(("error", page.page, page.page_count, f"{document.path} page {page.page}: "
-                                       f"layout analysis failed ({type(exc).__name__}: {exc})"))
+                # One download of a PDF object for its text layer and its render; gone once its pages are sent.
+                with fetched(document) as document:
+                    pages = _text_layer_pages(conn, document, pages, dpi, max_pixels, text_layer)
+                    for page in render_pages(document, pages, dpi, max_pixels) if pages else ():
+                        if page.error:
+                            conn.send(("error", page.page, page.page_count, page.error))
                             continue
-                    conn.send(("page", page.page, page.page_count, page.image.size, page.image.tobytes(),
-                               page.render_s, blocks, time.perf_counter() - started, page.timestamp_s))
+                        blocks, started = None, time.perf_counter()
+                        if detector is not None:
+                            try:
+                                blocks = detector.detect(page.image)
+                            except Exception as exc:  # the page fails; the next one may do better
+                                conn.send(("error", page.page, page.page_count, f"{document.path} page "
+                                           f"{page.page}: layout analysis failed ({type(exc).__name__}: {exc})"))
+                                continue
+                        conn.send(("page", page.page, page.page_count, page.image.size, page.image.tobytes(),
+                                   page.render_s, blocks, time.perf_counter() - started, page.timestamp_s))
             except StorageError as exc:  # not the document's fault: no page of it may be failed for this
                 conn.send(("fatal", str(exc)))
                 return

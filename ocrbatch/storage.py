@@ -6,9 +6,10 @@ the render process. Everything the job does with an object goes through the
 few calls here, on fsspec's own APIs: :func:`list_objects` (the listing, with
 size and modification time), :meth:`ObjectPath.open` (reading, ranged: a
 hash or an image header never loads the whole object),
-:meth:`ObjectPath.read_bytes` (an image), :meth:`ObjectPath.local_copy` (a
+:meth:`ObjectPath.read_bytes` (an image), :meth:`ObjectPath.downloaded` (a
 PDF, which MuPDF reads by random access from bytes or a file only: a
-temporary file keeps a large one out of memory), :meth:`ObjectPath.stat` and
+temporary file keeps a large one out of memory, and serves every reader of
+the document, so it is downloaded once), :meth:`ObjectPath.stat` and
 :func:`upload` (a whole file, which an object store makes visible only once
 complete). A local path stays
 a :class:`pathlib.Path` and never touches this module's filesystems.
@@ -25,8 +26,9 @@ import contextlib
 import hashlib
 import os
 import re
+import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, Iterable, Iterator
@@ -83,6 +85,9 @@ class ObjectPath:
 
     url: str
     options: tuple[tuple[str, Any], ...] = ()
+    # Set only on the path :meth:`downloaded` gives: the name, in this process and inside its block, of
+    # the object's content on this machine, which every read then uses instead of the store.
+    copy: str | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def of(cls, url: str, options: dict[str, Any] | None = None) -> ObjectPath:
@@ -140,24 +145,34 @@ class ObjectPath:
 
     def open(self, block_size: int = 4 << 20) -> IO[bytes]:
         """The object for reading, fetched in ranges of ``block_size`` as it is read."""
+        if self.copy is not None:
+            return open(self.copy, "rb")
         with reading(self):
             return self.fs.open(self.key, "rb", block_size=block_size)
 
     def read_bytes(self) -> bytes:
+        if self.copy is not None:
+            return Path(self.copy).read_bytes()
         with reading(self):
             return self.fs.cat_file(self.key)
 
     @contextlib.contextmanager
-    def local_copy(self) -> Iterator[Path]:
-        """The object downloaded, block by block, to a temporary local file, removed on exit."""
-        handle, name = tempfile.mkstemp(prefix="ocrbatch-", suffix=self.suffix)
-        os.close(handle)
-        try:
-            with reading(self):
-                self.fs.get_file(self.key, name)
-            yield Path(name)
-        finally:
-            os.unlink(name)
+    def downloaded(self, block: int = 1 << 20) -> Iterator[ObjectPath]:
+        """This object with its content downloaded, block by block, to a temporary file on this machine:
+        every read of the path given (:attr:`copy`, a file name MuPDF can open) uses the file, not the store.
+
+        The file has no name in any folder (it is reached as ``/proc/self/fd/N``), so a process that dies
+        inside the block, as a renderer may on a hostile PDF, leaves nothing behind. A path already
+        downloaded is given back as it is.
+        """
+        if self.copy is not None:
+            yield self
+            return
+        with tempfile.TemporaryFile(prefix="ocrbatch-") as copy:
+            with self.open() as source, reading(self):
+                shutil.copyfileobj(source, copy, block)
+            copy.flush()
+            yield replace(self, copy=f"/proc/self/fd/{copy.fileno()}")
 
     def stat(self) -> ObjectStat:
         """Size, modification time and version tag, asked of the store now (not from a cached listing)."""

@@ -16,6 +16,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -47,6 +48,38 @@ def s3():
         endpoint = f"http://{host}:{port}"
         yield endpoint, s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True)
         server.stop()
+
+
+@pytest.fixture
+def counted_s3(s3):
+    """``(endpoint_url, served)``: a second endpoint on the same moto backends that counts, in ``served``,
+    the body bytes its GETs send for each ``/bucket/key``: a whole-object download is the object's size."""
+    import collections
+    import threading
+
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+    from werkzeug.serving import make_server
+
+    app, served, lock = DomainDispatcherApplication(create_backend_app), collections.Counter(), threading.Lock()
+
+    def counting(environ, start_response):
+        body = app(environ, start_response)
+        if environ["REQUEST_METHOD"] != "GET":
+            return body
+        try:
+            chunks = list(body)
+        finally:
+            getattr(body, "close", lambda: None)()
+        with lock:
+            served[environ["PATH_INFO"]] += sum(map(len, chunks))
+        return chunks
+
+    server = make_server("127.0.0.1", 0, counting, threaded=True, request_handler=MotoRequestHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", served
+    server.shutdown()
+    thread.join()
 
 
 @pytest.fixture(scope="module")
@@ -347,3 +380,61 @@ def test_a_store_failing_while_planning_stops_the_run_and_fails_no_document(stub
     with pytest.raises(StorageError, match="doc0.pdf: cannot read from storage"):
         run_job(options)
     assert checkpoint_states(checkpoint_path_for(out)) == {}
+
+
+def test_a_pdf_object_is_downloaded_once_to_plan_and_once_to_render_its_text_layer_and_pages(
+        s3, counted_s3, stub, tmp_path):
+    import pdf_fixtures
+
+    _, fs = s3
+    endpoint, served = counted_s3
+    fs.mkdir("counted")
+    pdf = tmp_path / "mixed.pdf"
+    pdf_fixtures.write_pdf(pdf, ["text", "scan", "text"])
+    fs.put_file(str(pdf), "counted/inbox/mixed.pdf")
+    backdate("counted", "inbox/mixed.pdf")
+    out = tmp_path / "out.jsonl"
+    args = ["s3://counted/inbox", "--out", out, "--storage-option", f"endpoint_url={endpoint}", "--base-url",
+            stub.url, "--min-file-age", "60", "--pdf-text", "auto", *COMMON]
+
+    first = ocrbatch(*args)
+    assert first.returncode == 0, first.stderr
+    rows = {row["page"]: row for row in map(json.loads, out.open())}
+    assert {page: row["source"] for page, row in rows.items()} == {1: "text-layer", 2: "model", 3: "text-layer"}
+    assert pdf_fixtures.TITLE in rows[1]["text"] and rows[2]["text"].startswith("OCR: ")
+    # The planner reads it whole twice (its hash, then MuPDF's count of its pages: discovery does not
+    # keep what it hashed); the render process once, for the text layer's routing and Markdown and for
+    # rendering the scan, which used to be four downloads.
+    assert served["/counted/inbox/mixed.pdf"] == 3 * pdf.stat().st_size
+
+    again = ocrbatch(*args)  # known by its listing, its pages done: not read at all
+    assert again.returncode == 0, again.stderr
+    assert served["/counted/inbox/mixed.pdf"] == 3 * pdf.stat().st_size
+
+
+def test_a_downloaded_object_is_read_from_its_copy_which_leaves_no_file(s3, counted_s3, tmp_path, monkeypatch):
+    from ocrbatch.discover import Document
+    from ocrbatch.errors import InputError
+    from ocrbatch.rasterize import fetched
+    from ocrbatch.storage import ObjectPath
+
+    _, fs = s3
+    endpoint, served = counted_s3
+    fs.mkdir("copied")
+    fs.pipe_file("copied/blob.bin", b"content " * 1000)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # TMPDIR is read again
+    path = ObjectPath.of("s3://copied/blob.bin", {"endpoint_url": endpoint})
+    with path.downloaded() as held:
+        assert held == path and held.copy.startswith("/proc/self/fd/")
+        assert not list(tmp_path.iterdir())  # the copy has no name: a process killed here leaves nothing
+        with held.downloaded() as again, held.open() as handle:
+            assert again is held and handle.read() == held.read_bytes() == b"content " * 1000
+    assert served["/copied/blob.bin"] == 8000  # once, for the download
+    assert path.read_bytes() == b"content " * 1000 and served["/copied/blob.bin"] == 16000
+    missing = ObjectPath.of("s3://copied/missing.pdf", dict(path.options))
+    with pytest.raises(FileNotFoundError), missing.downloaded():
+        pass
+    # Gone between planning and rendering: the document's own failure, as a deleted file's is.
+    with pytest.raises(InputError, match="s3://copied/missing.pdf: no such object"), fetched(Document(missing, "id")):
+        pass
