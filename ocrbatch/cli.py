@@ -12,7 +12,7 @@ import click
 from .discover import PathError, check_paths, escaped
 from .errors import OcrbatchError
 from .gguf_convert import QUANTS
-from .storage import ObjectPath, check_reachable, input_path, parse_storage_options
+from .storage import ObjectPath, StorageError, check_reachable, input_path, parse_storage_options
 from .options import BACKENDS, PAGE_TIMEOUT_BASE_S, PAGE_TIMEOUT_PER_TOKEN_S, JobOptions, OptionError
 from .options import RaySettings
 from .options import default as job_default
@@ -380,7 +380,14 @@ def run(paths, out, storage_options, output_format, checkpoint, include, exclude
         _run_on_ray(options, ray_address, settings, dry_run)
         return
     if dry_run:
-        plan = plan_only(options)
+        from .record import EXIT_FATAL
+
+        try:
+            check_reachable([*paths, out])  # as a real run: storage that is not there is fatal, exit 3
+            plan = plan_only(options)
+        except StorageError as exc:
+            click.echo(f"Error: {exc}", err=True)
+            sys.exit(EXIT_FATAL)
         for item in sorted(plan.work, key=lambda item: str(item.document.path)):
             click.echo(f"{len(item.pages)}\t{escaped(item.document.path)}{_routes(item, options)}"
                        f"{_video_note(item, options)}")

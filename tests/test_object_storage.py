@@ -221,11 +221,12 @@ def test_an_object_still_being_uploaded_is_deferred(s3, stub, tmp_path):
         ("s3://young/inbox/new.pdf", 1), ("s3://young/inbox/new.pdf", 2), ("s3://young/inbox/old.pdf", 1)]
 
 
+@pytest.mark.parametrize("dry_run", [False, True], ids=["run", "dry-run"])
 @pytest.mark.parametrize("where", ["input", "output", "refused"])
 def test_a_bucket_that_does_not_exist_or_refuses_access_is_fatal_before_any_page_is_marked(
-        s3, stub, tmp_path, monkeypatch, where):
+        s3, stub, tmp_path, monkeypatch, where, dry_run):
     endpoint, fs = s3
-    present = f"present-{where}"
+    present = f"present-{where}-dry" if dry_run else f"present-{where}"
     fs.mkdir(present)
     folder = tmp_path / "inbox"
     folder.mkdir()
@@ -242,8 +243,10 @@ def test_a_bucket_that_does_not_exist_or_refuses_access_is_fatal_before_any_page
     checkpoint = tmp_path / "job.db"
     requests_before = len(stub.seen)
     result = ocrbatch(inbox, "--out", out, "--checkpoint", checkpoint, "--storage-option",
-                      f"endpoint_url={endpoint}", "--base-url", stub.url, "--min-file-age", "0", *COMMON)
-    assert result.returncode == 3, result.stderr
+                      f"endpoint_url={endpoint}", "--base-url", stub.url, "--min-file-age", "0", *COMMON,
+                      *(["--dry-run"] if dry_run else []))
+    assert result.returncode == 3, result.stderr  # a dry run says what the run would: fatal, not a failed page
+    assert result.stdout == ""  # nothing listed as to be done
     expected = {"input": "bucket 'no-such-inbox': no such bucket", "output": "bucket 'no-such-results': no such bucket",
                 "refused": f"bucket '{present}': access refused"}[where]
     assert expected in result.stderr
