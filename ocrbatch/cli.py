@@ -380,14 +380,7 @@ def run(paths, out, storage_options, output_format, checkpoint, include, exclude
         _run_on_ray(options, ray_address, settings, dry_run)
         return
     if dry_run:
-        from .record import EXIT_FATAL
-
-        try:
-            check_reachable([*paths, out])  # as a real run: storage that is not there is fatal, exit 3
-            plan = plan_only(options)
-        except StorageError as exc:
-            click.echo(f"Error: {exc}", err=True)
-            sys.exit(EXIT_FATAL)
+        plan = _dry_run_plan(lambda: plan_only(options), [*paths, out])
         for item in sorted(plan.work, key=lambda item: str(item.document.path)):
             click.echo(f"{len(item.pages)}\t{escaped(item.document.path)}{_routes(item, options)}"
                        f"{_video_note(item, options)}")
@@ -441,6 +434,18 @@ def _run_to_exit(job, out: Path) -> None:
     sys.exit(summary.exit_code)
 
 
+def _dry_run_plan(plan, locations):
+    """``plan()`` for ``--dry-run``; storage that is not there is fatal (exit 3), as in a real run."""
+    from .record import EXIT_FATAL
+
+    try:
+        check_reachable(locations)
+        return plan()
+    except StorageError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(EXIT_FATAL)
+
+
 def _run_on_ray(options: JobOptions, address: str | None, settings, dry_run: bool) -> None:
     """``ocrbatch run --engine ray``: the same job on Ray Data, ``--out`` a Parquet dataset folder."""
     try:
@@ -453,7 +458,8 @@ def _run_on_ray(options: JobOptions, address: str | None, settings, dry_run: boo
         from .dataset_record import DatasetRecord
         from .ray_engine import plan_pages
 
-        plan = plan_pages(options, DatasetRecord(options.out), dry_run=True)
+        plan = _dry_run_plan(lambda: plan_pages(options, DatasetRecord(options.out), dry_run=True),
+                             [*options.paths, options.out])
         for path, pages in sorted(Counter(item["path"] for item in plan.manifest).items()):
             click.echo(f"{pages}\t{escaped(path)}")
         for document, error in plan.unreadable:

@@ -724,3 +724,18 @@ def test_a_bucket_inbox_into_a_bucket_dataset_on_two_nodes_equals_the_job_on_loc
     with pytest.raises(StorageError, match="bucket 'no-such-bucket': no such bucket"):
         run_ray_job(job_options(tiny_model, [inbox], missing, layout="none"), address=cluster.address,
                     settings=settings)
+
+
+def test_a_dry_run_on_a_missing_bucket_is_fatal_naming_it(s3_store, tiny_model, tmp_path):
+    from click.testing import CliRunner
+
+    from ocrbatch.cli import main
+
+    options, fs = s3_store
+    fs.mkdir("dry-inbox")
+    fs.pipe("dry-inbox/in/a.png", b"not looked at")
+    storage = [arg for key, value in options.items() for arg in ("--storage-option", f"{key}={value}")]
+    result = CliRunner().invoke(main, ["run", "s3://dry-inbox/in", "--out", "s3://no-such-dataset/ocr/", "--engine",
+                                       "ray", "--model", str(tiny_model), "--dry-run", *storage])
+    assert result.exit_code == 3, result.output
+    assert "bucket 'no-such-dataset': no such bucket" in result.output
