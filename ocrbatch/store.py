@@ -44,6 +44,8 @@ CREATE TABLE IF NOT EXISTS pages (
 );
 CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, doc_id TEXT);
 CREATE INDEX IF NOT EXISTS pages_status ON pages(status);
+-- upsert_document supersedes older versions by path: without it, planning N documents scans N rows N times.
+CREATE INDEX IF NOT EXISTS documents_path ON documents(path);
 """
 
 
