@@ -246,12 +246,13 @@ class RenderStage:
             self._put(end)
 
     def _render_document(self, job: RenderJob, process: _RenderProcess | None) -> _RenderProcess | None:
-        remaining = sorted(set(job.pages))
+        # Page numbers still owed, in order; a dict, as a 10,000-page document must not cost a list scan a page.
+        remaining = dict.fromkeys(sorted(set(job.pages)))
         crashes = 0
         while remaining and not self.stop.is_set():
             process = process or _RenderProcess(self.render_pages, self.text_layer, self.layout)
             try:
-                process.conn.send((job.document, remaining, self.dpi, self.max_pixels))
+                process.conn.send((job.document, list(remaining), self.dpi, self.max_pixels))
                 while True:
                     message = process.conn.recv()
                     kind = message[0]
@@ -263,11 +264,9 @@ class RenderStage:
                         for number in remaining:
                             if not self._put(PageImage(job.document, number, job.page_count, error=message[1])):
                                 return process
-                        remaining = []
+                        remaining = {}
                         continue
-                    number = message[1]
-                    if number in remaining:
-                        remaining.remove(number)
+                    remaining.pop(message[1], None)
                     if not self._put(self._page(job, message)):
                         return process
             except (EOFError, BrokenPipeError, ConnectionResetError):
@@ -291,7 +290,7 @@ class RenderStage:
             for number in remaining:  # the renderer said done without them
                 self._put(PageImage(job.document, number, job.page_count,
                                     error=f"{job.document.path} page {number}: the renderer gave no result"))
-            remaining = []
+            remaining = {}
         return process
 
     @staticmethod

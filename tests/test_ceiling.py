@@ -14,10 +14,10 @@ import pytest
 
 BENCH = Path(__file__).parents[1] / "benchmarks" / "ceiling.py"
 # RSS at 100 % of the pages (after the output is committed) minus RSS at 25 %, over 7,500 pages.
-# Measured 24 MB (benchmarks/results/ceiling-cpu-2core.json: the Parquet writer's row groups and
-# allocator noise). A leak of 5 KB a page (a kept row, image or dict per page) adds 7,500 × 5 KB
-# = 37 MB and breaks this bound; so does anything of 3 KB a page or more.
-RSS_GROWTH_BOUND_MB = 45
+# Measured 24 MB with a Parquet row group every 32 rows, 1.6 MB since row groups hold 1,024 rows
+# (allocator noise). A leak of 2 KB a page (a kept row, image or dict per page) adds 7,500 × 2 KB
+# = 15 MB and breaks this bound; so did the small row groups.
+RSS_GROWTH_BOUND_MB = 12
 
 
 @pytest.mark.slow
