@@ -521,68 +521,6 @@ def test_a_file_name_that_is_not_utf8_is_read_and_recorded_escaped(cluster, tiny
     assert {unescaped(r["path"]) for r in rows} == {odd, docs / "good.pdf"}  # the bytes come back exactly
 
 
-# Runs the job as `ocrbatch run --engine ray` would, in a process the test can kill.
-DRIVER = """
-import json, sys
-from pathlib import Path
-from ocrbatch.pipeline import JobOptions
-from ocrbatch.ray_engine import run_ray_job
-
-options = json.loads(sys.argv[1])
-run_ray_job(JobOptions(**{**options, "paths": [Path(p) for p in options["paths"]], "out": Path(options["out"])}))
-"""
-
-
-def rows_in(folder: Path) -> int:
-    return sum(pq.ParquetFile(file).metadata.num_rows for file in DatasetRecord(folder).files())
-
-
-@pytest.mark.slow
-def test_kill9_of_the_driver_then_rerun_gives_every_page_once(tiny_model, engine_f32, tmp_path):
-    import psutil
-
-    from ocrbatch.ray_engine import run_ray_job
-
-    docs = tmp_path / "docs"
-    docs.mkdir()
-    for i in range(4):
-        write_pdf(docs / f"doc{i}.pdf", 3, text=f"Document {i}")
-    out = tmp_path / "dataset"
-    # One page per file and one page at a time, so the kill can land between pages.
-    settings = dict(paths=[str(docs)], out=str(out), model=str(tiny_model), quant="F32", max_tokens=30, workers=1,
-                    seqs_per_worker=1, batch_size=1, dpi=72, progress=False, flush_rows=1, min_file_age=0,
-                    layout="none")  # whole pages, to compare with the engine's own output
-    with open(tmp_path / "driver.log", "w") as log:
-        driver = subprocess.Popen([sys.executable, "-c", DRIVER, json.dumps(settings)], stdout=log, stderr=log)
-    deadline = time.monotonic() + 300
-    while driver.poll() is None and time.monotonic() < deadline and rows_in(out) == 0:
-        time.sleep(0.2)
-    assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
-    # The local Ray instance is the driver's: its processes are ended with it.
-    ray_processes = psutil.Process(driver.pid).children(recursive=True)
-    driver.send_signal(signal.SIGKILL)
-    driver.wait()
-    end(ray_processes)
-    at_kill = rows_in(out)
-    assert 0 < at_kill < 12  # the kill landed after some pages were written and before all
-    assert len(set(keys(visible_rows(out)))) == at_kill  # never a page twice, even now
-
-    seen = []
-    summary = run_ray_job(JobOptions(**{**settings, "paths": [docs], "out": out}), on_row=seen.append)
-    assert (summary.pages_skipped, summary.pages_ok, summary.pages_failed) == (at_kill, 12 - at_kill, 0)
-    rows = visible_rows(out)
-    assert sorted((Path(r["path"]).name, r["page"]) for r in rows) == sorted(
-        (f"doc{i}.pdf", page) for i in range(4) for page in (1, 2, 3))
-    expected = expected_tokens(engine_f32, rows, max_tokens=30)
-    assert {(r["path"], r["page"]): r["text"] for r in rows} == {key: text for key, (_, text) in expected.items()}
-    assert {(r["path"], r["page"]): r["token_ids"] for r in seen} == {
-        (r["path"], r["page"]): expected[(r["path"], r["page"])][0] for r in seen}
-    # The killed run's part files were merged with the re-run's into one file; nothing partial is left.
-    assert [f.name.split("-")[0] for f in DatasetRecord(out).files()] == ["run"]
-    assert not list(out.glob(".*.tmp"))
-    assert DatasetRecord(out).counts() == {"pages": {"ok": 12}, "documents": {"ok": 4}}
-
-
 def test_a_node_copy_of_model_files_is_whole_made_once_and_follows_the_drivers_files(cluster, tmp_path, monkeypatch):
     import ray
 
@@ -739,3 +677,67 @@ def test_a_dry_run_on_a_missing_bucket_is_fatal_naming_it(s3_store, tiny_model, 
                                        "ray", "--model", str(tiny_model), "--dry-run", *storage])
     assert result.exit_code == 3, result.output
     assert "bucket 'no-such-dataset': no such bucket" in result.output
+
+
+# Last in this file: the re-run below starts and stops a Ray instance of its own in this process, after
+# which the module's two-node cluster no longer starts actors.
+# Runs the job as `ocrbatch run --engine ray` would, in a process the test can kill.
+DRIVER = """
+import json, sys
+from pathlib import Path
+from ocrbatch.pipeline import JobOptions
+from ocrbatch.ray_engine import run_ray_job
+
+options = json.loads(sys.argv[1])
+run_ray_job(JobOptions(**{**options, "paths": [Path(p) for p in options["paths"]], "out": Path(options["out"])}))
+"""
+
+
+def rows_in(folder: Path) -> int:
+    return sum(pq.ParquetFile(file).metadata.num_rows for file in DatasetRecord(folder).files())
+
+
+@pytest.mark.slow
+def test_kill9_of_the_driver_then_rerun_gives_every_page_once(tiny_model, engine_f32, tmp_path):
+    import psutil
+
+    from ocrbatch.ray_engine import run_ray_job
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(4):
+        write_pdf(docs / f"doc{i}.pdf", 3, text=f"Document {i}")
+    out = tmp_path / "dataset"
+    # One page per file and one page at a time, so the kill can land between pages.
+    settings = dict(paths=[str(docs)], out=str(out), model=str(tiny_model), quant="F32", max_tokens=30, workers=1,
+                    seqs_per_worker=1, batch_size=1, dpi=72, progress=False, flush_rows=1, min_file_age=0,
+                    layout="none")  # whole pages, to compare with the engine's own output
+    with open(tmp_path / "driver.log", "w") as log:
+        driver = subprocess.Popen([sys.executable, "-c", DRIVER, json.dumps(settings)], stdout=log, stderr=log)
+    deadline = time.monotonic() + 300
+    while driver.poll() is None and time.monotonic() < deadline and rows_in(out) == 0:
+        time.sleep(0.2)
+    assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
+    # The local Ray instance is the driver's: its processes are ended with it.
+    ray_processes = psutil.Process(driver.pid).children(recursive=True)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    end(ray_processes)
+    at_kill = rows_in(out)
+    assert 0 < at_kill < 12  # the kill landed after some pages were written and before all
+    assert len(set(keys(visible_rows(out)))) == at_kill  # never a page twice, even now
+
+    seen = []
+    summary = run_ray_job(JobOptions(**{**settings, "paths": [docs], "out": out}), on_row=seen.append)
+    assert (summary.pages_skipped, summary.pages_ok, summary.pages_failed) == (at_kill, 12 - at_kill, 0)
+    rows = visible_rows(out)
+    assert sorted((Path(r["path"]).name, r["page"]) for r in rows) == sorted(
+        (f"doc{i}.pdf", page) for i in range(4) for page in (1, 2, 3))
+    expected = expected_tokens(engine_f32, rows, max_tokens=30)
+    assert {(r["path"], r["page"]): r["text"] for r in rows} == {key: text for key, (_, text) in expected.items()}
+    assert {(r["path"], r["page"]): r["token_ids"] for r in seen} == {
+        (r["path"], r["page"]): expected[(r["path"], r["page"])][0] for r in seen}
+    # The killed run's part files were merged with the re-run's into one file; nothing partial is left.
+    assert [f.name.split("-")[0] for f in DatasetRecord(out).files()] == ["run"]
+    assert not list(out.glob(".*.tmp"))
+    assert DatasetRecord(out).counts() == {"pages": {"ok": 12}, "documents": {"ok": 4}}
