@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from helpers import document_image, settle, write_pdf
+from helpers import document_image, settled_pdfs
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -51,12 +51,7 @@ def release_model(tmp_path_factory):
 @pytest.fixture
 def docs(tmp_path):
     """Three settled two-page text PDFs."""
-    folder = tmp_path / "docs"
-    folder.mkdir()
-    for i in range(3):
-        write_pdf(folder / f"doc{i}.pdf", 2, text=f"Document {i}")
-    settle(folder)
-    return folder
+    return settled_pdfs(tmp_path / "docs", 3, 2)
 
 
 # (width, height): ordinary, below the tiny processor's min-pixels bound, very

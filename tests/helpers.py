@@ -148,6 +148,15 @@ def llama_workers(process) -> list:
     return [child for child in children if holds_a_gguf(child)]
 
 
+def settled_pdfs(folder, documents: int, pages: int):
+    """``folder`` made with ``documents`` text PDFs of ``pages`` pages each (doc0.pdf, ...), settled."""
+    folder.mkdir()
+    for i in range(documents):
+        write_pdf(folder / f"doc{i}.pdf", pages, text=f"Document {i}")
+    settle(folder)
+    return folder
+
+
 def settle(folder, age_s: float = 3600) -> None:
     """Date every file under ``folder`` back by ``age_s``: written long ago, not still being written."""
     import os

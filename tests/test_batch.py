@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 from helpers import (document_image, good_documents, job_options, llama_workers, read_rows, run_cli, settle,
-                     write_encrypted_pdf, write_pdf, write_png_claiming_size, write_zero_page_pdf)
+                     settled_pdfs, write_encrypted_pdf, write_pdf, write_png_claiming_size, write_zero_page_pdf)
 
 from ocrbatch.cli import main
 from ocrbatch.output import COLUMNS
@@ -102,12 +102,7 @@ def test_mixed_folder_end_to_end(tiny_model, mixed_folder, tmp_path):
 
 @pytest.fixture
 def pages_folder(tmp_path):
-    folder = tmp_path / "docs"
-    folder.mkdir()
-    for i in range(4):
-        write_pdf(folder / f"doc{i}.pdf", 3, text=f"Document {i}")
-    settle(folder)
-    return folder
+    return settled_pdfs(tmp_path / "docs", 4, 3)
 
 
 def _kill_a_worker_when_busy(process: subprocess.Popen, out: Path, deadline: float) -> bool:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from fault_workers import crashing_worker_main, failing_prefill_worker_main, hanging_worker_main, segfaulting_renderer
-from helpers import job_options, llama_workers, read_rows, run_cli, settle, write_lying_pdf, write_pdf
+from helpers import job_options, llama_workers, read_rows, run_cli, settle, settled_pdfs, write_lying_pdf, write_pdf
 
 from ocrbatch.pipeline import PipelineError, run_job
 from ocrbatch.pool import PoolFailed, WorkerPool
@@ -314,12 +314,7 @@ def test_a_fresh_file_is_picked_up_by_the_next_run(tiny_model, engine, docs, tmp
 
 @pytest.fixture
 def many_pages(tmp_path):
-    folder = tmp_path / "many"
-    folder.mkdir()
-    for i in range(6):
-        write_pdf(folder / f"doc{i}.pdf", 4, text=f"Document {i}")
-    settle(folder)
-    return folder
+    return settled_pdfs(tmp_path / "many", 6, 4)
 
 
 def slow_run_args(tiny_model, folder, out, tokens=300):
