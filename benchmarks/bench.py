@@ -78,7 +78,7 @@ def machine_info() -> dict:
 
 
 def make_pages(folder: Path, count: int, size: int) -> list[Path]:
-    from ocrbatch.samples import synthetic_page
+    from ocrbatch.dev.samples import synthetic_page
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -220,13 +220,13 @@ def child_transformers(spec: dict) -> dict:
 def layout_pages(pdfs: list[str], dpi: float, detector, model_max_pixels: int):
     """Each page of ``pdfs`` as ocrbatch's layout stage sees it: (page image, blocks, seconds to render and detect).
 
-    The job's own code path: rendered by :func:`ocrbatch.rasterize.iter_pages`
+    The job's own code path: rendered by :func:`ocrbatch.sources.rasterize.iter_pages`
     under the layout cap at ``dpi``, blocks from ``detector`` (a
-    :func:`ocrbatch.layout.load_layout` detector). Callers make the model's
-    units with :func:`ocrbatch.assemble.layout_units`, as the job does.
+    :func:`ocrbatch.layout.detect.load_layout` detector). Callers make the model's
+    units with :func:`ocrbatch.job.units.layout_units`, as the job does.
     """
-    from ocrbatch.discover import Document
-    from ocrbatch.rasterize import count_pages, iter_pages, page_pixel_cap
+    from ocrbatch.sources.discover import Document
+    from ocrbatch.sources.rasterize import count_pages, iter_pages, page_pixel_cap
 
     for path in pdfs:
         document = Document(Path(path), None)
@@ -246,14 +246,14 @@ def child_transformers_blocks(spec: dict) -> dict:
     What a user of the official layout pipeline with a transformers backend
     runs: the same render, layout blocks, crops, stitching (``spec["stitch"]``)
     and pixel bounds as ocrbatch (:func:`layout_pages`, then
-    :func:`ocrbatch.assemble.layout_units`), each page's units one
+    :func:`ocrbatch.job.units.layout_units`), each page's units one
     left-padded batch, every unit decoding ``spec["tokens"]``. The clock runs
     over rendering and layout too, as ocrbatch's job does.
     """
     from PIL import Image
 
-    from ocrbatch.assemble import layout_units
-    from ocrbatch.layout import load_layout
+    from ocrbatch.job.units import layout_units
+    from ocrbatch.layout.detect import load_layout
 
     processor, model, load_s = load_transformers(spec)
     detector = load_layout(spec["layout"], threads=spec["threads"])
@@ -303,10 +303,10 @@ def timed_job(spec: dict, **job) -> dict:
     import pyarrow.parquet as pq
     from PIL import Image
 
+    from ocrbatch.backends.pool import WorkerPool
     from ocrbatch.engine import Engine
-    from ocrbatch.options import JobOptions
-    from ocrbatch.pipeline import run_job
-    from ocrbatch.pool import WorkerPool
+    from ocrbatch.engines.local import run_job
+    from ocrbatch.job.options import JobOptions
 
     started = time.perf_counter()
     engine = Engine(spec["model"], quant=spec["quant"], vision_dtype=spec["vision_dtype"],
@@ -379,9 +379,9 @@ def _lm_requests(spec: dict, count: int):
     """Prompts with random image embeddings of a real page's size: speed does not depend on values."""
     import numpy as np
 
-    from ocrbatch.checkpoint import Checkpoint
-    from ocrbatch.language import GenerationRequest
-    from ocrbatch.prompt import PromptBuilder
+    from ocrbatch.model.language import GenerationRequest
+    from ocrbatch.model.prompt import PromptBuilder
+    from ocrbatch.model.weights import Checkpoint
 
     checkpoint = Checkpoint.open(spec["model"])
     merge = checkpoint.vision_config.spatial_merge_size
@@ -416,7 +416,7 @@ def time_generation(model, requests, on_prefilled=lambda: None) -> tuple[float, 
 
 def child_llama(spec: dict) -> dict:
     """The language model alone: prefill, then decode-only rates with 1, 4 and 8 sequences together."""
-    from ocrbatch.language import LanguageModel
+    from ocrbatch.model.language import LanguageModel
 
     [single] = _lm_requests(spec, 1)
     result = {}
@@ -444,9 +444,9 @@ def child_fidelity(spec: dict) -> dict:
     from PIL import Image
 
     from ocrbatch.engine import Engine
-    from ocrbatch.gguf_convert import convert
-    from ocrbatch.language import LanguageModel
-    from ocrbatch.vision import VisionEncoder
+    from ocrbatch.model.gguf import convert
+    from ocrbatch.model.language import LanguageModel
+    from ocrbatch.model.vision import VisionEncoder
 
     engine = Engine(spec["model"], quant="F32", max_tokens=spec["tokens"], threads=spec["threads"],
                     with_language=False)
@@ -485,7 +485,7 @@ def child_mmproj(spec: dict) -> dict:
 
     from llama_cpp.llama_chat_format import MTMDChatHandler
 
-    from ocrbatch.llama_runtime import llama_cpp_module
+    from ocrbatch.machine.llama_runtime import llama_cpp_module
 
     Llama = llama_cpp_module().Llama  # with ocrbatch's build, llama.cpp's CPU backend loads from here
     started = time.perf_counter()
@@ -613,14 +613,14 @@ def main() -> None:
 
 def measure(args, work: Path) -> dict:
     """Every measurement of one run, with the ratios between them."""
-    from ocrbatch.gguf_convert import convert
+    from ocrbatch.model.gguf import convert
 
     if args.quick:
         args.pages, args.tokens, args.image_size = min(args.pages, 2), min(args.tokens, 8), min(args.image_size, 224)
         args.skip_mmproj = True
     model = args.model
     if model is None:
-        from ocrbatch.devmodel import make_model
+        from ocrbatch.dev.model import make_model
 
         model = str(make_model(work / "tiny", size="tiny"))
     pages = make_pages(work / "pages", args.pages, args.image_size)
@@ -655,7 +655,7 @@ def measure(args, work: Path) -> dict:
     if not args.skip_mmproj and wanted("llama.cpp-mmproj-Q4_K_M"):
         mmproj, status = build_mmproj(model, work)
         if mmproj:
-            from ocrbatch.checkpoint import Checkpoint
+            from ocrbatch.model.weights import Checkpoint
 
             eos = Checkpoint.open(model).eos_token_ids[0]
             engines["llama.cpp-mmproj-Q4_K_M"] = run_child("mmproj", {
@@ -691,7 +691,7 @@ def make_report_pages(folder: Path, pages: int, dpi: int, max_pixels: int, kinds
     import pymupdf
     from report_pages import add_page
 
-    from ocrbatch.rasterize import pdf_zoom
+    from ocrbatch.sources.rasterize import pdf_zoom
 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "docs").mkdir()
@@ -734,8 +734,8 @@ def report_page_facts(pdfs: list[Path], model: str, dpi: int, threads: int) -> d
     import pymupdf
     from transformers import AutoImageProcessor
 
-    from ocrbatch.assemble import layout_units
-    from ocrbatch.layout import load_layout
+    from ocrbatch.job.units import layout_units
+    from ocrbatch.layout.detect import load_layout
 
     chars = []
     for path in pdfs:
@@ -797,13 +797,13 @@ def measure_layout(args, work: Path) -> dict:
     (:func:`child_transformers_blocks`), runs with each stitch setting, so
     both sides make the same model calls on the same crops.
     """
-    from ocrbatch.gguf_convert import convert
+    from ocrbatch.model.gguf import convert
 
     if args.quick:
         args.pages, args.page_tokens = min(args.pages, 2), min(args.page_tokens or 16, 16)
     model = args.model
     if model is None:
-        from ocrbatch.devmodel import make_model
+        from ocrbatch.dev.model import make_model
 
         model = str(make_model(work / "tiny", size="tiny"))
     pdfs, images = make_report_pages(work / "pages", args.pages, args.dpi, args.max_pixels, args.page_kinds)

@@ -57,7 +57,7 @@ MODES = ("local", "ray", "ray-2-nodes", "openai")
 
 
 def job_options(spec: dict, out: Path, **extra):
-    from ocrbatch.options import JobOptions
+    from ocrbatch.job.options import JobOptions
 
     return JobOptions(paths=[Path(spec["docs"])], out=out, model=spec["model"], quant=spec["quant"],
                       max_tokens=spec["tokens"], ignore_eos=True, workers=spec["workers"],
@@ -77,7 +77,7 @@ def child_ray(spec: dict) -> dict:
     """``run_ray_job`` on a fresh local instance, or on a two-node cluster of this machine."""
     import pyarrow.dataset as ds
 
-    from ocrbatch.ray_engine import RaySettings, run_ray_job
+    from ocrbatch.engines.ray import RaySettings, run_ray_job
 
     # The vision actor gets as many threads as the local engine's encoder (--threads), each decode
     # actor one, as the local engine's workers.
@@ -117,7 +117,7 @@ def child_remote(spec: dict) -> dict:
     """``run_job`` with the OpenAI backend against the server at ``spec['base_url']``."""
     import pyarrow.parquet as pq
 
-    from ocrbatch.pipeline import run_job
+    from ocrbatch.engines.local import run_job
 
     with tempfile.TemporaryDirectory() as scratch:
         out = Path(scratch) / "out.parquet"
@@ -210,13 +210,13 @@ class Server:
 def measure(args, work: Path) -> dict:
     import pymupdf
 
-    from ocrbatch.gguf_convert import convert
+    from ocrbatch.model.gguf import convert
 
     if args.quick:
         args.pages, args.tokens = min(args.pages, 2), min(args.tokens or 8, 8)
     model = args.model
     if model is None:
-        from ocrbatch.devmodel import make_model
+        from ocrbatch.dev.model import make_model
 
         model = str(make_model(work / "tiny", size="tiny"))
     pdfs, _ = make_report_pages(work / "pages", args.pages, CPU_TOML["dpi"], CPU_TOML["max_pixels"])

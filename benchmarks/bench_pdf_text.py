@@ -127,7 +127,7 @@ def child_text_layer(spec: dict) -> dict:
     """
     import pymupdf
 
-    from ocrbatch.textlayer import MIN_MARKDOWN_RECALL, assess_page, page_markdown
+    from ocrbatch.sources.textlayer import MIN_MARKDOWN_RECALL, assess_page, page_markdown
 
     judge_s, markdown_s, plain_s, chars, first_s = [], [], [], [], None
     for name, kinds in spec["documents"]:
@@ -165,7 +165,7 @@ def child_text_layer(spec: dict) -> dict:
 
 def child_probe(spec: dict) -> dict:
     """Load the GGUF with llama.cpp's defaults and decode a few tokens (segfaults where AMX repacking does)."""
-    from ocrbatch.llama_runtime import llama_cpp_module
+    from ocrbatch.machine.llama_runtime import llama_cpp_module
 
     llm = llama_cpp_module().Llama(spec["gguf"], n_ctx=256, n_threads=1, verbose=False)
     llm("The harbour", max_tokens=4)
@@ -199,7 +199,7 @@ def cpu_flags() -> list[str]:
 
 
 def measure(args, work: Path) -> dict:
-    from ocrbatch.gguf_convert import convert
+    from ocrbatch.model.gguf import convert
 
     if args.quick:
         args.pages, args.tokens = min(args.pages, 4), min(args.tokens, 8)
@@ -207,7 +207,7 @@ def measure(args, work: Path) -> dict:
         raise SystemExit("bench_pdf_text: --pages must be at least 2 (half born-digital, half scanned)")
     model = args.model
     if model is None:
-        from ocrbatch.devmodel import make_model
+        from ocrbatch.dev.model import make_model
 
         model = str(make_model(work / "tiny", size="tiny"))
     docs = work / "docs"

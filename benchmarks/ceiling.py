@@ -40,10 +40,10 @@ import psutil
 sys.path.insert(0, str(Path(__file__).parent))
 from bench import write_results  # helpers in the same folder
 
-from ocrbatch.options import JobOptions
-from ocrbatch.output import open_output
-from ocrbatch.pipeline import run_job
-from ocrbatch.store import Store
+from ocrbatch.engines.local import run_job
+from ocrbatch.job.options import JobOptions
+from ocrbatch.records.output import open_output
+from ocrbatch.records.sqlite import Store
 
 TESTS = Path(__file__).parents[1] / "tests"
 # Pages/s per GPU of PaddleOCR-VL served by vLLM or FastDeploy on one A100/H800 (issue 24).

@@ -33,7 +33,7 @@ def profile_vision(model: str, dtype: str, image_size: int, threads: int, top: i
     from PIL import Image
     from torch.profiler import ProfilerActivity, profile
 
-    from ocrbatch.vision import VisionEncoder
+    from ocrbatch.model.vision import VisionEncoder
 
     torch.set_num_threads(threads)
     encoder = VisionEncoder(model, dtype=dtype)
@@ -70,8 +70,8 @@ def profile_decode(model: str, quant: str, sequences: int, tokens: int, image_si
     """Milliseconds per decode step spent in each named tensor of the graph (layer number dropped)."""
     import llama_cpp
 
-    from ocrbatch.gguf_convert import convert
-    from ocrbatch.language import LanguageModel
+    from ocrbatch.model.gguf import convert
+    from ocrbatch.model.language import LanguageModel
 
     spent: Counter = Counter()
     clock = {"last": 0.0, "on": False}

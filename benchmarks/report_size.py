@@ -21,8 +21,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from bench import write_results  # helpers in the same folder
 
-from ocrbatch.output import open_output
-from ocrbatch.report import build_report
+from ocrbatch.records.output import open_output
+from ocrbatch.report.html import build_report
 
 TABLE = "<table><tr><td>Item</td><td>Qty</td></tr><tr><td>Paper</td><td>20</td></tr></table>"
 

@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from bench import write_results  # helpers in the same folder
 
-from ocrbatch.textlayer import iter_routes
+from ocrbatch.sources.textlayer import iter_routes
 
 TARGET_S = 5.0
 

@@ -13,7 +13,7 @@ That plain measure also counts against the Markdown what it leaves out on
 purpose (running headers and footers, text in pictures, sideways margin
 notes), bold faked by printing a word twice, and words MuPDF splits where
 their letters are set apart. The router's own check
-(``ocrbatch.textlayer.MIN_MARKDOWN_RECALL``) allows for those; its figure
+(``ocrbatch.sources.textlayer.MIN_MARKDOWN_RECALL``) allows for those; its figure
 for each text-layer page is reported beside the plain one.
 
     python benchmarks/textlayer_recall.py /tmp/corpus --out benchmarks/results/textlayer-recall.json
@@ -34,7 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from bench import write_results  # helpers in the same folder
 
-from ocrbatch.textlayer import layer_words, route
+from ocrbatch.sources.textlayer import layer_words, route
 
 
 def word_recall(reference: Counter, candidate: Counter) -> float:

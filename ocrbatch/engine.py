@@ -14,15 +14,15 @@ from typing import Sequence
 
 import numpy as np
 
-from .checkpoint import Checkpoint
 from .errors import ModelError, OcrbatchError
-from .gguf_convert import convert, inspect_gguf
-from .images import open_image
-from .language import GenerationRequest, LanguageModel, Sampling
-from .layout import BLOCK_MAX_PIXELS
-from .prompt import TASK_PROMPTS, PromptBuilder
-from .spotting import SPOTTING_PIXEL_BOUNDS, prepare, read_spots, spotted_text
-from .vision import EncodedImage, VisionEncoder
+from .layout.blocks import BLOCK_MAX_PIXELS
+from .layout.spotting import SPOTTING_PIXEL_BOUNDS, prepare, read_spots, spotted_text
+from .model.gguf import convert, inspect_gguf
+from .model.language import GenerationRequest, LanguageModel, Sampling
+from .model.prompt import TASK_PROMPTS, PromptBuilder
+from .model.vision import EncodedImage, VisionEncoder
+from .model.weights import Checkpoint
+from .sources.images import open_image
 
 DEFAULT_MAX_TOKENS = 1024
 # Room for the chat template's text around the image.
@@ -98,7 +98,7 @@ class Engine:
         ``layout`` (``cdla``, ``pp-doclayout`` with ``layout_model``, or ``none``)
         makes :meth:`ocr` recognise each layout block with its own prompt and
         return the page's Markdown; ``stitch`` lets pieces of text share one
-        image, as in the batch job (:mod:`.stitch`). ``pp-doclayout`` without
+        image, as in the batch job (:mod:`ocrbatch.layout.stitch`). ``pp-doclayout`` without
         ``layout_model`` is PP-DocLayoutV2 for a 1.0 checkpoint, V3 for 1.5+.
         ``charts`` and ``seals`` send those blocks to the model instead of
         keeping them as pictures (seals need a 1.5+ checkpoint).
@@ -126,7 +126,8 @@ class Engine:
                 f"{self.gguf_path}: language model width {info.n_embd} does not match "
                 f"the checkpoint's {config.text_config.hidden_size}"
             )
-        from .layout import load_layout, recognised_pictures
+        from .layout.blocks import recognised_pictures
+        from .layout.detect import load_layout
 
         if seals:
             self.prompts.task_text("seal")  # a 1.0 checkpoint was not trained for it
@@ -199,7 +200,7 @@ class Engine:
 
         An image that cannot be read gets a result with ``error`` set; the
         others are processed as usual. With ``Spotting:`` (task ``spotting``)
-        each image is prepared and encoded as :mod:`.spotting` says, and the
+        each image is prepared and encoded as :mod:`ocrbatch.layout.spotting` says, and the
         result's ``text`` and ``spots`` are what the output's locations read.
         """
         text = self.prompt_text(task, prompt)
@@ -267,8 +268,8 @@ class Engine:
 
     def _ocr_blocks(self, result: OcrResult, image, max_tokens: int | None, sampling: Sampling) -> None:
         """Layout mode: detect the blocks, recognise each with its prompt, assemble the Markdown."""
-        from .assemble import BLOCK_PIXEL_BOUNDS, layout_units
-        from .markdown import page_markdown
+        from .job.units import BLOCK_PIXEL_BOUNDS, layout_units
+        from .layout.markdown import page_markdown
 
         started = time.perf_counter()
         blocks = self.layout.detect(image)

@@ -3,7 +3,7 @@
 #
 # torch==2.13.0 first: a bare "torch" requirement pulls a multi-GB CUDA build.
 # llama-cpp-python is compiled from source (15-30 minutes on 2 cores the first time) by
-# ocrbatch/llama_build.py, which says how: on x86-64 one wheel whose CPU backend is built for
+# ocrbatch/machine/llama_build.py, which says how: on x86-64 one wheel whose CPU backend is built for
 # several instruction-set levels and picked at load time (it runs on any x86-64 CPU; AMX kernels
 # left out), elsewhere a native build; with a CUDA toolkit and a GPU, the CUDA backend too.
 # The wheel is kept under ~/.cache/ocrbatch-wheels ($OCRBATCH_WHEEL_CACHE), keyed by the recipe
@@ -15,8 +15,8 @@ cd "$(dirname "$0")/.."
 
 python -m pip install --quiet --upgrade pip
 python -m pip install --quiet torch==2.13.0
-python ocrbatch/llama_build.py plan
-wheel=$(python ocrbatch/llama_build.py wheel)
+python ocrbatch/machine/llama_build.py plan
+wheel=$(python ocrbatch/machine/llama_build.py wheel)
 python -m pip install --quiet --force-reinstall --no-deps "$wheel"
 python -m pip install --quiet -e '.[test]'
 

@@ -18,14 +18,14 @@ def isolated_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
-    from ocrbatch.devmodel import make_model
+    from ocrbatch.dev.model import make_model
 
     return make_model(tmp_path_factory.mktemp("tiny") / "tiny-1.0", size="tiny", seed=0, version="1.0")
 
 
 @pytest.fixture(scope="session")
 def tiny_model_15(tmp_path_factory):
-    from ocrbatch.devmodel import make_model
+    from ocrbatch.dev.model import make_model
 
     return make_model(tmp_path_factory.mktemp("tiny15") / "tiny-1.5", size="tiny", seed=1, version="1.5")
 
@@ -35,7 +35,7 @@ def release_model(tmp_path_factory):
     """``release_model(version)``: a tiny checkpoint shaped as PaddlePaddle's release of that version
     (``--layout official``: flat config, its own lm_head, the release's processor files), built once.
     Seed 0, so every weight but the lm_head equals ``tiny_model``'s."""
-    from ocrbatch.devmodel import make_model
+    from ocrbatch.dev.model import make_model
 
     built = {}
 

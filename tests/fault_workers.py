@@ -36,7 +36,7 @@ def crashing_worker_main(conn, settings) -> None:
     """A llama.cpp worker that dies of a segmentation fault whenever it receives the poison page."""
     import ctypes
 
-    from ocrbatch.pool import _worker_main
+    from ocrbatch.backends.pool import _worker_main
 
     _worker_main(_Tripwire(conn, lambda: ctypes.string_at(0)), settings)
 
@@ -45,7 +45,7 @@ def hanging_worker_main(conn, settings) -> None:
     """A llama.cpp worker that hangs (never reads its pipe again) on the poison page."""
     import time
 
-    from ocrbatch.pool import _worker_main
+    from ocrbatch.backends.pool import _worker_main
 
     _worker_main(_Tripwire(conn, lambda: time.sleep(3600)), settings)
 
@@ -54,9 +54,9 @@ def failing_prefill_worker_main(conn, settings) -> None:
     """A llama.cpp worker whose llama_decode fails for the poison page's prefill only."""
     import os
 
+    from ocrbatch.backends.pool import _worker_main
     from ocrbatch.errors import OcrbatchError
-    from ocrbatch.language import LanguageModel
-    from ocrbatch.pool import _worker_main
+    from ocrbatch.model.language import LanguageModel
 
     wanted = int(os.environ["OCRBATCH_TEST_POISON_TOKENS"])
     prefill = LanguageModel._prefill
@@ -74,7 +74,7 @@ def segfaulting_renderer(document, pages, dpi, max_pixels):
     """Renders pages as usual, but crashes the render process on files named *segfault*."""
     import ctypes
 
-    from ocrbatch.rasterize import iter_pages
+    from ocrbatch.sources.rasterize import iter_pages
 
     if "segfault" in document.path.name:
         ctypes.string_at(0)

@@ -10,11 +10,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from ocrbatch.options import JobOptions
+from ocrbatch.dev.samples import synthetic_page
+from ocrbatch.job.options import JobOptions
 from ocrbatch.storage import ObjectPath
-
-from ocrbatch.samples import synthetic_page
-
 
 document_image = synthetic_page
 

@@ -19,7 +19,7 @@ import numpy as np
 import pymupdf
 from PIL import Image
 
-from ocrbatch.samples import ARTICLE_COLUMNS, ARTICLE_TITLE, PARAGRAPHS
+from ocrbatch.dev.samples import ARTICLE_COLUMNS, ARTICLE_TITLE, PARAGRAPHS
 
 LETTER = (612, 792)
 SCAN_DPI = 200

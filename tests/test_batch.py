@@ -11,16 +11,26 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
-from helpers import (document_image, good_documents, job_options, llama_workers, read_rows, run_cli, settle,
-                     settled_pdfs, write_encrypted_pdf, write_pdf, write_png_claiming_size, write_zero_page_pdf)
+from helpers import (
+    document_image,
+    good_documents,
+    job_options,
+    llama_workers,
+    read_rows,
+    run_cli,
+    settle,
+    settled_pdfs,
+    write_encrypted_pdf,
+    write_pdf,
+    write_png_claiming_size,
+    write_zero_page_pdf,
+)
 
-from ocrbatch.cli import main
-from ocrbatch.output import COLUMNS
-from ocrbatch.pipeline import JobLock, run_job
-from ocrbatch.record import EXIT_LOCKED
-from ocrbatch.store import Store, checkpoint_path_for
-
-
+from ocrbatch.cli.main import main
+from ocrbatch.engines.local import JobLock, run_job
+from ocrbatch.records.output import COLUMNS
+from ocrbatch.records.recorder import EXIT_LOCKED
+from ocrbatch.records.sqlite import Store, checkpoint_path_for
 
 # Root ignores file permissions; without these capabilities it meets them like any user.
 AS_USER = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
@@ -234,8 +244,8 @@ def test_markdown_dir(tiny_model, pages_folder, tmp_path):
 
 
 def test_posters_are_rendered_within_the_pixel_cap(tmp_path):
-    from ocrbatch.discover import Document
-    from ocrbatch.rasterize import iter_pages
+    from ocrbatch.sources.discover import Document
+    from ocrbatch.sources.rasterize import iter_pages
 
     poster = tmp_path / "poster.pdf"
     write_pdf(poster, 1, width=14000, height=9000)  # about 5 m x 3 m
@@ -246,7 +256,7 @@ def test_posters_are_rendered_within_the_pixel_cap(tmp_path):
 
 def test_parquet_is_written_atomically(tmp_path):
     """(Row groups of ROW_GROUP_ROWS rows, however the rows come: tests/test_output.py.)"""
-    from ocrbatch.output import ParquetOutput
+    from ocrbatch.records.output import ParquetOutput
 
     target = tmp_path / "r.parquet"
     writer = ParquetOutput(target)
@@ -280,7 +290,7 @@ def test_shipped_presets_are_valid(preset, tmp_path):
 
 
 def test_include_and_exclude_globs(tmp_path):
-    from ocrbatch.discover import discover
+    from ocrbatch.sources.discover import discover
 
     write_pdf(tmp_path / "a.pdf", 1)
     (tmp_path / "drafts").mkdir()

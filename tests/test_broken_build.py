@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from ocrbatch import llama_build
-from ocrbatch.store import checkpoint_path_for
+from ocrbatch.machine import llama_build
+from ocrbatch.records.sqlite import checkpoint_path_for
 
 BROKEN_BUILD = Path(__file__).parent / "broken_build"
 
@@ -78,7 +78,7 @@ def test_doctor_fails_naming_the_cpu_and_the_fix_when_decoding_crashes(tmp_path)
 
 
 def test_the_self_check_fails_when_its_decode_child_crashes(tiny_model, tmp_path):
-    from ocrbatch.doctor import self_check_findings
+    from ocrbatch.machine.doctor import self_check_findings
 
     def crashing_child(quant, model, cache):
         return [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGILL)"]
@@ -150,7 +150,7 @@ def test_the_amx_variant_is_left_out_of_the_build_and_a_changed_list_stops_it():
 
 
 def test_the_installed_build_loads_its_cpu_backend_from_a_variant_this_cpu_runs():
-    from ocrbatch.llama_runtime import backend_devices, cpu_variants, system_info
+    from ocrbatch.machine.llama_runtime import backend_devices, cpu_variants, system_info
 
     variants = cpu_variants()
     if not variants:
@@ -171,13 +171,13 @@ def test_the_installed_build_loads_its_cpu_backend_from_a_variant_this_cpu_runs(
 def test_the_build_decodes_on_cpus_without_avx512_or_avx(tiny_model, tmp_path, cpu, variant):
     """qemu-user runs the installed build as on an AVX2-only Zen 2 and a pre-AVX Westmere: ggml
     loads the variant those CPUs can run, and every kernel of a quantized decode runs on it."""
-    from ocrbatch.gguf_convert import convert
-    from ocrbatch.llama_runtime import cpu_variants
+    from ocrbatch.machine.llama_runtime import cpu_variants
+    from ocrbatch.model.gguf import convert
 
     if not cpu_variants():
         pytest.skip("this llama-cpp-python has its CPU backend linked in (not built by scripts/install.sh)")
     convert(tiny_model, "Q4_K_M", cache=tmp_path)  # converted here: the emulated child only decodes
-    emulated = subprocess.run(["qemu-x86_64", "-cpu", cpu, sys.executable, "-m", "ocrbatch.selfcheck", "Q4_K_M",
+    emulated = subprocess.run(["qemu-x86_64", "-cpu", cpu, sys.executable, "-m", "ocrbatch.machine.selfcheck", "Q4_K_M",
                                str(tiny_model), "--cache-dir", str(tmp_path)],
                               capture_output=True, text=True, timeout=900)
     assert emulated.returncode == 0, emulated.stderr[-3000:]

@@ -8,7 +8,7 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from ocrbatch.cli import main
+from ocrbatch.cli.main import main
 
 
 @pytest.fixture(scope="module")

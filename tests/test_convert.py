@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from ocrbatch.cli import main
+from ocrbatch.cli.main import main
 from ocrbatch.engine import Engine
 from ocrbatch.errors import ModelError
-from ocrbatch.gguf_convert import QUANTS, convert, inspect_gguf
+from ocrbatch.model.gguf import QUANTS, convert, inspect_gguf
 
 
 def test_f32_gguf_is_self_contained(tiny_model):
@@ -36,7 +36,7 @@ def test_f32_gguf_is_self_contained(tiny_model):
 
 
 def test_loads_in_plain_llama_cpp(tiny_model):
-    from ocrbatch.llama_runtime import llama_cpp_module
+    from ocrbatch.machine.llama_runtime import llama_cpp_module
 
     llm = llama_cpp_module().Llama(model_path=str(convert(tiny_model, "Q8_0")), n_ctx=256, verbose=False)
     assert llm.metadata["general.architecture"] == "paddleocr"
@@ -187,9 +187,8 @@ def test_same_tensors_as_llama_cpps_own_converter(release_model, llama_cpp_conve
 @pytest.mark.slow
 def test_llama_cpp_converted_gguf_decodes_like_transformers(release_model, llama_cpp_converted, test_images):
     """--gguf with the file llama.cpp's converter writes gives transformers' greedy tokens."""
-    from transformers import AutoProcessor, PaddleOCRVLForConditionalGeneration
-
     from helpers import reference_generate
+    from transformers import AutoProcessor, PaddleOCRVLForConditionalGeneration
 
     release = release_model("1.0")
     processor = AutoProcessor.from_pretrained(release)

@@ -5,7 +5,7 @@ import hashlib
 import pytest
 from transformers import AutoProcessor, PaddleOCRVLForConditionalGeneration
 
-from ocrbatch.devmodel import SPECIAL_TOKENS, make_model
+from ocrbatch.dev.model import SPECIAL_TOKENS, make_model
 
 
 def test_transformers_loads_it(tiny_model):
@@ -109,7 +109,7 @@ def test_cli_writes_a_16_release(tmp_path):
 
     from click.testing import CliRunner
 
-    from ocrbatch.cli import main
+    from ocrbatch.cli.main import main
 
     folder = tmp_path / "release-1.6"
     result = CliRunner().invoke(main, ["dev", "make-model", str(folder), "--layout", "official", "--version", "1.6"])

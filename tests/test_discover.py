@@ -9,11 +9,11 @@ import pytest
 from click.testing import CliRunner
 from helpers import document_image, settle, write_pdf
 
-from ocrbatch.cli import main
-from ocrbatch.discover import discover, escaped
-from ocrbatch.options import JobOptions
-from ocrbatch.plan import plan_job
-from ocrbatch.store import Store, checkpoint_path_for
+from ocrbatch.cli.main import main
+from ocrbatch.job.options import JobOptions
+from ocrbatch.job.plan import plan_job
+from ocrbatch.records.sqlite import Store, checkpoint_path_for
+from ocrbatch.sources.discover import discover, escaped
 
 NOT_UTF8 = b"bad\xff\xfe name.pdf"
 

@@ -2,12 +2,11 @@
 
 import pytest
 import torch
+from helpers import reference_generate
 
 from ocrbatch.engine import Engine
-from ocrbatch.prompt import TASK_PROMPTS
-from ocrbatch.spotting import SPOTTING_PIXEL_BOUNDS, prepare
-
-from helpers import reference_generate
+from ocrbatch.layout.spotting import SPOTTING_PIXEL_BOUNDS, prepare
+from ocrbatch.model.prompt import TASK_PROMPTS
 
 MAX_NEW = 48
 
@@ -141,7 +140,7 @@ def test_release_shaped_checkpoint_identical_to_transformers(release_model, test
 
 
 def test_sampling_is_reproducible_with_a_seed(engine_f32, test_images):
-    from ocrbatch.language import Sampling
+    from ocrbatch.model.language import Sampling
 
     image = test_images[0]
     hot = Sampling(temperature=1.5, top_p=0.95, seed=7)

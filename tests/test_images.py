@@ -3,8 +3,8 @@
 import pytest
 from PIL import Image
 
-from ocrbatch import images
 from ocrbatch.errors import InputError
+from ocrbatch.sources import images
 
 
 def test_the_pixel_limit_is_each_calls_and_leaves_pillows_global_alone(tmp_path, monkeypatch):

@@ -12,14 +12,14 @@ from click.testing import CliRunner
 from helpers import job_options, settle, write_pdf
 from PIL import Image
 
-from ocrbatch.cli import main
-from ocrbatch.overlay import STYLES
-from ocrbatch.pipeline import run_job
+from ocrbatch.cli.main import main
+from ocrbatch.engines.local import run_job
+from ocrbatch.report.overlay import STYLES
 
 SAMPLE_DOCS = Path(__file__).parents[1] / "sample_docs"
 DPI = 110
 options = partial(job_options, max_tokens=4, dpi=DPI, layout="cdla")
-# The purchase order's table (ocrbatch.samples): 460 pt wide, 5 rows of 28 pt, from (56, 90).
+# The purchase order's table (ocrbatch.dev.samples): 460 pt wide, 5 rows of 28 pt, from (56, 90).
 TABLE_PT = (56, 90, 516, 230)
 
 
@@ -97,7 +97,7 @@ def test_whole_page_and_text_layer_pages(tiny_model, order_job, tmp_path):
 
 
 def test_a_ray_dataset_and_a_failed_page(order_job, tmp_path):
-    from ocrbatch.dataset_record import DatasetRecord
+    from ocrbatch.records.dataset import DatasetRecord
 
     out, document = order_job
     [row] = pq.read_table(out).to_pylist()

@@ -11,28 +11,22 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+from ocrbatch.dev.samples import ARTICLE_FOOTER, ARTICLE_HEADER
 from ocrbatch.errors import ModelError
-from ocrbatch.layout import (
+from ocrbatch.layout.blocks import KINDS, OMITTED_FROM_MARKDOWN, Block, crop, prompt_for, whole_page
+from ocrbatch.layout.detect import (
     CDLA_LABELS,
-    KINDS,
-    OMITTED_FROM_MARKDOWN,
     PP_DOCLAYOUT_LABELS,
-    Block,
     CdlaDetector,
     LayoutError,
     PPDocLayoutDetector,
-    crop,
     decode_detections,
     default_pp_doclayout,
-    filter_blocks,
     load_layout,
     order_ranks,
-    prompt_for,
-    reading_order,
-    whole_page,
 )
-from ocrbatch.markdown import page_markdown
-from ocrbatch.samples import ARTICLE_FOOTER, ARTICLE_HEADER
+from ocrbatch.layout.markdown import page_markdown
+from ocrbatch.layout.order import filter_blocks, reading_order
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_docs"
 DPI = 110
@@ -142,8 +136,8 @@ def test_cdla_on_every_sample_page(cdla):
 def test_layout_mode_renders_at_the_dpi_where_cdla_finds_a_small_type_scans_columns(cdla, tmp_path):
     from scanned_article import write_scanned_article
 
-    from ocrbatch.discover import Document
-    from ocrbatch.rasterize import LAYOUT_PAGE_MAX_PIXELS, iter_pages, page_pixel_cap
+    from ocrbatch.sources.discover import Document
+    from ocrbatch.sources.rasterize import LAYOUT_PAGE_MAX_PIXELS, iter_pages, page_pixel_cap
 
     scan = Document(write_scanned_article(tmp_path / "scan.pdf"), "scan")
     model_max = 672 * 672  # the tiny checkpoint's processor maximum
@@ -207,7 +201,7 @@ def test_load_layout_choices(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_layout(tmp_path_factory):
-    from ocrbatch.devlayout import make_layout_model
+    from ocrbatch.dev.layout_model import make_layout_model
 
     # Seed 1 of the tiny random model detects "table" boxes on the sample pages.
     return make_layout_model(tmp_path_factory.mktemp("layout") / "tiny-v2", seed=1)
@@ -225,7 +219,7 @@ def test_tiny_checkpoint_is_the_real_architecture(tiny_layout):
 def test_tiny_checkpoint_is_reproducible(tmp_path):
     from safetensors.numpy import load_file
 
-    from ocrbatch.devlayout import make_layout_model
+    from ocrbatch.dev.layout_model import make_layout_model
 
     first = load_file(make_layout_model(tmp_path / "a", seed=3) / "model.safetensors")
     second = load_file(make_layout_model(tmp_path / "b", seed=3) / "model.safetensors")
@@ -288,7 +282,7 @@ def test_pp_doclayout_input_follows_the_preprocessor_config(tiny_layout, tmp_pat
 
 
 def test_pp_doclayout_v3_checkpoint_loads_and_runs(tmp_path):
-    from ocrbatch.devlayout import make_layout_model
+    from ocrbatch.dev.layout_model import make_layout_model
 
     detector = load_layout("pp-doclayout", model=str(make_layout_model(tmp_path / "v3", version="v3")))
     assert detector.thresholds == {} and detector.default_threshold == 0.3
@@ -299,7 +293,7 @@ def test_pp_doclayout_v3_checkpoint_loads_and_runs(tmp_path):
 def test_pp_doclayout_v3_blocks_take_their_polygons_from_the_models_masks(tmp_path):
     import torch
 
-    from ocrbatch.devlayout import make_layout_model
+    from ocrbatch.dev.layout_model import make_layout_model
 
     detector = load_layout("pp-doclayout", model=str(make_layout_model(tmp_path / "v3", version="v3")))
     image = render("report.pdf")
@@ -327,7 +321,7 @@ def slanted_mask(size: int, corners: list[tuple[float, float]]) -> np.ndarray:
 
 
 def test_mask_polygon_outlines_a_slanted_block_in_page_pixels():
-    from ocrbatch.layout import mask_polygon
+    from ocrbatch.layout.detect import mask_polygon
 
     # A parallelogram leaning right, on an 800 x 1000 page whose mask is 200 x 200.
     corners = [(0.25, 0.2), (0.75, 0.2), (0.85, 0.4), (0.35, 0.4)]

@@ -15,7 +15,7 @@ import pytest
 from helpers import job_options, settle
 from test_reliability import page_states, wait_for_ok_pages
 
-from ocrbatch.pipeline import run_job
+from ocrbatch.engines.local import run_job
 
 options = partial(job_options, max_tokens=12, dpi=110, layout="cdla")
 
@@ -72,7 +72,7 @@ def test_layout_pages_are_rendered_at_the_dpi_and_each_block_sized_within_the_bl
     from scanned_article import write_scanned_article
     from transformers import AutoImageProcessor
 
-    from ocrbatch.assemble import BLOCK_PIXEL_BOUNDS
+    from ocrbatch.job.units import BLOCK_PIXEL_BOUNDS
 
     # A scanned two-column page in small type. Capped at the tiny checkpoint's 451,584 pixels, the
     # whole-page cap, this Letter page is 591x764, where CDLA takes its body for one picture.
@@ -122,7 +122,7 @@ def test_blocks_in_jsonl_and_duckdb(cdla_run, tiny_model, tmp_path):
 
 @pytest.mark.slow
 def test_pp_doclayout_with_a_tiny_random_checkpoint(tiny_model, tmp_path):
-    from ocrbatch.devlayout import make_layout_model
+    from ocrbatch.dev.layout_model import make_layout_model
 
     checkpoint = make_layout_model(tmp_path / "layout", seed=1)
     out = tmp_path / "out.jsonl"
@@ -139,7 +139,7 @@ def test_pp_doclayout_with_a_tiny_random_checkpoint(tiny_model, tmp_path):
 def test_a_page_without_blocks_and_a_layout_model_that_fails(tiny_model, tmp_path):
     import pymupdf
 
-    from ocrbatch.devlayout import make_layout_model
+    from ocrbatch.dev.layout_model import make_layout_model
 
     folder = tmp_path / "docs"
     folder.mkdir()
@@ -166,10 +166,10 @@ def test_a_page_without_blocks_and_a_layout_model_that_fails(tiny_model, tmp_pat
 def test_a_degenerate_box_fails_its_page_with_the_reason():
     from PIL import Image
 
-    from ocrbatch.assemble import PageWork
-    from ocrbatch.discover import Document
-    from ocrbatch.layout import Block
-    from ocrbatch.rasterize import PageImage
+    from ocrbatch.job.units import PageWork
+    from ocrbatch.layout.blocks import Block
+    from ocrbatch.sources.discover import Document
+    from ocrbatch.sources.rasterize import PageImage
 
     page = PageImage(Document(Path("x.pdf"), "d"), 1, 1, image=Image.new("RGB", (200, 100), "white"),
                      blocks=[Block(0, "text", 0.9, 250, 10, 300, 50)])
@@ -183,8 +183,8 @@ def test_the_scheduler_cuts_a_block_where_its_repetition_guard_says(engine_f32, 
     The tiny random checkpoint does not loop, so a guard that reports a loop
     after its 30th token stands in for one that found it.
     """
-    from ocrbatch import language
-    from ocrbatch.repetition import PROSE
+    from ocrbatch.model import language
+    from ocrbatch.model.repetition import PROSE
 
     class LoopAfter30:
         def __init__(self, settings):
@@ -253,9 +253,9 @@ def test_kill_9_mid_run_in_layout_mode_then_every_page_once_with_the_same_blocks
 def test_ocr_command_with_layout(tiny_model, tmp_path):
     from click.testing import CliRunner
 
-    from ocrbatch.cli import main
-    from ocrbatch.discover import Document
-    from ocrbatch.rasterize import iter_pages
+    from ocrbatch.cli.main import main
+    from ocrbatch.sources.discover import Document
+    from ocrbatch.sources.rasterize import iter_pages
 
     [page] = iter_pages(Document(SAMPLE_DOCS / "purchase-order-table.pdf", None), [1], dpi=110)
     image = tmp_path / "order.png"
@@ -278,10 +278,10 @@ def charts_and_seals_layout_model(folder: Path) -> Path:
     import torch
     from safetensors.torch import load_file, save_file
 
-    from ocrbatch.devlayout import make_layout_model
-    from ocrbatch.discover import Document
-    from ocrbatch.layout import PP_DOCLAYOUT_LABELS, load_layout
-    from ocrbatch.rasterize import iter_pages
+    from ocrbatch.dev.layout_model import make_layout_model
+    from ocrbatch.layout.detect import PP_DOCLAYOUT_LABELS, load_layout
+    from ocrbatch.sources.discover import Document
+    from ocrbatch.sources.rasterize import iter_pages
 
     checkpoint = make_layout_model(folder, seed=1)
     detector = load_layout("pp-doclayout", model=str(checkpoint))
@@ -345,8 +345,8 @@ def test_charts_and_seals_are_pictures_unless_asked_for(tiny_model, tiny_model_1
 def test_pp_doclayout_defaults_to_the_layout_model_paddlex_pairs_with_the_release(release_model, version, default,
                                                                                   tmp_path, monkeypatch):
     from ocrbatch.engine import Engine
+    from ocrbatch.engines.local import PipelineError
     from ocrbatch.errors import ModelError
-    from ocrbatch.pipeline import PipelineError
 
     # Offline, loading the default names it and fails at once: which one the job chose.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

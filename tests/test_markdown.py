@@ -8,11 +8,10 @@ from __future__ import annotations
 import random
 
 import pytest
-
 from PIL import Image, ImageDraw
 
-from ocrbatch.layout import Block
-from ocrbatch.markdown import (
+from ocrbatch.layout.blocks import Block
+from ocrbatch.layout.markdown import (
     DocumentPage,
     block_markdown,
     document_markdown,
@@ -22,8 +21,8 @@ from ocrbatch.markdown import (
     normalise_math,
     page_markdown,
 )
-from ocrbatch.repetition import PROSE, TABLE, LoopSettings, RepetitionGuard, cut_repetition, guard_for
-from ocrbatch.tables import FIGURE_MIN_SIDE, figure_tokens, otsl_to_html, paint_figure_tokens
+from ocrbatch.layout.tables import FIGURE_MIN_SIDE, figure_tokens, otsl_to_html, paint_figure_tokens
+from ocrbatch.model.repetition import PROSE, TABLE, LoopSettings, RepetitionGuard, cut_repetition, guard_for
 
 
 def block(label: str, order: int = 0) -> Block:
@@ -352,8 +351,8 @@ def recorded(order: int, label: str, text: str, box=(50, 300, 550, 700)) -> dict
 
 
 def test_the_markdown_file_is_written_from_the_recorded_blocks_of_the_whole_document(tmp_path):
-    from ocrbatch.record import markdown_images_folder, write_markdown
-    from ocrbatch.store import Store
+    from ocrbatch.records.recorder import markdown_images_folder, write_markdown
+    from ocrbatch.records.sqlite import Store
 
     store = Store(tmp_path / "job.ocrbatch.db")
     doc_id, path = "d" * 32, tmp_path / "report.pdf"

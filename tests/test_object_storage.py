@@ -322,7 +322,7 @@ def test_kill_9_mid_run_then_every_page_exactly_once_in_the_bucket(s3, stub, tmp
 
 
 def test_an_object_outputs_checkpoint_is_local_keyed_by_url_and_store_not_credentials(tmp_path, monkeypatch):
-    from ocrbatch.options import JobOptions
+    from ocrbatch.job.options import JobOptions
     from ocrbatch.storage import ObjectPath
 
     monkeypatch.setenv("OCRBATCH_CACHE_DIR", str(tmp_path))
@@ -339,7 +339,7 @@ def test_an_object_outputs_checkpoint_is_local_keyed_by_url_and_store_not_creden
 
 def store_failing_renderer(document, pages, dpi, max_pixels):
     """Renders as usual, but the store fails (as a dropped connection does) reading ``doc1.pdf``."""
-    from ocrbatch.rasterize import iter_pages
+    from ocrbatch.sources.rasterize import iter_pages
     from ocrbatch.storage import StorageError
 
     if document.path.name == "doc1.pdf":
@@ -350,8 +350,8 @@ def store_failing_renderer(document, pages, dpi, max_pixels):
 def test_a_store_failing_while_rendering_stops_the_run_and_fails_no_page(stub, docs, tmp_path):
     from helpers import job_options, read_rows
 
-    from ocrbatch.pipeline import PipelineError, run_job
-    from ocrbatch.store import checkpoint_path_for
+    from ocrbatch.engines.local import PipelineError, run_job
+    from ocrbatch.records.sqlite import checkpoint_path_for
 
     out = tmp_path / "out.jsonl"
     options = job_options("unused", [docs], out, backend="openai", base_url=stub.url, concurrency=1,
@@ -369,15 +369,15 @@ def test_a_store_failing_while_rendering_stops_the_run_and_fails_no_page(stub, d
 def test_a_store_failing_while_planning_stops_the_run_and_fails_no_document(stub, docs, tmp_path, monkeypatch):
     from helpers import job_options
 
-    import ocrbatch.plan
-    from ocrbatch.pipeline import run_job
+    import ocrbatch.job.plan
+    from ocrbatch.engines.local import run_job
+    from ocrbatch.records.sqlite import checkpoint_path_for
     from ocrbatch.storage import StorageError
-    from ocrbatch.store import checkpoint_path_for
 
     def count_pages(document, *args):
         raise StorageError(f"{document.path}: cannot read from storage (ConnectionError: injected)")
 
-    monkeypatch.setattr(ocrbatch.plan, "count_pages", count_pages)
+    monkeypatch.setattr(ocrbatch.job.plan, "count_pages", count_pages)
     out = tmp_path / "out.jsonl"
     options = job_options("unused", [docs], out, backend="openai", base_url=stub.url, layout="none")
     with pytest.raises(StorageError, match="doc0.pdf: cannot read from storage"):
@@ -416,9 +416,9 @@ def test_a_pdf_object_is_downloaded_once_to_plan_and_once_to_render_its_text_lay
 
 
 def test_a_downloaded_object_is_read_from_its_copy_which_leaves_no_file(s3, counted_s3, tmp_path, monkeypatch):
-    from ocrbatch.discover import Document
     from ocrbatch.errors import InputError
-    from ocrbatch.rasterize import fetched
+    from ocrbatch.sources.discover import Document
+    from ocrbatch.sources.rasterize import fetched
     from ocrbatch.storage import ObjectPath
 
     _, fs = s3

@@ -4,8 +4,8 @@ import pytest
 from click.testing import CliRunner
 from helpers import job_options
 
-from ocrbatch.cli import main
-from ocrbatch.options import OptionError
+from ocrbatch.cli.main import main
+from ocrbatch.job.options import OptionError
 
 
 @pytest.mark.parametrize("engine, settings, option, message", [

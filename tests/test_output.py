@@ -2,7 +2,7 @@
 
 import pyarrow.parquet as pq
 
-from ocrbatch.output import ROW_GROUP_ROWS, open_output
+from ocrbatch.records.output import ROW_GROUP_ROWS, open_output
 
 
 def rows(n: int, start: int = 0) -> list[dict]:

@@ -10,9 +10,9 @@ from click.testing import CliRunner
 from helpers import settle
 from pdf_fixtures import BODY, GARBLED, RUNNING_FOOTER, RUNNING_HEADER, TITLE, write_pdf
 
-from ocrbatch.cli import main
-from ocrbatch.options import JobOptions
-from ocrbatch.pipeline import run_job
+from ocrbatch.cli.main import main
+from ocrbatch.engines.local import run_job
+from ocrbatch.job.options import JobOptions
 
 
 @pytest.fixture(scope="module")

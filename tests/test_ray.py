@@ -19,10 +19,10 @@ import pytest
 from helpers import document_image, write_pdf
 from helpers import job_options as base_options  # test_ray's job_options adds the Ray tests' defaults
 
-from ocrbatch.dataset_record import DatasetRecord
+from ocrbatch.engines.local import JobOptions
 from ocrbatch.errors import OcrbatchError
-from ocrbatch.output import COLUMNS
-from ocrbatch.pipeline import JobOptions
+from ocrbatch.records.dataset import DatasetRecord
+from ocrbatch.records.output import COLUMNS
 
 TESTS = Path(__file__).parent
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
@@ -69,7 +69,7 @@ def test_files_are_written_whole_and_readers_see_exactly_the_output_columns(tmp_
 
 
 def test_one_run_at_a_time_writes_a_dataset_folder(tmp_path):
-    from ocrbatch.pipeline import JobLocked
+    from ocrbatch.engines.local import JobLocked
 
     with DatasetRecord(tmp_path / "out").lock():
         with pytest.raises(JobLocked, match="another ocrbatch run"):
@@ -193,8 +193,8 @@ def test_a_dataset_made_with_other_settings_is_refused(tmp_path):
 
 
 def test_plan_skips_finished_pages_and_a_dry_run_changes_nothing(tmp_path):
-    from ocrbatch.discover import hash_file
-    from ocrbatch.ray_engine import plan_pages
+    from ocrbatch.engines.ray import plan_pages
+    from ocrbatch.sources.discover import hash_file
 
     docs = tmp_path / "docs"
     docs.mkdir()
@@ -229,8 +229,8 @@ def test_plan_skips_finished_pages_and_a_dry_run_changes_nothing(tmp_path):
 def test_the_command_line_gives_the_ray_engine_layout_and_text_layers(tmp_path, monkeypatch):
     from click.testing import CliRunner
 
-    from ocrbatch import ray_engine
-    from ocrbatch.cli import main
+    from ocrbatch.cli.main import main
+    from ocrbatch.engines import ray as ray_engine
 
     asked = []
 
@@ -249,8 +249,8 @@ def test_the_command_line_gives_the_ray_engine_layout_and_text_layers(tmp_path, 
 def test_the_command_line_lays_out_the_actors_as_asked(tmp_path, monkeypatch):
     from click.testing import CliRunner
 
-    from ocrbatch import ray_engine
-    from ocrbatch.cli import main
+    from ocrbatch.cli.main import main
+    from ocrbatch.engines import ray as ray_engine
 
     asked = []
 
@@ -273,7 +273,7 @@ def test_the_command_line_lays_out_the_actors_as_asked(tmp_path, monkeypatch):
 
 
 def test_without_ray_the_error_says_how_to_install_it(tmp_path, monkeypatch):
-    from ocrbatch.ray_engine import run_ray_job
+    from ocrbatch.engines.ray import run_ray_job
 
     monkeypatch.setitem(sys.modules, "ray", None)  # as if it were not installed
     with pytest.raises(OcrbatchError, match=r"pip install 'ocrbatch\[ray\]'"):
@@ -348,7 +348,7 @@ job_options = partial(base_options, max_tokens=8, workers=2, seqs_per_worker=2, 
 
 def poison_decoding():
     """Ray worker setup hook: a decode actor dies, as in a llama.cpp abort, on a batch with a 'poison' page."""
-    from ocrbatch import ray_engine
+    from ocrbatch.engines import ray as ray_engine
 
     original = ray_engine.decode_rows
 
@@ -372,7 +372,7 @@ def inputs(tmp_path_factory):
     """
     import pymupdf
 
-    from ocrbatch.samples import make_samples
+    from ocrbatch.dev.samples import make_samples
 
     folder = tmp_path_factory.mktemp("inputs")
     make_samples(folder)
@@ -393,8 +393,8 @@ def inputs(tmp_path_factory):
 
 def expected_tokens(engine, rows, max_tokens: int) -> dict:
     """The local engine's token ids for each ok row's page, rendered the same way."""
-    from ocrbatch.discover import Document
-    from ocrbatch.rasterize import iter_pages
+    from ocrbatch.sources.discover import Document
+    from ocrbatch.sources.rasterize import iter_pages
 
     longest = engine.vision.image_processor.size.longest_edge
     expected = {}
@@ -415,10 +415,10 @@ def comparable(rows) -> dict:
 @pytest.mark.slow
 def test_two_node_cluster_run_with_layout_and_text_layers_matches_the_local_engine(cluster, tiny_model, inputs,
                                                                                   tmp_path):
-    from ocrbatch.discover import discover
-    from ocrbatch.pipeline import run_job
-    from ocrbatch.rasterize import count_pages
-    from ocrbatch.ray_engine import RaySettings, run_ray_job
+    from ocrbatch.engines.local import run_job
+    from ocrbatch.engines.ray import RaySettings, run_ray_job
+    from ocrbatch.sources.discover import discover
+    from ocrbatch.sources.rasterize import count_pages
 
     folder, bad = inputs
     out = tmp_path / "dataset"
@@ -493,7 +493,7 @@ def test_two_node_cluster_run_with_layout_and_text_layers_matches_the_local_engi
 
 @pytest.mark.slow
 def test_an_actor_that_cannot_start_fails_the_run_with_its_reason(cluster, tiny_model, tmp_path):
-    from ocrbatch.ray_engine import RaySettings, run_ray_job
+    from ocrbatch.engines.ray import RaySettings, run_ray_job
 
     write_pdf(tmp_path / "a.pdf", 1)
     options = job_options(tiny_model, [tmp_path / "a.pdf"], tmp_path / "out", vision_dtype="int8", device="cuda")
@@ -503,8 +503,8 @@ def test_an_actor_that_cannot_start_fails_the_run_with_its_reason(cluster, tiny_
 
 
 def test_a_file_name_that_is_not_utf8_is_read_and_recorded_escaped(cluster, tiny_model, tmp_path):
-    from ocrbatch.discover import unescaped
-    from ocrbatch.ray_engine import RaySettings, run_ray_job
+    from ocrbatch.engines.ray import RaySettings, run_ray_job
+    from ocrbatch.sources.discover import unescaped
 
     docs = tmp_path / "docs"
     docs.mkdir()
@@ -524,8 +524,8 @@ def test_a_file_name_that_is_not_utf8_is_read_and_recorded_escaped(cluster, tiny
 def test_a_node_copy_of_model_files_is_whole_made_once_and_follows_the_drivers_files(cluster, tmp_path, monkeypatch):
     import ray
 
-    from ocrbatch import ray_files
-    from ocrbatch.ray_files import FileSet, local_copy, start_file_server
+    from ocrbatch.engines import ray_files
+    from ocrbatch.engines.ray_files import FileSet, local_copy, start_file_server
 
     monkeypatch.setattr(ray_files, "CHUNK_BYTES", 1000)  # several chunks a file
     model = tmp_path / "model"
@@ -567,8 +567,8 @@ def test_a_node_copy_of_model_files_is_whole_made_once_and_follows_the_drivers_f
 def test_actors_run_from_their_nodes_copy_of_the_model_files(cluster, tiny_model, tmp_path):
     """With the copy forced, every actor loads the checkpoint and the GGUF from its node's cache, as on a cluster
     without a shared disk; the copies are the driver's bytes, and the pages read as without copying."""
-    from ocrbatch.gguf_convert import convert
-    from ocrbatch.ray_engine import RaySettings, run_ray_job
+    from ocrbatch.engines.ray import RaySettings, run_ray_job
+    from ocrbatch.model.gguf import convert
 
     docs = tmp_path / "docs"
     docs.mkdir()
@@ -613,7 +613,7 @@ def test_a_bucket_inbox_into_a_bucket_dataset_on_two_nodes_equals_the_job_on_loc
                                                                                           s3_store, tmp_path):
     """Documents read from a bucket by the actors and the dataset written whole into a bucket: the same rows
     as the same job on local folders; a re-run finds everything done; a missing bucket stops before any write."""
-    from ocrbatch.ray_engine import RaySettings, run_ray_job
+    from ocrbatch.engines.ray import RaySettings, run_ray_job
     from ocrbatch.storage import ObjectPath, StorageError
 
     options, fs = s3_store
@@ -652,7 +652,7 @@ def test_a_bucket_inbox_into_a_bucket_dataset_on_two_nodes_equals_the_job_on_loc
     assert again.pages_skipped == 4 and again.pages_ok == 0
     from click.testing import CliRunner
 
-    from ocrbatch.cli import main
+    from ocrbatch.cli.main import main
 
     storage = [arg for key, value in options.items() for arg in ("--storage-option", f"{key}={value}")]
     status = CliRunner().invoke(main, ["status", "s3://ray-results/ocr/", *storage])
@@ -667,7 +667,7 @@ def test_a_bucket_inbox_into_a_bucket_dataset_on_two_nodes_equals_the_job_on_loc
 def test_a_dry_run_on_a_missing_bucket_is_fatal_naming_it(s3_store, tiny_model, tmp_path):
     from click.testing import CliRunner
 
-    from ocrbatch.cli import main
+    from ocrbatch.cli.main import main
 
     options, fs = s3_store
     fs.mkdir("dry-inbox")
@@ -685,8 +685,8 @@ def test_a_dry_run_on_a_missing_bucket_is_fatal_naming_it(s3_store, tiny_model, 
 DRIVER = """
 import json, sys
 from pathlib import Path
-from ocrbatch.pipeline import JobOptions
-from ocrbatch.ray_engine import run_ray_job
+from ocrbatch.engines.local import JobOptions
+from ocrbatch.engines.ray import run_ray_job
 
 options = json.loads(sys.argv[1])
 run_ray_job(JobOptions(**{**options, "paths": [Path(p) for p in options["paths"]], "out": Path(options["out"])}))
@@ -701,7 +701,7 @@ def rows_in(folder: Path) -> int:
 def test_kill9_of_the_driver_then_rerun_gives_every_page_once(tiny_model, engine_f32, tmp_path):
     import psutil
 
-    from ocrbatch.ray_engine import run_ray_job
+    from ocrbatch.engines.ray import run_ray_job
 
     docs = tmp_path / "docs"
     docs.mkdir()

@@ -21,9 +21,9 @@ import pytest
 from fault_workers import crashing_worker_main, failing_prefill_worker_main, hanging_worker_main, segfaulting_renderer
 from helpers import job_options, llama_workers, read_rows, run_cli, settle, settled_pdfs, write_lying_pdf, write_pdf
 
-from ocrbatch.pipeline import PipelineError, run_job
-from ocrbatch.pool import PoolFailed, WorkerPool
-from ocrbatch.store import checkpoint_path_for
+from ocrbatch.backends.pool import PoolFailed, WorkerPool
+from ocrbatch.engines.local import PipelineError, run_job
+from ocrbatch.records.sqlite import checkpoint_path_for
 
 options = partial(job_options, max_tokens=8, workers=1, seqs_per_worker=2, dpi=72, layout="none")
 cli = run_cli
@@ -59,8 +59,8 @@ def engine(tiny_model):
 
 
 def image_tokens_of_pdf_page(engine, path: Path, dpi: float = 72) -> int:
-    from ocrbatch.discover import Document
-    from ocrbatch.rasterize import iter_pages
+    from ocrbatch.sources.discover import Document
+    from ocrbatch.sources.rasterize import iter_pages
 
     [page] = iter_pages(Document(path, "x"), [1], dpi=dpi)
     return engine.vision.n_tokens_for(*page.image.size)
@@ -112,7 +112,7 @@ def test_a_document_that_crashes_the_renderer_twice_is_quarantined(tiny_model, e
 
 @pytest.mark.slow
 def test_a_broken_stage_is_a_fatal_error_not_the_end_of_input(tiny_model, engine, docs, tmp_path, monkeypatch):
-    from ocrbatch.render import RenderStage
+    from ocrbatch.job.render import RenderStage
 
     render_document = RenderStage._render_document
 
@@ -134,7 +134,7 @@ def test_a_broken_stage_is_a_fatal_error_not_the_end_of_input(tiny_model, engine
 
 
 def test_planning_errors_fail_the_document_alone(tiny_model, docs, tmp_path, monkeypatch):
-    from ocrbatch import plan as plan_module
+    from ocrbatch.job import plan as plan_module
 
     count_pages = plan_module.count_pages
 
@@ -259,7 +259,7 @@ def test_workers_share_the_machines_cores_unless_told_their_threads(engine):
 def test_close_resolves_every_future(engine):
     import numpy as np
 
-    from ocrbatch.language import GenerationRequest
+    from ocrbatch.model.language import GenerationRequest
 
     pool = WorkerPool(engine.gguf_path, workers=1, n_seq_max=1, n_ctx=engine.context_size(1))
     prompt = engine.prompts.build(engine.prompt_text("ocr"), (1, 4, 4))
@@ -274,7 +274,7 @@ def test_close_resolves_every_future(engine):
 # -- files still being written -------------------------------------------------------------
 
 def test_files_still_being_written_are_deferred(tmp_path, monkeypatch):
-    from ocrbatch import discover as discover_module
+    from ocrbatch.sources import discover as discover_module
 
     write_pdf(tmp_path / "old.pdf", 1)
     settle(tmp_path)

@@ -22,8 +22,8 @@ from fault_server import Drop, FaultServer, Hold, Ok, Stall, Status
 from helpers import document_image, free_port, llama_cpp_source
 from PIL import Image
 
+from ocrbatch.backends.remote import DEFAULT_MODEL_PIXEL_BOUNDS, BackendUnavailable, RemoteRecognizer
 from ocrbatch.errors import OcrbatchError
-from ocrbatch.remote import DEFAULT_MODEL_PIXEL_BOUNDS, BackendUnavailable, RemoteRecognizer
 
 # Already the size PaddleOCR-VL's processor gives it (sides multiples of 28, at the current releases'
 # minimum): the client sends it as it is, and the fault server's answer names that size.
@@ -198,7 +198,7 @@ def test_a_block_goes_resized_within_its_bounds_with_the_bounds(server, recogniz
         PaddleOCRVLImageProcessorPil,
     )
 
-    from ocrbatch.assemble import BLOCK_PIXEL_BOUNDS
+    from ocrbatch.job.units import BLOCK_PIXEL_BOUNDS
 
     remote = recognizer()
     remote.check()
@@ -328,8 +328,8 @@ def stop(process: subprocess.Popen) -> None:
 
 def sample_pages() -> list:
     """First pages of the sample documents, rendered as the batch job renders them (at a low dpi)."""
-    from ocrbatch.discover import Document
-    from ocrbatch.rasterize import iter_pages
+    from ocrbatch.sources.discover import Document
+    from ocrbatch.sources.rasterize import iter_pages
 
     pages = []
     for path in sorted(SAMPLE_DOCS.iterdir()):
@@ -393,7 +393,7 @@ def build_mmproj(checkpoint: Path, work: Path) -> Path:
 def llama_cpp_server_env() -> dict:
     """llama-cpp-python's own server looks for llama.cpp's CPU backend module beside the Python
     executable only; with ocrbatch's build (modules beside libllama.so) it is named for it."""
-    from ocrbatch.llama_runtime import best_cpu_module
+    from ocrbatch.machine.llama_runtime import best_cpu_module
 
     module = best_cpu_module()
     return {**os.environ, **({"GGML_BACKEND_PATH": str(module)} if module else {})}
@@ -402,8 +402,8 @@ def llama_cpp_server_env() -> dict:
 @pytest.mark.slow
 def test_smoke_against_llama_cpp_pythons_own_server(tmp_path):
     pytest.importorskip("llama_cpp.server.app", reason="needs llama-cpp-python[server]")
-    from ocrbatch.devmodel import make_model
-    from ocrbatch.gguf_convert import convert
+    from ocrbatch.dev.model import make_model
+    from ocrbatch.model.gguf import convert
 
     # The official layout: llama.cpp's converter reads its vision tower (PaddleOCRVisionModel).
     checkpoint = make_model(tmp_path / "tiny-official", size="tiny", seed=0, version="1.0", layout="official")

@@ -79,7 +79,7 @@ def test_remote_backend_gives_the_local_engines_text(tiny_model, served, tmp_pat
 def test_remote_backend_gives_the_local_engines_layout_text_and_blocks(tiny_model, served, tmp_path):
     from transformers import AutoImageProcessor
 
-    from ocrbatch.layout import BLOCK_MIN_PIXELS
+    from ocrbatch.layout.blocks import BLOCK_MIN_PIXELS
 
     # Block crops are resized within the block bounds on both sides: by the encoder here, by the client there.
     local_rows, remote_rows = local_and_remote_rows(tiny_model, served, tmp_path, "cdla")
@@ -131,7 +131,7 @@ def test_an_unreachable_server_is_fatal_before_any_page_is_marked(tmp_path):
 
 
 def test_a_checkpoint_cannot_mix_backends(tiny_model, tmp_path):
-    from ocrbatch.store import Store, checkpoint_path_for
+    from ocrbatch.records.sqlite import Store, checkpoint_path_for
 
     out = tmp_path / "out.jsonl"
     store = Store(checkpoint_path_for(out))

@@ -12,13 +12,13 @@ from click.testing import CliRunner
 from helpers import settle, write_pdf
 from PIL import Image
 
-from ocrbatch.cli import main
-from ocrbatch.job_rows import read_rows
-from ocrbatch.options import JobOptions
-from ocrbatch.output import open_output
-from ocrbatch.overlay import STYLES
-from ocrbatch.pipeline import run_job
-from ocrbatch.record import JobSummary
+from ocrbatch.cli.main import main
+from ocrbatch.engines.local import run_job
+from ocrbatch.job.options import JobOptions
+from ocrbatch.records.output import open_output
+from ocrbatch.records.recorder import JobSummary
+from ocrbatch.records.rows import read_rows
+from ocrbatch.report.overlay import STYLES
 
 SAMPLE_DOCS = Path(__file__).parents[1] / "sample_docs"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -350,8 +350,8 @@ def live(engine_f32):
     """The app under uvicorn in this process, on a real socket, with its own worker pool."""
     import uvicorn
 
-    from ocrbatch.pool import WorkerPool
-    from ocrbatch.server import ServerSettings, create_app
+    from ocrbatch.backends.pool import WorkerPool
+    from ocrbatch.serve.app import ServerSettings, create_app
 
     pool = WorkerPool(engine_f32.gguf_path, n_seq_max=2, n_ctx=engine_f32.context_size(2, LONG))
     app = create_app(engine_f32, pool, ServerSettings(model_name="tiny", max_queue=2, max_tokens_limit=LONG))
@@ -500,7 +500,7 @@ def test_skip_special_tokens_false_keeps_them_plain_and_streamed(live, test_imag
 
 @pytest.mark.slow
 def test_mm_processor_kwargs_resize_bounds_are_honoured_and_checked(live, test_images):
-    from ocrbatch.assemble import BLOCK_PIXEL_BOUNDS
+    from ocrbatch.job.units import BLOCK_PIXEL_BOUNDS
 
     image = test_images[1]  # 40x30: the block minimum upscales it far past the processor's own minimum
     bounds = {"min_pixels": BLOCK_PIXEL_BOUNDS[0], "max_pixels": BLOCK_PIXEL_BOUNDS[1]}
@@ -529,7 +529,7 @@ def test_mm_processor_kwargs_resize_bounds_are_honoured_and_checked(live, test_i
 
 
 def test_detokenizer_pieces_join_to_the_full_decode(engine_f32):
-    from ocrbatch.server import Detokenizer, ordinary_token_ids
+    from ocrbatch.serve.app import Detokenizer, ordinary_token_ids
 
     prompts = engine_f32.prompts
     tokenizer = prompts.tokenizer
@@ -553,7 +553,7 @@ def test_detokenizer_pieces_join_to_the_full_decode(engine_f32):
 
 
 def test_stop_strings_are_found_across_pieces_and_never_leak():
-    from ocrbatch.server import StopScanner, _apply_stops
+    from ocrbatch.serve.app import StopScanner, _apply_stops
 
     scanner = StopScanner(["ab"])
     assert scanner.feed("xa") == ("x", False)  # "a" may start the stop string: held back
@@ -618,7 +618,7 @@ async def hang_up_before_the_body(app, body: bytes, spec_version: str) -> None:
 def test_stream_that_never_starts_frees_its_slot_and_decode(watched, live, test_images, spec_version):
     from starlette.requests import ClientDisconnect
 
-    from ocrbatch.server import ServerSettings, create_app
+    from ocrbatch.serve.app import ServerSettings, create_app
 
     app = create_app(live.engine, live.pool, ServerSettings(model_name="tiny", max_queue=1, max_tokens_limit=LONG))
     body = json.dumps({"messages": messages(data_uri(test_images[0])), "max_tokens": LONG, "stream": True}).encode()
@@ -652,8 +652,8 @@ def test_a_failed_encode_frees_its_slot(live, test_images, monkeypatch):
 
 
 def test_prompt_cache_is_bounded(tiny_model):
-    from ocrbatch.checkpoint import Checkpoint
-    from ocrbatch.prompt import PROMPT_CACHE_SIZE, PromptBuilder
+    from ocrbatch.model.prompt import PROMPT_CACHE_SIZE, PromptBuilder
+    from ocrbatch.model.weights import Checkpoint
 
     builder = PromptBuilder(tiny_model, Checkpoint.open(tiny_model).config.image_token_id, merge_size=2)
     for i in range(PROMPT_CACHE_SIZE + 50):  # distinct texts, as clients of the server may send

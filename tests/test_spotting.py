@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from ocrbatch.spotting import SPOTTING_PIXEL_BOUNDS, Spot, prepare, read_spots, spotted_text
+from ocrbatch.layout.spotting import SPOTTING_PIXEL_BOUNDS, Spot, prepare, read_spots, spotted_text
 
 
 def locs(*values: int) -> str:
@@ -68,7 +68,7 @@ def spotting_page(folder, size=(640, 480)):
 def job(model, folder, out, **overrides):
     from pathlib import Path
 
-    from ocrbatch.options import JobOptions
+    from ocrbatch.job.options import JobOptions
 
     settings = dict(paths=[Path(folder)], out=Path(out), model=str(model), quant="F32", max_tokens=16,
                     progress=False, min_file_age=0, layout="none", task="spotting")
@@ -83,7 +83,7 @@ def test_a_spotting_page_is_enlarged_encoded_within_the_spotting_bounds_and_read
     from transformers.models.paddleocr_vl.image_processing_pil_paddleocr_vl import smart_resize
 
     from ocrbatch.engine import Engine
-    from ocrbatch.pipeline import run_job
+    from ocrbatch.engines.local import run_job
 
     checkpoint = release_model("1.5")  # the release's own bounds: 112,896 to 1,003,520 pixels
     folder = spotting_page(tmp_path / "docs")
@@ -110,7 +110,7 @@ def test_a_spotting_answer_from_a_server_becomes_text_and_quadrilaterals_in_page
     import pyarrow.parquet as pq
     from fault_server import FaultServer, Ok
 
-    from ocrbatch.pipeline import run_job
+    from ocrbatch.engines.local import run_job
 
     folder = spotting_page(tmp_path / "docs", size=(800, 600))
     answer = (f"Invoice{locs(100, 100, 400, 100, 400, 150, 100, 150)}\n"
@@ -133,8 +133,8 @@ def test_a_spotting_answer_from_a_server_becomes_text_and_quadrilaterals_in_page
 
 
 def test_spotting_needs_a_later_release(tiny_model, tmp_path):
+    from ocrbatch.engines.local import run_job
     from ocrbatch.errors import OcrbatchError
-    from ocrbatch.pipeline import run_job
 
     folder = spotting_page(tmp_path / "docs")
     with pytest.raises(OcrbatchError, match="'spotting' needs a PaddleOCR-VL 1.5\\+ checkpoint"):
@@ -144,7 +144,7 @@ def test_spotting_needs_a_later_release(tiny_model, tmp_path):
 def test_spotting_with_a_layout_is_a_bad_command_line(tmp_path):
     from click.testing import CliRunner
 
-    from ocrbatch.cli import main
+    from ocrbatch.cli.main import main
 
     folder = spotting_page(tmp_path / "docs")
     result = CliRunner().invoke(main, ["run", str(folder), "--out", str(tmp_path / "out.jsonl"), "--task", "spotting"])

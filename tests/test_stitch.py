@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageDraw
 
-from ocrbatch.assemble import PageWork
-from ocrbatch.discover import Document
-from ocrbatch.layout import Block
-from ocrbatch.rasterize import PageImage
-from ocrbatch.stitch import Group, stack, stitch_groups
+from ocrbatch.job.units import PageWork
+from ocrbatch.layout.blocks import Block
+from ocrbatch.layout.stitch import Group, stack, stitch_groups
+from ocrbatch.sources.discover import Document
+from ocrbatch.sources.rasterize import PageImage
 
 
 def box(label: str, order: int, x0, y0, x1, y1) -> Block:
@@ -133,8 +133,8 @@ def test_a_page_sends_the_stitched_blocks_as_one_unit_and_records_each_block():
 def test_the_command_line_turns_stitching_off(flags, stitch, tmp_path, monkeypatch):
     from click.testing import CliRunner
 
-    import ocrbatch.pipeline
-    from ocrbatch.cli import main
+    import ocrbatch.engines.local
+    from ocrbatch.cli.main import main
 
     seen = []
 
@@ -142,7 +142,7 @@ def test_the_command_line_turns_stitching_off(flags, stitch, tmp_path, monkeypat
         seen.append(options.stitch)
         raise SystemExit(0)
 
-    monkeypatch.setattr(ocrbatch.pipeline, "dry_run", plan_only)
+    monkeypatch.setattr(ocrbatch.engines.local, "dry_run", plan_only)
     result = CliRunner().invoke(main, ["run", str(tmp_path), "--out", str(tmp_path / "o.parquet"), "--dry-run",
                                        *flags])
     assert result.exit_code == 0, result.output
@@ -150,7 +150,7 @@ def test_the_command_line_turns_stitching_off(flags, stitch, tmp_path, monkeypat
 
 
 def test_the_engine_recognises_the_stitched_blocks_in_one_model_call(engine_f32, monkeypatch):
-    from ocrbatch.assemble import BLOCK_PIXEL_BOUNDS, layout_units
+    from ocrbatch.job.units import BLOCK_PIXEL_BOUNDS, layout_units
 
     class Fixed:
         """A layout model that finds the page's paragraph, figure and the text beside it."""

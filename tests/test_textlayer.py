@@ -9,14 +9,40 @@ from pathlib import Path
 import pymupdf
 import pytest
 from pdf_fixtures import (
-    A4, BODY, CHART_LABELS, FORMULA, KINDS, RUNNING_FOOTER, RUNNING_HEADER, STAMP, TABLE_COLUMNS, TABLE_GROUPS,
-    TABLE_ROWS, TEXTS, TITLE, VERTICAL_JAPANESE, add_page, write_pdf,
+    A4,
+    BODY,
+    CHART_LABELS,
+    FORMULA,
+    KINDS,
+    RUNNING_FOOTER,
+    RUNNING_HEADER,
+    STAMP,
+    TABLE_COLUMNS,
+    TABLE_GROUPS,
+    TABLE_ROWS,
+    TEXTS,
+    TITLE,
+    VERTICAL_JAPANESE,
+    add_page,
+    write_pdf,
 )
 
-from ocrbatch import textlayer
-from ocrbatch.textlayer import (
-    FONT_UNMAPPED_SHARE, MAX_BAD_GLYPH_RATIO, MIN_CHARS_PER_A4, MIN_MARKDOWN_RECALL, MIN_TEXT_COVERAGE,
-    OCR_LAYER_SHARE, SPARE_WORDS, PageStats, assess_page, decide, judge, page_markdown, page_stats, route,
+from ocrbatch.sources import textlayer
+from ocrbatch.sources.textlayer import (
+    FONT_UNMAPPED_SHARE,
+    MAX_BAD_GLYPH_RATIO,
+    MIN_CHARS_PER_A4,
+    MIN_MARKDOWN_RECALL,
+    MIN_TEXT_COVERAGE,
+    OCR_LAYER_SHARE,
+    SPARE_WORDS,
+    PageStats,
+    assess_page,
+    decide,
+    judge,
+    page_markdown,
+    page_stats,
+    route,
 )
 
 SAMPLE_REPORT = Path(__file__).resolve().parents[1] / "sample_docs" / "report.pdf"
@@ -281,7 +307,7 @@ def test_words_the_layer_splits_are_found_joined_but_words_the_markdown_splits_a
 
 
 def test_the_sample_born_digital_report_is_taken_from_its_layer():
-    from ocrbatch.samples import PARAGRAPHS
+    from ocrbatch.dev.samples import PARAGRAPHS
 
     verdict = route(SAMPLE_REPORT, [1], "only")[1]
     assert verdict.source == "text-layer" and verdict.error is None

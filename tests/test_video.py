@@ -10,15 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers import read_rows, run_cli, settle, write_pdf
-from video_fixtures import (noisy, slide_image, truncate, write_slides_video, write_unknown_codec_video,
-                            write_video)
+from video_fixtures import noisy, slide_image, truncate, write_slides_video, write_unknown_codec_video, write_video
 
-from ocrbatch import video
-from ocrbatch.discover import Document
-from ocrbatch.options import JobOptions
-from ocrbatch.pipeline import run_job
-from ocrbatch.rasterize import iter_pages
-from ocrbatch.store import checkpoint_path_for
+from ocrbatch.engines.local import run_job
+from ocrbatch.job.options import JobOptions
+from ocrbatch.records.sqlite import checkpoint_path_for
+from ocrbatch.sources import video
+from ocrbatch.sources.discover import Document
+from ocrbatch.sources.rasterize import iter_pages
 
 cli = run_cli
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from ocrbatch.vision import VisionEncoder
+from ocrbatch.model.vision import VisionEncoder
 
 
 def test_matches_transformers_get_image_features(tiny_model, reference, test_images):
@@ -62,7 +62,7 @@ def test_bfloat16_is_close(tiny_model, test_images):
 
 
 def test_official_weight_names_are_understood():
-    from ocrbatch.checkpoint import canonical_name
+    from ocrbatch.model.weights import canonical_name
 
     assert canonical_name("mlp_AR.linear_1.weight") == "model.projector.linear_1.weight"
     assert canonical_name("visual.vision_model.post_layernorm.weight") == "model.visual.vision_model.post_layernorm.weight"
@@ -73,7 +73,7 @@ def test_official_weight_names_are_understood():
 
 
 def test_int8_linear_tracks_float_linear():
-    from ocrbatch.int8_linear import Int8Linear, swap_linears
+    from ocrbatch.model.int8 import Int8Linear, swap_linears
 
     torch.manual_seed(0)
     block = torch.nn.Sequential(torch.nn.Linear(96, 160), torch.nn.GELU(), torch.nn.Linear(160, 48, bias=False))
@@ -141,7 +141,7 @@ def test_int8_vision_runs_eagerly_when_compiling_fails(tiny_model, test_images, 
     script = f"""
 import logging, numpy as np, torch
 torch._inductor.config.cpp.cxx = (None, "/nonexistent/g++")
-from ocrbatch.vision import VisionEncoder
+from ocrbatch.model.vision import VisionEncoder
 from PIL import Image
 logging.basicConfig(level=logging.WARNING)
 image = Image.open({str(tmp_path / "page.png")!r})

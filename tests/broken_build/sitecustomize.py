@@ -7,7 +7,7 @@ where a worker proves its build (``LanguageModel.warm_up``), as an instruction
 this CPU lacks would; ``segfault-on-every-page`` leaves the warm-up alone and
 crashes each page's prefill with a segmentation fault.
 
-The patch is applied when ``ocrbatch.language`` is first imported, not here:
+The patch is applied when ``ocrbatch.model.language`` is first imported, not here:
 this file runs before ``python -m`` puts the working folder on ``sys.path``, and
 importing ocrbatch now could pick up another copy of it.
 """
@@ -37,10 +37,10 @@ def _break(language) -> None:
 
 
 class _BreakOnImport:
-    """A meta-path finder that patches ``ocrbatch.language`` as soon as it has loaded."""
+    """A meta-path finder that patches ``ocrbatch.model.language`` as soon as it has loaded."""
 
     def find_spec(self, name, path=None, target=None):
-        if name != "ocrbatch.language":
+        if name != "ocrbatch.model.language":
             return None
         sys.meta_path.remove(self)
         import importlib.util

@@ -1,0 +1,1 @@
+"""The ``ocrbatch`` command line: thin Click commands over the importable rooms beside this one."""

@@ -1,0 +1,1 @@
+"""Development material made by project code: random-weight checkpoints and sample documents."""

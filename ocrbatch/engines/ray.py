@@ -1,0 +1,658 @@
+"""``--engine ray``: the batch job as Ray Data operations, on one machine or a cluster.
+
+The driver discovers the documents and plans the pages against the Parquet
+dataset in ``--out DIR`` (:mod:`ocrbatch.records.dataset`: the dataset is the
+record, there is no checkpoint database), converts the GGUF once, and streams
+a manifest of pages ``(doc_id, path, page, page_count)`` through two actor pools
+that wire the local engine's stages together:
+
+1. :class:`VisionStage` actors render their pages in the local engine's
+   render process (:mod:`ocrbatch.job.render`: text layers by ``--pdf-text``, layout
+   blocks by ``--layout``), cut each page into units (:mod:`ocrbatch.job.units`) and
+   encode them (:mod:`ocrbatch.job.encode`; torch threads = the actor's CPUs, GPUs when
+   asked for), emitting each page's language-model requests, or the finished
+   row of a page that needs no decoding (failed, or read from its text layer);
+2. :class:`DecodeStage` actors each hold one :class:`LanguageModel` and decode
+   every unit of a batch of pages several sequences at a time (llama.cpp
+   threads = the actor's CPUs), emitting each page's output row as
+   :meth:`ocrbatch.job.units.PageWork.row` builds it.
+
+Rows come back to the driver as they finish and are written to ``DIR`` as
+whole files (see :class:`_Sink`), so a run killed at any moment loses only
+the pages it had not written, and the next run does just those.
+
+Failures: anything that goes wrong with one page (a bad file, layout
+analysis, the encoder, a unit llama.cpp refuses) is caught in the stage and
+becomes a ``failed`` row, because Ray Data would otherwise fail the whole job
+on one errored block; a renderer crash is the render stage's to quarantine,
+as in the local engine. An actor that dies (a llama.cpp abort, out of memory,
+killed) has its tasks retried by Ray on a restarted actor, ``max_retries``
+times; a block that still fails is dropped (``max_errored_blocks``), and its
+pages, found missing at the end, are run once more one page per task and one
+task per actor, so that a page that kills actors does not take its
+batch-mates down with it. A page that still does not come back is a failed row.
+
+Model files: the driver resolves the model checkpoint and converts the GGUF;
+an actor on a node that does not see them at the driver's paths copies them
+once per node from a file server on the driver's node (:mod:`ocrbatch.engines.ray_files`).
+Rows come back to the driver, which writes the dataset, so the actors need no
+path of the output either. Documents are read by the vision actors from their
+paths, absolute on the driver: a shared file system or object storage.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import pickle
+import queue
+import threading
+import time
+import warnings
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pyarrow as pa
+
+from ..backends.decoder import LocalDecoder
+from ..errors import InputError, OcrbatchError
+from ..job.encode import encode_units
+from ..job.options import RaySettings
+from ..job.render import LayoutSettings, RenderJob, RenderStage, StageFailed, TextLayerSettings
+from ..job.units import PageWork
+from ..records.dataset import DatasetRecord, best_entries, new_run_id
+from ..records.output import SCHEMA
+from ..records.recorder import JobSummary, failure_row, text_layer_row
+from ..sources.discover import Document, discover, escaped, unescaped
+from ..sources.rasterize import PageImage, count_pages, page_pixel_cap
+from ..storage import ObjectPath, check_reachable, input_path, is_url
+from .ray_files import FileSet, local_copy, start_file_server
+
+log = logging.getLogger("ocrbatch")
+
+RAY_MISSING = "the ray engine needs Ray: pip install 'ocrbatch[ray]' (or pip install 'ray[data]')"
+# What the vision stage hands the decode stage, one row a page: pickled, either the page's
+# PageWork with one GenerationRequest per unit (``work``), or its finished output row (``row``).
+ENCODED_SCHEMA = pa.schema([
+    ("path", pa.string()), ("doc_id", pa.string()), ("page", pa.int32()), ("page_count", pa.int32()),
+    ("work", pa.large_binary()), ("row", pa.large_binary()), ("vision_node", pa.string()),
+])
+# Output rows as the local engine builds them (created_at an ISO string, which the dataset writer
+# parses), plus what they do not keep: the generated ids and the Ray node of each stage.
+DEBUG_FIELDS = [("token_ids", pa.list_(pa.int32())), ("vision_node", pa.string()), ("decode_node", pa.string())]
+DECODED_SCHEMA = pa.schema([*SCHEMA.set(SCHEMA.get_field_index("created_at"), pa.field("created_at", pa.string())),
+                            *DEBUG_FIELDS])
+
+
+@dataclass
+class StageConfig:
+    """What every stage actor needs, sent to it once when it starts."""
+
+    checkpoint: FileSet
+    gguf: FileSet
+    model_name: str
+    quant: str
+    task: str
+    max_tokens: int
+    ignore_eos: bool
+    dpi: float
+    max_pixels: int | None
+    text_layer: TextLayerSettings
+    layout: LayoutSettings
+    stitch: bool
+    max_batch_patches: int
+    vision_dtype: str
+    vision_device: str
+    vision_threads: int
+    decode_threads: int
+    seqs: int
+    node_cache: str
+    always_copy_models: bool
+    storage_options: dict  # --storage-option: how the actors reach documents in object storage
+    layout_files: FileSet | None = None  # --layout-model's weights, when they are a file or folder of the driver's
+    file_server: object = None  # the ray_files.FileServer actor on the driver's node, once Ray is up
+
+    @property
+    def model_files(self) -> list[FileSet]:
+        return [self.checkpoint, self.gguf, *([self.layout_files] if self.layout_files else [])]
+
+    def local(self, files: FileSet) -> str:
+        """This node's path of ``files``, copied from the driver if this node does not see the driver's."""
+        return str(local_copy(files, self.file_server, Path(self.node_cache), self.always_copy_models))
+
+
+@dataclass
+class RayPlan:
+    """The pages a run processes, and what it does not."""
+
+    manifest: list[dict] = field(default_factory=list)  # {"path", "doc_id", "page", "page_count"}
+    unreadable: list[tuple[Document, str]] = field(default_factory=list)
+    skipped: int = 0
+    documents: int = 0
+    deferred: int = 0  # files still being written (--min-file-age), left for a later run
+    special: int = 0  # FIFOs, devices, sockets: never opened
+
+
+@dataclass
+class RayJobSummary(JobSummary):
+    """The local engine's summary plus where the pages ran: ``nodes[stage][node_id]`` = pages."""
+
+    nodes: dict[str, Counter] = field(default_factory=lambda: {"vision": Counter(), "decode": Counter()})
+    lost_pages: int = 0  # pages whose actors died, run again one page per task
+
+
+# -- per-page work, free of Ray --------------------------------------------------------
+
+
+def page_failure(path: str, doc_id: str, page: int, page_count: int, error: str, task: str, model: str,
+                 quant: str) -> dict:
+    """:func:`ocrbatch.records.recorder.failure_row` with the page's path and document id, as the local engine records it."""
+    return {"path": path, "doc_id": doc_id, **failure_row(page, page_count, task, error, model, quant)}
+
+
+def generate_each(model, requests: list) -> list:
+    """Decode ``requests`` together; each result is a ``GenerationResult`` or the reason it failed.
+
+    ``LanguageModel.generate`` fails a request it refuses on its own; if it
+    raises, the requests are run one by one so only the culprit fails.
+    """
+    try:
+        return model.generate(requests)
+    except Exception as exc:
+        if len(requests) == 1:
+            return [f"language model failed ({type(exc).__name__}: {exc})"]
+        return [result for request in requests for result in generate_each(model, [request])]
+
+
+class _HandBack:
+    """:class:`LocalDecoder`'s worker pool in a vision actor: hands the request back, for the decode actor."""
+
+    @staticmethod
+    def submit(request):
+        return request
+
+
+# -- the Ray stages --------------------------------------------------------------------
+
+
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
+class VisionStage:
+    """Ray actor: render pages and encode their units; one batch of manifest rows in, pages to decode out."""
+
+    def __init__(self, config: StageConfig):
+        from ..engine import Engine
+
+        self.config = config
+        self.engine = Engine(config.local(config.checkpoint), quant=config.quant, gguf=config.local(config.gguf),
+                             vision_dtype=config.vision_dtype, device=config.vision_device,
+                             max_tokens=config.max_tokens, threads=config.vision_threads, with_language=False)
+        self.prompt = self.engine.prompt_text(config.task)
+        self.requests = LocalDecoder(self.engine, _HandBack(), config.max_tokens, config.ignore_eos)
+        max_pixels = page_pixel_cap(config.layout.name, self.engine.vision.image_processor.size.longest_edge,
+                                    config.max_pixels, config.task)
+        # The local engine's render stage, one for the actor's life: its render process (and layout
+        # model) starts once, and a document that crashes it is quarantined there instead of killing
+        # the actor. Each batch's documents are fed to it through ``jobs``.
+        self.jobs: queue.Queue = queue.Queue()
+        self.pages: queue.Queue = queue.Queue()
+        layout = config.layout
+        if config.layout_files:
+            layout = replace(layout, model=config.local(config.layout_files))
+        RenderStage(iter(self.jobs.get, None), config.dpi, max_pixels, self.pages,
+                    threading.Event(), text_layer=config.text_layer, layout=layout).start()
+        self.failure: StageFailed | None = None
+        self.node = _node_id()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        out, works = [], []
+        config = self.config
+        for page in self._render(batch.to_pylist()):
+            if page.error:
+                out.append(self._failed(page, page.error))
+            elif page.text_layer is not None:
+                out.append(self._finished(page, text_layer_row(page, config.task, config.model_name, config.quant)))
+            else:
+                try:
+                    works.append(PageWork.of(page, self.prompt, stitch=config.stitch))
+                except ValueError as exc:  # a degenerate layout box
+                    out.append(self._failed(page, f"{page.document.path} page {page.page}: {exc}"))
+        units = [(work, unit) for work in works for unit in work.units]
+        requests: dict[int, list] = defaultdict(list)
+        for (work, unit), encoded in zip(units, encode_units(self.engine.vision, [unit for _, unit in units],
+                                                             config.max_batch_patches)):
+            if encoded.error and not work.failed:
+                work.failed = True
+                out.append(self._failed(work.page, f"{work.page.document.path} page {work.page.page}: {encoded.error}"))
+            elif not work.failed:
+                unit.n_image_tokens, unit.vision_s, unit.image = encoded.encoded.n_tokens, encoded.vision_s, None
+                requests[id(work)].append(self.requests.submit(encoded.encoded, unit.prompt, unit.loop_guard))
+        for work in works:
+            if not work.failed:
+                work.page.image_size, work.page.image = work.page.image.size, None
+                out.append(self._row(work.page, work=pickle.dumps((work, requests[id(work)]),
+                                                                  protocol=pickle.HIGHEST_PROTOCOL)))
+        return pa.Table.from_pylist(out, schema=ENCODED_SCHEMA)
+
+    def _document_path(self, path: str) -> Path | ObjectPath:
+        """A manifest path as the render stage opens it: an object by its URL, a file by its (unescaped) path."""
+        return input_path(path, self.config.storage_options) if is_url(path) else unescaped(path)
+
+    def _render(self, items: list[dict]) -> list[PageImage]:
+        """The render stage's page for each manifest item, rendered, failed or read from its text layer."""
+        if self.failure is None:
+            by_document: dict[tuple[str, str, int], list[int]] = defaultdict(list)
+            for item in items:
+                by_document[(item["path"], item["doc_id"], item["page_count"])].append(item["page"])
+            for (path, doc_id, page_count), numbers in by_document.items():
+                self.jobs.put(RenderJob(Document(self._document_path(path), doc_id), numbers, page_count))
+            pages = []
+            while self.failure is None and len(pages) < len(items):  # one page comes back per page asked for
+                page = self.pages.get()
+                if isinstance(page, StageFailed):
+                    self.failure = page
+                else:
+                    pages.append(page)
+        if self.failure is not None:
+            # The stage's thread has ended, so this actor cannot render any more: its pages come back
+            # missing and are run again, one page per task.
+            raise OcrbatchError(f"the {self.failure.stage} stage failed: {self.failure.error}")
+        return pages
+
+    def _row(self, page: PageImage, **values) -> dict:
+        return {"path": escaped(page.document.path), "doc_id": page.document.doc_id, "page": page.page,
+                "page_count": page.page_count, "vision_node": self.node, **values}
+
+    def _finished(self, page: PageImage, row: dict) -> dict:
+        """A page that needs no decoding, carrying its output row."""
+        row = {"path": escaped(page.document.path), "doc_id": page.document.doc_id, **row}
+        return self._row(page, row=pickle.dumps(row, protocol=pickle.HIGHEST_PROTOCOL))
+
+    def _failed(self, page: PageImage, error: str) -> dict:
+        config = self.config
+        return self._finished(page, failure_row(page.page, page.page_count, config.task, escaped(error),
+                                                config.model_name, config.quant))
+
+
+class DecodeStage:
+    """Ray actor: one llama.cpp context decoding several units at once; pages in, output rows out."""
+
+    def __init__(self, config: StageConfig):
+        from transformers import AutoImageProcessor
+
+        from ..engine import context_size
+        from ..model.language import LanguageModel
+        from ..model.prompt import PromptBuilder
+        from ..model.weights import Checkpoint
+
+        self.config = config
+        checkpoint = Checkpoint.open(config.local(config.checkpoint))
+        merge_size = checkpoint.config.vision_config.spatial_merge_size
+        self.prompts = PromptBuilder(checkpoint.path, checkpoint.config.image_token_id, merge_size)
+        # The local engine's result → row columns; of its engine it needs only ``prompts``, which this stage has.
+        self.outcome = LocalDecoder(self, None, config.max_tokens).outcome
+        n_ctx = context_size(AutoImageProcessor.from_pretrained(checkpoint.path), merge_size, config.seqs,
+                             config.max_tokens)
+        self.model = LanguageModel(config.local(config.gguf), n_ctx=n_ctx, n_seq_max=config.seqs, n_threads=config.decode_threads)
+        # A llama.cpp build this node's CPU cannot run kills the actor here, before it takes a page:
+        # the pool cannot start and the run stops with its pages pending, as the local pool does.
+        self.model.warm_up()
+        self.node = _node_id()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return pa.Table.from_pylist(decode_rows(self, batch.to_pylist()), schema=DECODED_SCHEMA)
+
+
+def decode_rows(stage: DecodeStage, rows: list[dict]) -> list[dict]:
+    """Output rows for a batch of pages: every unit of every page decoded together; a failed unit fails its page."""
+    config = stage.config
+    out, pages = [], []
+    for row in rows:
+        nodes = {"vision_node": row["vision_node"], "decode_node": stage.node}
+        if row["row"] is not None:
+            out.append({**pickle.loads(row["row"]), **nodes})
+        else:
+            pages.append((row, *pickle.loads(row["work"]), nodes))
+    results = iter(generate_each(stage.model, [request for _, _, requests, _ in pages for request in requests]))
+    for row, work, requests, nodes in pages:
+        generated = [next(results) for _ in requests]
+        errors = []
+        for unit, result in zip(work.units, generated):
+            error, unit.columns = (result, {}) if isinstance(result, str) else stage.outcome(result, unit.spotting)
+            if error:
+                block = f" block {unit.block.order}" if unit.block else ""
+                errors.append(f"{row['path']} page {row['page']}{block}: {error}")
+        if errors:
+            out.append({**page_failure(row["path"], row["doc_id"], row["page"], row["page_count"], errors[0],
+                                       config.task, config.model_name, config.quant), **nodes})
+            continue
+        out.append({"path": row["path"], "doc_id": row["doc_id"],
+                    **work.row(config.task, config.model_name, config.quant),
+                    "token_ids": [token for result in generated for token in result.token_ids], **nodes})
+    return out
+
+
+# -- the driver ------------------------------------------------------------------------
+
+
+def import_ray():
+    """The ``ray`` module with Ray Data, or an :class:`OcrbatchError` saying how to install it."""
+    try:
+        import ray
+        import ray.data  # noqa: F401  (Ray Data is an extra of ray)
+    except ImportError:
+        raise OcrbatchError(RAY_MISSING) from None
+    return ray
+
+
+def plan_pages(options, record: DatasetRecord, dry_run: bool = False) -> RayPlan:
+    """Discover the documents, bring ``record`` in line with them, and list the pages still to do.
+
+    A content id is processed once, under the first path found; see
+    :meth:`DatasetRecord.reconcile` for moved, edited and retried documents.
+    ``dry_run`` plans the same pages and changes nothing.
+    """
+    documents: dict[str, Document] = {}
+    deferred = special = 0
+    roots = [p if isinstance(p, ObjectPath) else Path(p).absolute() for p in options.paths]
+    for document in discover(roots, options.include, options.exclude, min_file_age=options.min_file_age):
+        if document.deferred:
+            log.info("%s: %s; left for a later run", document.path, document.deferred)
+            deferred += 1
+            continue
+        if document.special:
+            log.info("%s: %s, not a regular file; skipped", document.path, document.special)
+            special += 1
+            continue
+        documents.setdefault(document.doc_id, document)
+    retry = set(documents) if options.retry_failed else set()
+    changes, remaining = record.reconcile({doc_id: escaped(d.path) for doc_id, d in documents.items()}, retry,
+                                          apply=not dry_run)
+    if changes and not dry_run:
+        log.info("dataset brought up to date: %s", ", ".join(f"{n} rows {what}" for what, n in changes.items()))
+    done: dict[str, dict[int, int | None]] = defaultdict(dict)
+    for (doc_id, page), entry in best_entries(remaining).items():
+        done[doc_id][page] = entry.page_count
+    plan = RayPlan(deferred=deferred, special=special)
+    for doc_id, document in documents.items():
+        finished = done.get(doc_id, {})
+        if 0 in finished:  # could not be opened last time; --retry-failed removed that row
+            plan.skipped += 1
+            continue
+        if document.error:
+            plan.unreadable.append((document, document.error))
+            continue
+        page_count = next((count for count in finished.values() if count), None)
+        if page_count is None:
+            try:
+                page_count = count_pages(document)
+            except InputError as exc:
+                plan.unreadable.append((document, str(exc)))
+                continue
+            except Exception as exc:  # whatever a file does to the planner, it fails alone
+                plan.unreadable.append((document, f"{document.path}: cannot be planned ({type(exc).__name__}: {exc})"))
+                continue
+        pages = [p for p in range(1, page_count + 1) if p not in finished]
+        plan.skipped += page_count - len(pages)
+        # Paths travel escaped (Arrow strings are UTF-8; a file name need not be) and are unescaped to open.
+        plan.manifest += [{"path": escaped(document.path), "doc_id": doc_id, "page": p, "page_count": page_count}
+                          for p in pages]
+    plan.documents = len({item["doc_id"] for item in plan.manifest}) + len(plan.unreadable)
+    return plan
+
+
+class _Sink:
+    """Counts finished rows and writes them to the dataset, one whole file per flush."""
+
+    def __init__(self, record: DatasetRecord, run_id: str, summary, rows_per_file: int, flush_seconds: float,
+                 on_row: Callable[[dict], None] | None, total: int, progress: bool):
+        from tqdm import tqdm
+
+        self.record, self.run_id, self.summary = record, run_id, summary
+        self.rows_per_file, self.flush_seconds, self.on_row = rows_per_file, flush_seconds, on_row
+        self.buffer: list[dict] = []
+        self.files = 0
+        self.last_flush = time.monotonic()
+        self.seen: set[tuple[str, int]] = set()
+        self.progress = tqdm(total=total, unit="page", disable=None if progress else True, dynamic_ncols=True,
+                             desc="ocrbatch")
+
+    def add(self, row: dict) -> None:
+        key = (row["doc_id"], row["page"])
+        if key in self.seen:  # a block Ray ran twice: the first copy stands
+            return
+        self.seen.add(key)
+        self.summary.add_work(row["path"], row)
+        if row["status"] == "ok":
+            self.summary.pages_ok += 1
+            self.summary.pages_text_layer += row.get("source") == "text-layer"
+        else:
+            self.summary.pages_failed += 1
+            log.warning("%s", row["error"])
+        for stage in ("vision", "decode"):
+            if row.get(f"{stage}_node"):
+                self.summary.nodes[stage][row[f"{stage}_node"]] += 1
+        if self.on_row is not None:
+            self.on_row(row)
+        self.progress.update(1)
+        self.buffer.append(row)
+        if len(self.buffer) >= self.rows_per_file or time.monotonic() - self.last_flush >= self.flush_seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.buffer:
+            self.files += 1
+            self.record.write(self.buffer, f"part-{self.run_id}-{self.files:05d}.parquet")
+            self.buffer = []
+        self.last_flush = time.monotonic()
+
+    def close(self) -> None:
+        self.progress.close()
+
+
+def default_object_store_bytes() -> int:
+    """A fifth of the machine's memory, between 512 MiB and 4 GiB.
+
+    The pipeline keeps only a few batches of embeddings in flight (a few MB a
+    page), so Ray's default of 30% of memory would only take shared memory
+    the model processes can use better.
+    """
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(min(max(total // 5, 512 << 20), 4 << 30))
+
+
+def connect(ray, address: str | None, settings: RaySettings, cpus_needed: float) -> bool:
+    """Join the cluster at ``address``, or start a fresh local instance; True when this call started Ray.
+
+    ``address="local"`` rather than ``ray.init()``: after a killed run the
+    latter attaches to the dead instance recorded in /tmp/ray. The local
+    instance declares logical CPUs for every actor plus one (at least the
+    machine's cores), because Ray Data stalls when its actors hold every
+    declared CPU and a task of its own (reading, splitting) needs one.
+    """
+    if ray.is_initialized():
+        return False
+    if address is None:
+        # Ray reports usage statistics to its makers unless told not to; documents stay private here.
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        cpus = settings.num_cpus or max(os.cpu_count() or 1, math.ceil(cpus_needed) + 1)
+        ray.init(address="local", num_cpus=cpus,
+                 object_store_memory=settings.object_store_memory or default_object_store_bytes(),
+                 include_dashboard=False, runtime_env=settings.runtime_env)
+    else:
+        ray.init(address=address, runtime_env=settings.runtime_env)
+    return True
+
+
+def _stream(ray, manifest: list[dict], config: StageConfig, settings: RaySettings, decode_actors: int,
+            max_retries: int, one_page_per_task: bool, vision_batch: int) -> Iterator[dict]:
+    """Run the manifest through the two actor pools and yield output rows as they finish."""
+    # Each vision batch reaches the decode pool as one block, which one decode actor takes whole; a
+    # small run is cut finer so that every decode actor gets some of it.
+    share = max(1, math.ceil(len(manifest) / decode_actors))
+    vision_batch = 1 if one_page_per_task else min(vision_batch, share)
+    # A second batch's worth keeps an actor's slots busy.
+    decode_batch = 1 if one_page_per_task else min(2 * config.seqs, share)
+    vision_tasks = math.ceil(len(manifest) / vision_batch)
+    # When pages run alone, an actor holds one task at a time: tasks queued on an actor die with
+    # it, and would spend their retries on another page's crash.
+    in_flight = 1 if one_page_per_task else None
+    # No more actors than tasks: an idle actor costs its start-up and memory.
+    vision_pool = ray.data.ActorPoolStrategy(size=min(settings.vision_actors, vision_tasks),
+                                             max_tasks_in_flight_per_actor=in_flight)
+    decode_pool = ray.data.ActorPoolStrategy(size=min(decode_actors, math.ceil(len(manifest) / decode_batch)),
+                                             max_tasks_in_flight_per_actor=in_flight)
+    dataset = ray.data.from_items(manifest, override_num_blocks=vision_tasks)
+    remote_args = dict(max_restarts=-1, max_task_retries=max_retries, scheduling_strategy="SPREAD")
+    with warnings.catch_warnings():
+        # max_task_retries and scheduling_strategy are only reachable through the deprecated
+        # **ray_remote_args (until Ray 2.64). Ray Data's default retries (-1, forever) would loop on a
+        # page that kills every actor, and without SPREAD a pool may land on one node whole.
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
+        dataset = dataset.map_batches(
+            VisionStage, fn_constructor_args=(config,), batch_size=vision_batch, batch_format="pyarrow",
+            compute=vision_pool, num_cpus=settings.vision_cpus, num_gpus=settings.vision_gpus or None, **remote_args)
+        dataset = dataset.map_batches(
+            DecodeStage, fn_constructor_args=(config,), batch_size=decode_batch, batch_format="pyarrow",
+            compute=decode_pool, num_cpus=settings.decode_cpus, **remote_args)
+    for table in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+        yield from table.to_pylist()
+
+
+def _stage_config(options, settings: RaySettings, seqs: int) -> StageConfig:
+    """Resolve the checkpoint and convert the GGUF once, here, for every actor to read.
+
+    The layout model is loaded here once too, and dropped: one that cannot
+    load is a fatal error before any page is written, as in the local engine,
+    rather than every page failing on actors that cannot render.
+    """
+    from ..model.gguf import convert
+    from ..model.prompt import PromptBuilder
+    from ..model.weights import Checkpoint
+
+    checkpoint = Checkpoint.open(options.model)
+    prompts = PromptBuilder(checkpoint.path, checkpoint.config.image_token_id,
+                            checkpoint.config.vision_config.spatial_merge_size)
+    if options.seals:
+        prompts.task_text("seal")  # a 1.0 checkpoint cannot: refused before any actor starts
+    quant = options.quant.upper()
+    gguf = convert(options.gguf or checkpoint.path, quant, cache=options.cache_dir)
+    vision_threads = max(1, int(settings.vision_cpus))
+    layout = LayoutSettings(options.layout, options.layout_model, vision_threads,
+                            later_release=prompts.supports_later_tasks, recognised=options.recognised_pictures)
+    try:
+        layout.load()
+    except Exception as exc:
+        raise OcrbatchError(f"cannot load the layout model: {type(exc).__name__}: {exc}") from None
+    return StageConfig(
+        checkpoint=FileSet.of(checkpoint.path), gguf=FileSet.of(gguf),
+        model_name=str(options.model), quant=quant, task=options.task, max_tokens=options.max_tokens,
+        ignore_eos=options.ignore_eos, dpi=options.dpi, max_pixels=options.max_pixels,
+        text_layer=TextLayerSettings(options.pdf_text, options.trust_ocr_layer), layout=layout,
+        stitch=options.stitch,
+        max_batch_patches=options.max_batch_patches, vision_dtype=options.vision_dtype,
+        vision_device="cuda" if settings.vision_gpus else options.device, vision_threads=vision_threads,
+        decode_threads=max(1, int(settings.decode_cpus)), seqs=seqs, node_cache=settings.node_cache,
+        always_copy_models=settings.always_copy_models,
+        storage_options=next((dict(p.options) for p in options.paths if isinstance(p, ObjectPath)), {}),
+        layout_files=FileSet.of(options.layout_model) if layout_model_is_a_path(options.layout_model) else None)
+
+
+def layout_model_is_a_path(layout_model: str | None) -> bool:
+    """Whether ``--layout-model`` names weights on the driver's disk (rather than a Hub id each node resolves)."""
+    return bool(layout_model) and Path(layout_model).exists()
+
+
+def run_ray_job(options, address: str | None = None, settings: RaySettings | None = None,
+                on_row: Callable[[dict], None] | None = None):
+    """Run the batch job described by ``options`` (a :class:`JobOptions`) on Ray; returns its summary.
+
+    ``options.out`` is the dataset folder. ``address`` joins a running
+    cluster (``auto``, ``ray://host:port``, ``host:port``); without it a
+    fresh local instance is started and shut down at the end. ``on_row`` sees
+    every finished row with the extra fields of :data:`DEBUG_FIELDS`.
+    Raises :class:`ocrbatch.engines.local.JobLocked` when another run holds the
+    dataset, and :class:`OcrbatchError` for fatal problems.
+    """
+    ray = import_ray()
+    # Before anything is planned or written: a missing bucket is not the documents' fault (exit 3).
+    check_reachable([*options.paths, options.out])
+    settings = settings or RaySettings()
+    started = time.monotonic()
+    decode_actors = settings.decode_actors or options.workers
+    seqs = settings.seqs_per_actor or options.seqs_per_worker
+    record = DatasetRecord(options.out, options.record_settings(str(options.model), options.quant.upper()))
+    summary = RayJobSummary()
+    with record.lock():
+        record.check_settings()
+        repaired = record.recover()
+        if repaired:
+            log.info("%s: removed %d duplicate rows left by an interrupted run", options.out, repaired)
+        plan = plan_pages(options, record)
+        summary.pages_skipped, summary.documents, summary.deferred_files = plan.skipped, plan.documents, plan.deferred
+        summary.special_files = plan.special
+        log.info("%d pages to process in %d documents (%d unreadable), %d already done",
+                 len(plan.manifest), plan.documents, len(plan.unreadable), plan.skipped)
+        config = _stage_config(options, settings, seqs) if plan.manifest else None
+        run_id = new_run_id()
+        sink = _Sink(record, run_id, summary, options.flush_rows, options.flush_seconds, on_row,
+                     len(plan.manifest) + len(plan.unreadable), options.progress)
+        try:
+            for document, error in plan.unreadable:
+                sink.add(page_failure(escaped(document.path), document.doc_id, 0, 0, escaped(error), options.task,
+                                      str(options.model), options.quant.upper()))
+            if plan.manifest:
+                _process(ray, plan.manifest, config, settings, options, address, decode_actors, sink)
+        finally:
+            sink.flush()
+            sink.close()
+        record.compact(run_id)
+        summary.failed_earlier = record.counts()["pages"].get("failed", 0) - summary.pages_failed
+    summary.elapsed_s = time.monotonic() - started
+    return summary
+
+
+def _process(ray, manifest: list[dict], config: StageConfig, settings: RaySettings, options, address,
+             decode_actors: int, sink: _Sink) -> None:
+    cpus = settings.vision_actors * settings.vision_cpus + decode_actors * settings.decode_cpus
+    started_ray = connect(ray, address, settings, cpus)
+    try:
+        context = ray.data.DataContext.get_current()
+        context.max_errored_blocks = -1  # an errored block's pages come back missing and are redone below
+        context.enable_progress_bars = False  # the job's own bar counts pages
+        # Every actor of a pool is up before work starts, so work is spread over all of them
+        # rather than the first one ready; this also turns a pool the cluster cannot place into an error.
+        context.wait_for_min_actors_s = settings.actor_start_timeout_s
+        config = replace(config, file_server=start_file_server(ray, config.model_files))
+        run = dict(config=config, settings=settings, decode_actors=decode_actors, max_retries=options.max_retries,
+                   vision_batch=options.batch_size)
+        for row in _stream(ray, manifest, one_page_per_task=False, **run):
+            sink.add(row)
+        missing = [item for item in manifest if (item["doc_id"], item["page"]) not in sink.seen]
+        if missing:
+            sink.summary.lost_pages = len(missing)
+            log.warning("%d pages were lost with Ray actors that died; trying them one page per task", len(missing))
+            for row in _stream(ray, missing, one_page_per_task=True, **run):
+                sink.add(row)
+        for item in manifest:
+            if (item["doc_id"], item["page"]) not in sink.seen:
+                sink.add(page_failure(
+                    item["path"], item["doc_id"], item["page"], item["page_count"],
+                    f"{item['path']} page {item['page']}: lost with its Ray actor, also when run alone with "
+                    f"{options.max_retries} retries (the actor died: a crash in the vision encoder or llama.cpp, "
+                    "or out of memory; or an error in the Ray logs)", config.task, config.model_name,
+                    config.quant))
+    except ray.exceptions.RayError as exc:
+        # An actor that cannot start (a bad device, too little memory) fails the pool, and so the run.
+        raise OcrbatchError(f"the Ray job failed: {str(exc).strip().splitlines()[-1]}") from exc
+    finally:
+        if started_ray:
+            ray.shutdown()
+

@@ -1,0 +1,1 @@
+"""The job's own stages, free of any engine: options, plan, render, units, encode."""

@@ -1,0 +1,132 @@
+"""The plan stage: which pages of which documents a run processes.
+
+Discovered documents are matched against the checkpoint: finished pages are
+skipped, and each content id (``doc_id``) becomes at most one work item, so
+overlapping PATHS and copies of one file at several paths are decoded once.
+The output has one row set per ``doc_id``, under the first path found in
+discovery order; copies at other paths are logged, not repeated. Files that
+are not regular files (FIFOs, devices) are listed, never opened. Any error
+while planning a document makes that document a failed one with the reason;
+it never stops the plan.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import InputError
+from ..records.sqlite import Store
+from ..sources.discover import Document, discover, escaped
+from ..sources.rasterize import count_pages
+from ..sources.video import VideoSurvey, survey
+from ..storage import StorageError
+from .options import JobOptions
+
+log = logging.getLogger("ocrbatch")
+
+
+@dataclass
+class WorkItem:
+    """The pages of one document that this run processes."""
+
+    document: Document
+    pages: list[int]
+    page_count: int
+    video: VideoSurvey | None = None  # a video counted by this plan: its duration and frames
+
+
+@dataclass
+class Plan:
+    work: list[WorkItem] = field(default_factory=list)
+    unreadable: list[tuple[Document, str]] = field(default_factory=list)  # documents that cannot be opened
+    skipped: int = 0  # pages (or unopenable documents) already done
+    deferred: list[Document] = field(default_factory=list)  # still being written: left for a later run
+    copies: list[tuple[Document, Path]] = field(default_factory=list)  # (copy, the path processed instead)
+    special: list[Document] = field(default_factory=list)  # FIFOs, devices, sockets: never opened
+
+    @property
+    def pages(self) -> int:
+        return sum(len(item.pages) for item in self.work)
+
+
+def plan_job(options: JobOptions, store: Store | None, record: bool = True) -> Plan:
+    """Decide which pages to process.
+
+    With ``record`` the discovered documents and their page counts are
+    written to ``store``; without it (``--dry-run``) the store is only read.
+    """
+    plan = Plan()
+    retry = options.retry_failed
+    retry_ids = set(store.failed_document_ids()) if (store and retry) else None
+    first_path: dict[str, Path] = {}
+    known = store.known_id if store else None
+    for document in discover(options.paths, options.include, options.exclude, known_id=known,
+                             min_file_age=options.min_file_age):
+        if document.deferred:
+            log.info("%s: %s; left for a later run", escaped(document.path), document.deferred)
+            plan.deferred.append(document)
+            continue
+        if document.special:
+            log.info("%s: %s, not a regular file; skipped", escaped(document.path), escaped(document.special))
+            plan.special.append(document)
+            continue
+        if document.doc_id in first_path:
+            if first_path[document.doc_id] != document.path:
+                log.info("%s: same content as %s, processed once under that path", escaped(document.path),
+                         escaped(first_path[document.doc_id]))
+                plan.copies.append((document, first_path[document.doc_id]))
+            if store and record and not document.error:
+                store.remember_file(document.path, document.size, document.mtime_ns, document.doc_id)
+            continue
+        first_path[document.doc_id] = document.path
+        if retry_ids is not None and document.doc_id not in retry_ids:
+            continue
+        try:
+            _plan_document(plan, document, options, store, record)
+        except StorageError:
+            raise  # the object store failed, not the document: the run stops, nothing is failed
+        except Exception as exc:  # whatever a file does to the planner, it fails alone
+            plan.unreadable.append((document, f"{document.path}: cannot be planned ({type(exc).__name__}: {exc})"))
+    if store and record:
+        store.commit()
+    return plan
+
+
+def _plan_document(plan: Plan, document: Document, options: JobOptions, store: Store | None, record: bool) -> None:
+    retry = options.retry_failed
+    states = store.page_states(document.doc_id) if store else {}
+    could_not_open = states.get(0) == "failed"
+    if document.error:
+        if could_not_open and not retry:
+            plan.skipped += 1
+        else:
+            plan.unreadable.append((document, document.error))
+        return
+    page_count = store.page_count(document.doc_id) if store else None
+    video = None
+    if store and record:
+        store.remember_file(document.path, document.size, document.mtime_ns, document.doc_id)
+        store.upsert_document(document.doc_id, document.path)
+    if not page_count:  # new, or could not be opened last time
+        if could_not_open and not retry:
+            plan.skipped += 1
+            return
+        try:
+            if document.kind == "video":
+                video = survey(document.path, options.video_fps)
+                page_count = video.page_count
+            else:
+                page_count = count_pages(document)
+        except InputError as exc:
+            plan.unreadable.append((document, str(exc)))
+            return
+        if store and record:
+            store.set_page_count(document.doc_id, page_count)
+            states = store.page_states(document.doc_id)
+    wanted = ("failed", "pending") if retry else ("pending",)
+    pages = [p for p in range(1, page_count + 1) if states.get(p, "pending") in wanted]
+    plan.skipped += page_count - len(pages)
+    if pages:
+        plan.work.append(WorkItem(document, pages, page_count, video))

@@ -1,0 +1,1 @@
+"""Layout analysis and what is built on it: blocks, reading order, stitching, tables, spotting, Markdown."""

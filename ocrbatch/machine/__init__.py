@@ -1,0 +1,1 @@
+"""What this machine has: how llama.cpp is built for it, loaded, self-checked and diagnosed."""

@@ -1,0 +1,1 @@
+"""``ocrbatch serve`` (an OpenAI-compatible endpoint) and its client."""
