@@ -18,8 +18,27 @@ each in its own process:
   compare its ``process_s`` with the local one's (the HTTP path's overhead),
   and the CPU seconds of client and server with the local job's.
 
+The ray run also notes when its rows finished (their ``created_at``, stamped
+as a page's decoding settles) in seconds from its process start and from the
+job's call, and its pages' vision seconds: one vision actor encodes the pages
+in turn, so a first row finished well before the last (by about the vision
+seconds of the pages after it) shows decoding under way while pages are still
+being encoded.
+
+With two or more page counts (``--pages 2 6``) every mode runs at the largest,
+reported as with one count, and ``local`` and ``ray`` also run at each smaller
+count (fresh folders, the same forced tokens per page: the largest count's).
+``start_up`` then fits each one's whole-process seconds to
+``wall_s = fixed_s + per_page_s * pages`` (least squares: exact with two
+counts) and says from how many pages ray's fitted time is below local's
+(``ray_pays_off_from_pages``; null, with a note, when ray's per-page time is
+not below local's: then it never pays off on one machine).
+
     python benchmarks/bench_engines.py --model /tmp/full --pages 4 --out benchmarks/results/engines-cpu-2core.json
+    python benchmarks/bench_engines.py --model /tmp/full --pages 2 6 --tokens 128 --modes local ray \\
+        --out benchmarks/results/engines-start-up-cpu-2core.json   # from how many pages ray pays off
     python benchmarks/bench_engines.py --quick     # tiny checkpoint, 2 pages, 8 tokens: keeps the harness working
+    python benchmarks/bench_engines.py --quick --pages 1 2 --modes local ray   # the start-up fit's harness
 """
 
 from __future__ import annotations
@@ -75,9 +94,12 @@ def page_figures(rows: list[dict]) -> dict:
 
 def child_ray(spec: dict) -> dict:
     """``run_ray_job`` on a fresh local instance, or on a two-node cluster of this machine."""
+    import psutil
     import pyarrow.dataset as ds
 
     from ocrbatch.engines.ray import RaySettings, run_ray_job
+
+    process_start = psutil.Process().create_time()  # epoch seconds, as the rows' created_at
 
     # The vision actor gets as many threads as the local engine's encoder (--threads), each decode
     # actor one, as the local engine's workers.
@@ -96,6 +118,7 @@ def child_ray(spec: dict) -> dict:
     try:
         with tempfile.TemporaryDirectory() as scratch:
             out = Path(scratch) / "dataset"
+            job_start = time.time()
             begin = time.perf_counter()
             summary = run_ray_job(job_options(spec, out), address=cluster.address if cluster else None,
                                   settings=settings)
@@ -110,7 +133,20 @@ def child_ray(spec: dict) -> dict:
     return {"run_s": elapsed_s, **page_figures(rows), "pages_per_min_run": len(rows) / elapsed_s * 60,
             "nodes": {stage: len(counts) for stage, counts in summary.nodes.items()},
             "pages_by_node": {stage: sorted(counts.values()) for stage, counts in summary.nodes.items()},
-            "peak_rss_driver_mb": peak_rss_mb()}
+            "vision_s_per_page": sum(r["vision_s"] or 0 for r in rows) / max(1, len(rows)),
+            "peak_rss_driver_mb": peak_rss_mb(), **row_finish_times(rows, process_start, job_start)}
+
+
+def row_finish_times(rows: list[dict], process_start: float, job_start: float) -> dict:
+    """When the rows finished (``created_at``, stamped as a page's decoding settles), from process and job start."""
+    finished = sorted(row["created_at"].timestamp() for row in rows if row.get("created_at") is not None)
+    if not finished:
+        return {}
+    return {"first_row_s_from_process_start": finished[0] - process_start,
+            "last_row_s_from_process_start": finished[-1] - process_start,
+            "first_row_s_from_job_start": finished[0] - job_start,
+            "last_row_s_from_job_start": finished[-1] - job_start,
+            "rows_finished_s_from_process_start": [round(moment - process_start, 2) for moment in finished]}
 
 
 def child_remote(spec: dict) -> dict:
@@ -213,13 +249,23 @@ def measure(args, work: Path) -> dict:
     from ocrbatch.model.gguf import convert
 
     if args.quick:
-        args.pages, args.tokens = min(args.pages, 2), min(args.tokens or 8, 8)
+        args.pages, args.tokens = [min(count, 2) for count in args.pages], min(args.tokens or 8, 8)
+    counts = sorted(set(args.pages))
+    if counts[0] < 1:
+        raise SystemExit("--pages: every count must be at least 1")
+    if len(counts) > 1 and not {"local", "ray"} <= set(args.modes):
+        raise SystemExit("--pages with two or more counts fits local against ray: give both in --modes")
     model = args.model
     if model is None:
         from ocrbatch.dev.model import make_model
 
         model = str(make_model(work / "tiny", size="tiny"))
-    pdfs, _ = make_report_pages(work / "pages", args.pages, CPU_TOML["dpi"], CPU_TOML["max_pixels"])
+    # The largest count is the main run (every mode, reported as with one count); each smaller one
+    # gets its own fresh folder.
+    folders = {count: work / ("pages" if count == counts[-1] else f"pages-{count}") for count in counts}
+    made = {count: make_report_pages(folders[count], count, CPU_TOML["dpi"], CPU_TOML["max_pixels"])[0]
+            for count in counts}
+    pdfs = made[counts[-1]]
     chars = []
     for path in pdfs:
         with pymupdf.open(path) as doc:
@@ -232,21 +278,18 @@ def measure(args, work: Path) -> dict:
         "model": model, "quick": args.quick, "pages": len(chars), "papers": [p.stem for p in pdfs],
         "output_tokens_per_page": tokens, "threads": args.threads, **CPU_TOML, "layout": "none",
         "pdf_text": "never"}}
-    runs = {}
-    for mode in args.modes:
-        if mode == "local":
-            runs[mode] = run_child("ocrbatch", {**spec, "pages_dir": spec["docs"], "layout": "none"})
-        elif mode.startswith("ray"):
-            runs[mode] = run_child("ray", {**spec, "nodes": 2 if mode == "ray-2-nodes" else 1}, script=__file__)
-        elif mode == "openai":
-            with Server(spec, work / "serve.log") as server:
-                cpu_before = tree_cpu_s(server.process.pid)
-                runs[mode] = run_child("remote", {**spec, "base_url": server.base_url,
-                                                  "concurrency": spec["workers"] * spec["seqs"]}, script=__file__)
-                runs[mode]["server_cpu_s_per_page"] = (tree_cpu_s(server.process.pid) - cpu_before) / len(chars)
-                runs[mode]["cpu_s_per_page"] = runs[mode]["server_cpu_s_per_page"] + runs[mode].get(
-                    "client_cpu_s_per_page", 0)
-                runs[mode]["server_load_s"] = server.load_s
+    fit_modes = ["local", "ray"] if len(counts) > 1 else []
+    if fit_modes:
+        results["settings"]["page_counts"] = counts
+        results["settings"]["page_counts_run_by"] = {mode: counts if mode in fit_modes else [counts[-1]]
+                                                     for mode in args.modes}
+    # The smaller counts first, smallest to largest, then the main run.
+    smaller = {}
+    for count in counts[:-1]:
+        docs = str(folders[count] / "docs")
+        for mode in fit_modes:
+            smaller[(mode, count)] = run_mode(mode, {**spec, "docs": docs}, count, work)
+    runs = {mode: run_mode(mode, spec, len(chars), work) for mode in args.modes}
     results["runs"] = runs
     local, ray1, ray2, remote = (runs.get(mode, {}) for mode in MODES)
     pages = len(chars)
@@ -266,15 +309,110 @@ def measure(args, work: Path) -> dict:
     }
     results["checks"] = {f"{mode}: every page decoded exactly the forced tokens":
                          run.get("output_tokens_per_page") == [tokens] * pages for mode, run in runs.items()}
+    for (mode, count), run in smaller.items():
+        results["checks"][f"{mode} at {count} pages: every page decoded exactly the forced tokens"] = run.get(
+            "output_tokens_per_page") == [tokens] * count
+    if fit_modes:
+        wall = {mode: {count: smaller[(mode, count)] for count in counts[:-1]} | {counts[-1]: runs[mode]}
+                for mode in fit_modes}
+        results["start_up"] = start_up(wall, counts)
     results["notes"] = args.note
     return results
 
 
+def run_mode(mode: str, spec: dict, pages: int, work: Path) -> dict:
+    """One mode's run over ``spec['docs']`` (``pages`` pages), in a process of its own."""
+    if mode == "local":
+        return run_child("ocrbatch", {**spec, "pages_dir": spec["docs"], "layout": "none"})
+    if mode.startswith("ray"):
+        return run_child("ray", {**spec, "nodes": 2 if mode == "ray-2-nodes" else 1}, script=__file__)
+    with Server(spec, work / "serve.log") as server:  # openai
+        cpu_before = tree_cpu_s(server.process.pid)
+        run = run_child("remote", {**spec, "base_url": server.base_url,
+                                   "concurrency": spec["workers"] * spec["seqs"]}, script=__file__)
+        run["server_cpu_s_per_page"] = (tree_cpu_s(server.process.pid) - cpu_before) / pages
+        run["cpu_s_per_page"] = run["server_cpu_s_per_page"] + run.get("client_cpu_s_per_page", 0)
+        run["server_load_s"] = server.load_s
+    return run
+
+
+def line_fit(points: list[tuple[int, float]]) -> tuple[float, float]:
+    """Least-squares ``y = fixed + per_page * x`` through ``points`` (two distinct x at least)."""
+    n = len(points)
+    mean_x = sum(x for x, _ in points) / n
+    mean_y = sum(y for _, y in points) / n
+    per_page = (sum((x - mean_x) * (y - mean_y) for x, y in points)
+                / sum((x - mean_x) ** 2 for x, _ in points))
+    return mean_y - per_page * mean_x, per_page
+
+
+def start_up(wall: dict[str, dict[int, dict]], counts: list[int]) -> dict:
+    """Each of local and ray's whole-process seconds by page count, fitted to a line; where ray's falls below."""
+    section: dict = {"pages": counts, "fit": "wall_s = fixed_s + per_page_s * pages (least squares over the counts)"}
+    fits = {}
+    for mode, by_count in wall.items():
+        failed = {count: run.get("error", "no wall_s") for count, run in by_count.items()
+                  if "error" in run or not run.get("wall_s")}
+        entry: dict = {"wall_s_by_pages": {str(count): run.get("wall_s") for count, run in by_count.items()}}
+        if failed:
+            entry["error"] = {str(count): error for count, error in failed.items()}
+        else:
+            points = [(count, by_count[count]["wall_s"]) for count in counts]
+            fixed, per_page = line_fit(points)
+            fits[mode] = (fixed, per_page)
+            entry |= {"fixed_s": fixed, "per_page_s": per_page,
+                      "max_residual_s": max(abs(y - fixed - per_page * x) for x, y in points)}
+        if mode == "ray":
+            # Whether decoding starts before every page is encoded: see the module's docstring.
+            entry["rows_finished_by_pages"] = {str(count): {
+                key.replace("_row_s_", "_s_"): by_count[count].get(key)
+                for key in ("first_row_s_from_process_start", "last_row_s_from_process_start",
+                            "first_row_s_from_job_start", "last_row_s_from_job_start", "vision_s_per_page")}
+                for count in counts}
+        section[mode] = entry
+    if "local" not in fits or "ray" not in fits:
+        section |= {"ray_extra_fixed_s": None, "ray_vs_local_per_page": None, "ray_pays_off_from_pages": None,
+                    "note": "no fit: a local or ray run failed (see its error)"}
+        return section
+    (local_fixed, local_page), (ray_fixed, ray_page) = fits["local"], fits["ray"]
+    extra = ray_fixed - local_fixed
+    section["ray_extra_fixed_s"] = extra
+    section["ray_vs_local_per_page"] = round(ray_page / local_page, 3) if local_page > 0 and ray_page > 0 else None
+    notes = []
+    if local_page <= 0 or ray_page <= 0:
+        notes.append("a fitted per-page time is not positive: the page counts are too close together or the "
+                     "runs too noisy (or the pages too cheap, as with --quick) for the fit to mean anything")
+    if ray_page < local_page:
+        # ray below local once extra + ray_page * n < local_page * n, i.e. n > extra / (local_page - ray_page)
+        from_pages = max(1, math.floor(extra / (local_page - ray_page)) + 1)
+        section["ray_pays_off_from_pages"] = from_pages
+        notes.append(f"ray's fitted whole-process time is below local's from {from_pages} pages on "
+                     f"(fixed {extra:+.0f} s, per page {ray_page - local_page:+.1f} s against local)")
+        if from_pages > counts[-1]:
+            notes.append(f"extrapolated beyond the largest count run ({counts[-1]} pages)")
+    else:
+        section["ray_pays_off_from_pages"] = None
+        if extra < 0:
+            # ray starts faster but falls behind: below local only up to the crossing
+            until = math.ceil(-extra / (ray_page - local_page)) - 1 if ray_page > local_page else None
+            notes.append("ray's per-page time is not below local's, so on one machine ray never pays off as runs "
+                         f"grow: it is faster only on small runs (its fixed time is {-extra:.0f} s less)"
+                         + (f", up to {until} pages" if until is not None else ""))
+        else:
+            notes.append(f"ray never pays off on one machine: its per-page time ({ray_page:.1f} s) is not below "
+                         f"local's ({local_page:.1f} s) and its fixed time is {extra:.0f} s more, so it is slower "
+                         "at every page count")
+    section["note"] = "; ".join(notes)
+    return section
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", help="Checkpoint folder (default with --quick: a tiny one made here).")
+    parser.add_argument("--model", help="Model folder (default with --quick: a tiny one made here).")
     parser.add_argument("--quick", action="store_true", help="Tiny checkpoint, 2 pages, 8 tokens: checks the harness.")
-    parser.add_argument("--pages", type=int, default=4, help="Report pages, half Letter, half A4.")
+    parser.add_argument("--pages", type=int, nargs="+", default=[4],
+                        help="Report pages, half Letter, half A4; two or more counts (e.g. 2 6) also fit local's "
+                             "and ray's start-up and per-page seconds (see start_up in the results).")
     parser.add_argument("--tokens", type=int,
                         help="Output tokens per page (default: the pages' text length in estimated tokens).")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
