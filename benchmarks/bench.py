@@ -381,9 +381,9 @@ def _lm_requests(spec: dict, count: int):
 
     from ocrbatch.model.language import GenerationRequest
     from ocrbatch.model.prompt import PromptBuilder
-    from ocrbatch.model.weights import Checkpoint
+    from ocrbatch.model.weights import ModelWeights
 
-    checkpoint = Checkpoint.open(spec["model"])
+    checkpoint = ModelWeights.open(spec["model"])
     merge = checkpoint.vision_config.spatial_merge_size
     prompts = PromptBuilder(checkpoint.path, checkpoint.config.image_token_id, merge)
     grid = (1, spec["image_size"] // 14, spec["image_size"] // 14)
@@ -452,7 +452,7 @@ def child_fidelity(spec: dict) -> dict:
                     with_language=False)
     images = [Image.open(p).convert("RGB") for p in spec["pages"]]
     exact_requests = [engine.request(e, PROMPT, spec["tokens"]) for e in engine.vision.encode(images)]
-    int8_vision = VisionEncoder(engine.checkpoint, dtype="int8")
+    int8_vision = VisionEncoder(engine.weights, dtype="int8")
     int8_requests = [engine.request(e, PROMPT, spec["tokens"]) for e in int8_vision.encode(images)]
     n_ctx = max(r.prompt.n_prompt_tokens for r in exact_requests) + spec["tokens"] + 8
 
@@ -566,7 +566,7 @@ def ratio(a, b):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", help="Checkpoint folder (default: a tiny one with --quick).")
+    parser.add_argument("--model", help="Model folder (default: a tiny one with --quick).")
     parser.add_argument("--quick", action="store_true", help="Tiny checkpoint, few pages: checks the harness.")
     parser.add_argument("--pages", type=int, default=16)
     parser.add_argument("--image-size", type=int, default=448)
@@ -655,9 +655,9 @@ def measure(args, work: Path) -> dict:
     if not args.skip_mmproj and wanted("llama.cpp-mmproj-Q4_K_M"):
         mmproj, status = build_mmproj(model, work)
         if mmproj:
-            from ocrbatch.model.weights import Checkpoint
+            from ocrbatch.model.weights import ModelWeights
 
-            eos = Checkpoint.open(model).eos_token_ids[0]
+            eos = ModelWeights.open(model).eos_token_ids[0]
             engines["llama.cpp-mmproj-Q4_K_M"] = run_child("mmproj", {
                 **base, "gguf": ggufs["Q4_K_M"], "mmproj": mmproj, "eos": eos, "n_ctx": 8192,
                 "pages": [str(p) for p in pages]})

@@ -277,7 +277,7 @@ def measure(args, work: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", help="Checkpoint folder (default with --quick: a tiny one made here).")
+    parser.add_argument("--model", help="Model folder (default with --quick: a tiny one made here).")
     parser.add_argument("--quick", action="store_true",
                         help="Tiny checkpoint, 2+2 pages, 8 tokens: checks the harness.")
     parser.add_argument("--pages", type=int, default=8, help="Pages in the folder, half born-digital.")

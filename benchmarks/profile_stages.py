@@ -116,7 +116,7 @@ def _report(costs: Counter, wall_ms: float, top: int, unit: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("stage", choices=["vision", "decode"])
-    parser.add_argument("--model", required=True, help="Checkpoint folder.")
+    parser.add_argument("--model", required=True, help="Model folder.")
     parser.add_argument("--dtype", default="float32", help="Vision dtype (vision).")
     parser.add_argument("--image-size", type=int, default=448)
     parser.add_argument("--quant", default="Q4_K_M", help="GGUF quantization (decode).")

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ from .model.gguf import convert, inspect_gguf
 from .model.language import GenerationRequest, LanguageModel, Sampling
 from .model.prompt import TASK_PROMPTS, PromptBuilder
 from .model.vision import EncodedImage, VisionEncoder
-from .model.weights import Checkpoint
+from .model.weights import ModelWeights
 from .sources.images import open_image
 
 DEFAULT_MAX_TOKENS = 1024
@@ -89,19 +90,19 @@ class Engine:
         charts: bool = False,
         seals: bool = False,
     ):
-        """Load ``model`` (checkpoint folder or Hub id) and its language model as a GGUF.
+        """Load ``model`` (model folder or Hub id) and its language model as a GGUF.
 
         ``gguf`` uses an existing language-model GGUF (an official build, say)
-        instead of converting the checkpoint; it is re-quantized only if
+        instead of converting the model; it is re-quantized only if
         ``quant`` differs from its type. ``with_language=False`` skips loading
         the language model here, for callers that decode in a :class:`WorkerPool`.
         ``layout`` (``cdla``, ``pp-doclayout`` with ``layout_model``, or ``none``)
         makes :meth:`ocr` recognise each layout block with its own prompt and
         return the page's Markdown; ``stitch`` lets pieces of text share one
         image, as in the batch job (:mod:`ocrbatch.layout.stitch`). ``pp-doclayout`` without
-        ``layout_model`` is PP-DocLayoutV2 for a 1.0 checkpoint, V3 for 1.5+.
+        ``layout_model`` is PP-DocLayoutV2 for a 1.0 model, V3 for 1.5+.
         ``charts`` and ``seals`` send those blocks to the model instead of
-        keeping them as pictures (seals need a 1.5+ checkpoint).
+        keeping them as pictures (seals need a 1.5+ model).
         """
         # torch's thread count is the process's: the engine sets it for its vision encoder and close() puts
         # it back, so an application's own torch work does not keep the engine's setting.
@@ -111,26 +112,26 @@ class Engine:
 
             self._torch_threads = torch.get_num_threads()
             torch.set_num_threads(threads)
-        self.checkpoint = Checkpoint.open(model)
+        self.weights = ModelWeights.open(model)
         self.model_name = str(model)
         self.max_tokens = max_tokens
-        self.gguf_path = convert(gguf or self.checkpoint.path, quant, cache=cache_dir)
-        self.vision = VisionEncoder(self.checkpoint, dtype=vision_dtype, device=device)
-        config = self.checkpoint.config
-        self.prompts = PromptBuilder(self.checkpoint.path, config.image_token_id, self.vision.merge_size)
-        self.stop_ids = tuple(self.checkpoint.eos_token_ids)
+        self.gguf_path = convert(gguf or self.weights.path, quant, cache=cache_dir)
+        self.vision = VisionEncoder(self.weights, dtype=vision_dtype, device=device)
+        config = self.weights.config
+        self.prompts = PromptBuilder(self.weights.path, config.image_token_id, self.vision.merge_size)
+        self.stop_ids = tuple(self.weights.eos_token_ids)
         info = inspect_gguf(self.gguf_path)
         self.quant = info.quant or quant
         if info.n_embd != config.text_config.hidden_size:
             raise ModelError(
                 f"{self.gguf_path}: language model width {info.n_embd} does not match "
-                f"the checkpoint's {config.text_config.hidden_size}"
+                f"the model's {config.text_config.hidden_size}"
             )
         from .layout.blocks import recognised_pictures
         from .layout.detect import load_layout
 
         if seals:
-            self.prompts.task_text("seal")  # a 1.0 checkpoint was not trained for it
+            self.prompts.task_text("seal")  # a 1.0 model was not trained for it
         self.layout = load_layout(layout, layout_model, device=device, threads=threads,
                                   later_release=self.prompts.supports_later_tasks,
                                   recognised=recognised_pictures(charts, seals))
@@ -267,33 +268,38 @@ class Engine:
         return result
 
     def _ocr_blocks(self, result: OcrResult, image, max_tokens: int | None, sampling: Sampling) -> None:
-        """Layout mode: detect the blocks, recognise each with its prompt, assemble the Markdown."""
-        from .job.units import BLOCK_PIXEL_BOUNDS, layout_units
-        from .layout.markdown import page_markdown
+        """Layout mode: the batch job's page flow on one image, decoded by this engine's language model."""
+        from .backends.local import decoded
+        from .job.flow import FinishedPage, PageFlow
+        from .sources.discover import Document
+        from .sources.rasterize import PageImage
 
         started = time.perf_counter()
-        blocks = self.layout.detect(image)
-        layout_s = time.perf_counter() - started
-        units, _ = layout_units(image, blocks, self.stitch)
-        encoded = self.vision.encode([unit.image for unit in units], BLOCK_PIXEL_BOUNDS)
-        requests = [self.request(enc, unit.prompt, max_tokens, sampling) for enc, unit in zip(encoded, units)]
-        for request, unit in zip(requests, units):
-            request.loop_guard = unit.loop_guard
-        generated = self.language.generate(requests)
-        texts, finished = {}, {}
-        for unit, out in zip(units, generated):
-            texts.update(unit.texts(self.prompts.decode(out.token_ids)))
-            finished.update(dict.fromkeys((block.order for block in unit.blocks), out.finish_reason))
-        result.text = page_markdown([(block, texts.get(block.order, "")) for block in blocks])
-        result.blocks = [{"order": block.order, "label": block.label, "score": block.score,
-                          "box": [block.x0, block.y0, block.x1, block.y1], "prompt": block.prompt or "",
-                          "text": texts.get(block.order, ""), "finish_reason": finished.get(block.order, "")}
-                         for block in blocks]
-        result.n_image_tokens = sum(enc.n_tokens for enc in encoded)
-        result.token_ids = [token for out in generated for token in out.token_ids]
-        errors = [f"block {unit.block.order}: {out.error}" for unit, out in zip(units, generated) if out.error]
-        result.error = "; ".join(errors) or None
-        result.timings = {"layout_s": layout_s, "total_s": time.perf_counter() - started}
+        page = PageImage(Document(Path(result.path or "image"), ""), 1, 1, image=image)
+        page.blocks = self.layout.detect(image)
+        page.layout_s = time.perf_counter() - started
+        flow = PageFlow("ocr", TASK_PROMPTS["ocr"], self.model_name, self.quant, stitch=self.stitch)
+        finished = flow.start(page)
+        token_ids = []
+        if not isinstance(finished, FinishedPage):
+            ready = list(flow.encode(self.vision, [finished], max_batch_patches=sys.maxsize))
+            units = [item for item in ready if not isinstance(item, FinishedPage)]
+            finished = next((item for item in ready if isinstance(item, FinishedPage)), None)
+            requests = []
+            for _, unit in units:
+                requests.append(self.request(unit.encoded, unit.prompt, max_tokens, sampling))
+                requests[-1].loop_guard = unit.loop_guard
+            for (work, unit), generated in zip(units, self.language.generate(requests) if requests else []):
+                token_ids += generated.token_ids
+                finished = flow.settle(work, unit, decoded(generated, self.prompts)) or finished
+        row = finished.row
+        result.text, result.error, result.token_ids = row["text"], row["error"], token_ids
+        result.n_image_tokens = row.get("n_image_tokens") or 0
+        result.blocks = [{"order": block["order"], "label": block["label"], "score": block["score"],
+                          "box": [block["x0"], block["y0"], block["x1"], block["y1"]], "prompt": block["prompt"],
+                          "text": block["text"], "finish_reason": block["finish_reason"]}
+                         for block in row.get("blocks") or []]
+        result.timings = {"layout_s": page.layout_s, "total_s": time.perf_counter() - started}
 
     def close(self) -> None:
         if self.language is not None:

@@ -12,7 +12,7 @@ class OcrbatchError(Exception):
 
 
 class ModelError(OcrbatchError):
-    """A checkpoint or GGUF that cannot be found, read or understood."""
+    """A model or GGUF that cannot be found, read or understood."""
 
 
 class InputError(OcrbatchError):

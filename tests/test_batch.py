@@ -27,7 +27,8 @@ from helpers import (
 )
 
 from ocrbatch.cli.main import main
-from ocrbatch.engines.local import JobLock, run_job
+from ocrbatch.engines.local import run_job
+from ocrbatch.records.lock import JobLock
 from ocrbatch.records.output import COLUMNS
 from ocrbatch.records.recorder import EXIT_LOCKED
 from ocrbatch.records.sqlite import Store, checkpoint_path_for

@@ -81,7 +81,7 @@ def test_later_task_on_a_10_checkpoint(tiny_model, image_files):
     result = run("ocr", image_files[0], "--model", tiny_model, "--quant", "F32", "--task", "seal")
     assert result.exit_code == 1
     assert result.stderr.strip().splitlines()[-1] == (
-        f"Error: task 'seal' needs a PaddleOCR-VL 1.5+ checkpoint; {tiny_model} is 1.0")
+        f"Error: task 'seal' needs a PaddleOCR-VL 1.5+ model; {tiny_model} is 1.0")
 
 
 @pytest.mark.parametrize("breakage", ["missing", "no-config", "bad-config", "bad-weights"])
@@ -109,4 +109,4 @@ def test_hub_id_offline_says_to_pass_a_folder(monkeypatch):
     result = run("convert", "SomeOrg/SomeModel")
     assert result.exit_code == 1
     assert "SomeOrg/SomeModel: could not download" in result.stderr
-    assert "pass a local checkpoint folder" in result.stderr
+    assert "pass a local model folder" in result.stderr

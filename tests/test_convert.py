@@ -1,4 +1,4 @@
-"""Checkpoint → GGUF conversion, quantization, caching and validation."""
+"""Model weights → GGUF conversion, quantization, caching and validation."""
 
 import time
 

@@ -333,7 +333,7 @@ def test_charts_and_seals_are_pictures_unless_asked_for(tiny_model, tiny_model_1
     [row] = [json.loads(line) for line in out.read_text().splitlines()]
     assert {b["label"]: b["prompt"] for b in row["blocks"]} == {"chart": "Chart Recognition:", "seal": ""}
 
-    with pytest.raises(OcrbatchError, match="'seal' needs a PaddleOCR-VL 1.5\\+ checkpoint"):
+    with pytest.raises(OcrbatchError, match="'seal' needs a PaddleOCR-VL 1.5\\+ model"):
         run_job(options(tiny_model, [report], tmp_path / "v1.jsonl", layout="pp-doclayout",
                         layout_model=layout_model, seals=True))
 

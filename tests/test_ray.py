@@ -69,7 +69,7 @@ def test_files_are_written_whole_and_readers_see_exactly_the_output_columns(tmp_
 
 
 def test_one_run_at_a_time_writes_a_dataset_folder(tmp_path):
-    from ocrbatch.engines.local import JobLocked
+    from ocrbatch.records.lock import JobLocked
 
     with DatasetRecord(tmp_path / "out").lock():
         with pytest.raises(JobLocked, match="another ocrbatch run"):
@@ -580,7 +580,7 @@ def test_actors_run_from_their_nodes_copy_of_the_model_files(cluster, tiny_model
                           settings=settings)
     assert summary.pages_ok == 3 and summary.pages_failed == 0
     copies = {marker.parent for marker in cache.glob("*/.complete")}
-    assert len(copies) == 2  # the checkpoint folder and the GGUF, one copy each on this machine's "nodes"
+    assert len(copies) == 2  # the model folder and the GGUF, one copy each on this machine's "nodes"
     [gguf] = [folder / f.name for folder in copies for f in folder.iterdir() if f.suffix == ".gguf"]
     [checkpoint] = [folder / f.name for folder in copies for f in folder.iterdir() if f.is_dir()]
     assert (checkpoint / "config.json").read_bytes() == (Path(tiny_model) / "config.json").read_bytes()

@@ -263,7 +263,7 @@ def test_close_resolves_every_future(engine):
 
     pool = WorkerPool(engine.gguf_path, workers=1, n_seq_max=1, n_ctx=engine.context_size(1))
     prompt = engine.prompts.build(engine.prompt_text("ocr"), (1, 4, 4))
-    embeddings = np.zeros((prompt.n_image_tokens, engine.checkpoint.config.text_config.hidden_size), np.float32)
+    embeddings = np.zeros((prompt.n_image_tokens, engine.weights.config.text_config.hidden_size), np.float32)
     futures = [pool.submit(GenerationRequest(prompt, embeddings, max_tokens=8, stop_ids=()))
                for _ in range(3)]
     pool.close()

@@ -428,3 +428,29 @@ def test_smoke_against_llama_cpp_pythons_own_server(tmp_path):
         assert (result.n_output_tokens == MAX_TOKENS) == (result.finish_reason == "length")
         assert result.n_image_tokens is None  # llama-cpp-python's usage has no image count
     assert results[0].text != results[1].text  # the image reached the model
+
+
+def test_the_remote_decoder_sends_each_units_loop_guard_as_the_local_engine_applies_it(server, recognizer):
+    from ocrbatch.backends.remote import RemoteDecoder
+    from ocrbatch.job.units import BLOCK_PIXEL_BOUNDS, Unit
+    from ocrbatch.layout.blocks import Block
+    from ocrbatch.model.repetition import PROSE, TABLE
+
+    remote = recognizer()
+    remote.check()
+    table = Unit(Block(0, "table", 0.9, 0, 0, 300, 120), document_image(300, 120, 1), "Table Recognition:",
+                 BLOCK_PIXEL_BOUNDS)
+    text = Unit(Block(1, "text", 0.9, 0, 0, 300, 120), document_image(300, 120, 2), "OCR:", BLOCK_PIXEL_BOUNDS)
+    page = Unit(None, IMAGE, "Spotting:", None)
+    assert (table.loop_guard, text.loop_guard, page.loop_guard) == (TABLE, PROSE, None)
+    decoder = RemoteDecoder(remote, max_tokens=8)
+    results = [decoder.submit(unit).result(timeout=30) for unit in (table, text, page)]
+    assert all(result.error is None for result in results)
+    assert results[2].text.startswith("Spotting:")  # the Decoded of the server's answer, as the page flow reads it
+    sent = {prompt: server.requests_for(prompt)[0].body for prompt in ("Table Recognition:", "OCR:", "Spotting:")}
+    assert sent["Table Recognition:"]["repetition_guard"] == {"max_period": 256, "min_repeats": 8, "min_tokens": 1500}
+    assert sent["OCR:"]["repetition_guard"] == {"max_period": 128, "min_repeats": 5, "min_tokens": 200}
+    assert "repetition_guard" not in sent["Spotting:"]  # a whole page decodes as the model alone would
+    assert sent["Spotting:"]["skip_special_tokens"] is False
+    RemoteDecoder(remote, max_tokens=8, ignore_eos=True).submit(text).result(timeout=30)
+    assert "repetition_guard" not in server.requests_for("OCR:")[1].body  # only max_tokens ends a forced answer

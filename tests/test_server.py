@@ -499,6 +499,28 @@ def test_skip_special_tokens_false_keeps_them_plain_and_streamed(live, test_imag
 
 
 @pytest.mark.slow
+def test_a_repetition_guard_cuts_the_answer_where_the_batch_jobs_guard_would(live, test_images, monkeypatch):
+    """``repetition_guard`` (sent by the remote backend for layout blocks) is applied as the local engine applies it."""
+    from ocrbatch.model.repetition import LoopSettings, RepetitionGuard
+
+    monkeypatch.setattr(live.engine, "stop_ids", ())  # only max_tokens, or the guard, ends an answer
+    body = {"messages": messages(data_uri(test_images[0])), "max_tokens": LONG}
+    free = _post(live.url, body).json()["ocrbatch"]["token_ids"]
+    # Loose settings, so that the tiny model's noise holds a "loop" (any cycle of up to 64 tokens seen twice in a
+    # row; the noise depends on the pool's prompt cache): where the guard cuts it, token by token.
+    settings = {"max_period": 64, "min_repeats": 2, "min_tokens": 2}
+    guard = RepetitionGuard(LoopSettings(**settings))
+    cut = next((keep for token in free if (keep := guard.push(token)) is not None), None)
+    assert cut is not None and cut < len(free), "the unguarded answer holds no loop for these settings"
+    guarded = _post(live.url, {**body, "repetition_guard": settings}).json()
+    assert guarded["choices"][0]["finish_reason"] == "repetition"
+    assert guarded["ocrbatch"]["token_ids"] == free[:cut]
+    bad = _post(live.url, {**body, "max_tokens": 2, "repetition_guard": {"min_repeats": 1}})
+    assert bad.status_code == 400 and "repetition_guard" in bad.json()["error"]["message"]
+    assert_slots_free(live.service)
+
+
+@pytest.mark.slow
 def test_mm_processor_kwargs_resize_bounds_are_honoured_and_checked(live, test_images):
     from ocrbatch.job.units import BLOCK_PIXEL_BOUNDS
 
@@ -653,9 +675,9 @@ def test_a_failed_encode_frees_its_slot(live, test_images, monkeypatch):
 
 def test_prompt_cache_is_bounded(tiny_model):
     from ocrbatch.model.prompt import PROMPT_CACHE_SIZE, PromptBuilder
-    from ocrbatch.model.weights import Checkpoint
+    from ocrbatch.model.weights import ModelWeights
 
-    builder = PromptBuilder(tiny_model, Checkpoint.open(tiny_model).config.image_token_id, merge_size=2)
+    builder = PromptBuilder(tiny_model, ModelWeights.open(tiny_model).config.image_token_id, merge_size=2)
     for i in range(PROMPT_CACHE_SIZE + 50):  # distinct texts, as clients of the server may send
         builder.text_parts(f"client prompt {i}")
     assert builder.text_parts.cache_info().currsize == PROMPT_CACHE_SIZE

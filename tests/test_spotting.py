@@ -137,7 +137,7 @@ def test_spotting_needs_a_later_release(tiny_model, tmp_path):
     from ocrbatch.errors import OcrbatchError
 
     folder = spotting_page(tmp_path / "docs")
-    with pytest.raises(OcrbatchError, match="'spotting' needs a PaddleOCR-VL 1.5\\+ checkpoint"):
+    with pytest.raises(OcrbatchError, match="'spotting' needs a PaddleOCR-VL 1.5\\+ model"):
         run_job(job(tiny_model, folder, tmp_path / "out.jsonl"))
 
 

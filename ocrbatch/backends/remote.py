@@ -21,7 +21,11 @@ as it is, and one that ignores them gets an image already within them.
 Benchmarks may ask for ``ignore_eos`` (vLLM's and llama-server's extension),
 so that every answer is ``max_tokens`` long. A spotting page asks for
 ``skip_special_tokens: false`` (vLLM's sampling parameter, as PaddleX sends
-it): its answer's locations are special tokens.
+it): its answer's locations are special tokens. A layout block carries its
+loop guard (:class:`~ocrbatch.model.repetition.LoopSettings`) as
+``repetition_guard``, an extension field that ``ocrbatch serve`` applies as
+the local engine does (the answer ends with ``finish_reason``
+``repetition``); other servers ignore it.
 
 Retry policy, per request:
 
@@ -64,7 +68,7 @@ import queue
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import Callable, TypeVar
 
@@ -73,6 +77,8 @@ import tenacity
 from PIL import Image
 
 from ..errors import OcrbatchError
+from ..model.repetition import LoopSettings
+from .base import Decoded, chained
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +218,8 @@ class RemoteRecognizer:
         return self.model
 
     def submit(self, image: Image.Image, prompt: str, max_tokens: int, pixel_bounds: tuple[int, int] | None = None,
-               ignore_eos: bool = False, keep_special_tokens: bool = False) -> Future:
+               ignore_eos: bool = False, keep_special_tokens: bool = False,
+               loop_guard: LoopSettings | None = None) -> Future:
         """Queue one image; the future resolves to a :class:`RemoteResult` (failures included, as ``error``).
 
         ``pixel_bounds`` (min, max pixels; None: the model's own, for a whole
@@ -221,8 +228,11 @@ class RemoteRecognizer:
         ``ignore_eos``: ask the server to generate ``max_tokens`` tokens
         whatever it samples (benchmarks). ``keep_special_tokens``: ask for
         the answer with its special tokens (``skip_special_tokens: false``, as
-        PaddleX asks for a spotting page's ``<|LOC_n|>`` locations). Blocks
-        while ``concurrency + queue_size`` requests are unfinished.
+        PaddleX asks for a spotting page's ``<|LOC_n|>`` locations).
+        ``loop_guard``: ask the server to cut a decoding loop as the local
+        engine does (``repetition_guard``, an extension ``ocrbatch serve``
+        applies; other servers ignore it). Blocks while ``concurrency +
+        queue_size`` requests are unfinished.
         """
         if self.model is None:
             raise OcrbatchError("no model chosen: call check() before submit()")
@@ -233,7 +243,8 @@ class RemoteRecognizer:
                 raise OcrbatchError("the remote recognizer is closed")
             future: Future = Future()
             future.add_done_callback(lambda _: self._slots.release())
-            self._queue.put((future, (image, prompt, max_tokens, pixel_bounds, ignore_eos, keep_special_tokens)))
+            self._queue.put((future, (image, prompt, max_tokens, pixel_bounds, ignore_eos, keep_special_tokens,
+                                      loop_guard)))
         return future
 
     def close(self) -> None:
@@ -277,7 +288,7 @@ class RemoteRecognizer:
                 future.set_exception(exc)
 
     def _recognize(self, image: Image.Image, prompt: str, max_tokens: int, pixel_bounds: tuple[int, int] | None,
-                   ignore_eos: bool, keep_special_tokens: bool) -> RemoteResult:
+                   ignore_eos: bool, keep_special_tokens: bool, loop_guard: LoopSettings | None) -> RemoteResult:
         pixel_bounds = pixel_bounds or self.model_pixel_bounds
         image = resize_within(image, pixel_bounds)
         buffer = io.BytesIO()
@@ -291,6 +302,8 @@ class RemoteRecognizer:
             body["ignore_eos"] = True
         if keep_special_tokens:
             body["skip_special_tokens"] = False
+        if loop_guard is not None and not ignore_eos:
+            body["repetition_guard"] = asdict(loop_guard)
         started = time.monotonic()
         try:
             result, attempts = self._with_retries(lambda: self._complete(body))
@@ -455,3 +468,34 @@ def _server_message(response: httpx.Response) -> str:
 def _one_line(text: str) -> str:
     text = " ".join(text.split())
     return text if len(text) <= MESSAGE_LIMIT else text[:MESSAGE_LIMIT - 1] + "…"
+
+
+class RemoteDecoder:
+    """The remote backend: each unit's image sent to an OpenAI-compatible server through a :class:`RemoteRecognizer`."""
+
+    needs_embeddings = False
+
+    def __init__(self, recognizer: RemoteRecognizer, max_tokens: int, ignore_eos: bool = False):
+        self.recognizer = recognizer
+        self.max_tokens, self.ignore_eos = max_tokens, ignore_eos
+
+    def submit(self, unit) -> Future:
+        """Queue the unit's image at its pixel bounds (None: a whole page's, the model's own), with its loop guard.
+
+        A spotting unit asks for the answer with its special tokens (its
+        locations), since here it arrives as text.
+        """
+        inner = self.recognizer.submit(unit.image, unit.prompt, self.max_tokens, unit.pixel_bounds, self.ignore_eos,
+                                       unit.spotting, unit.loop_guard)
+        return chained(inner, remote_decoded)
+
+    def cancel(self, future: Future) -> None:
+        future.cancel()  # a request already sent finishes on the server; its answer is dropped
+
+
+def remote_decoded(result: RemoteResult) -> Decoded:
+    """A server's answer as a :class:`Decoded`: token counts are its ``usage``, if any."""
+    if result.error:
+        return Decoded(error=result.error)
+    return Decoded(text=result.text, n_output_tokens=result.n_output_tokens, n_image_tokens=result.n_image_tokens,
+                   finish_reason=result.finish_reason, decode_s=result.elapsed_s)

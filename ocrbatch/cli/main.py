@@ -16,7 +16,7 @@ from ..layout.detect import LAYOUTS, PP_DOCLAYOUT_V2, PP_DOCLAYOUT_V3
 from ..model.gguf import QUANTS
 from ..model.prompt import TASKS
 from ..model.vision import DTYPES as VISION_DTYPES
-from ..sources.discover import PathError, check_paths, escaped
+from ..sources.discover import PathError, check_paths
 from ..sources.textlayer import PDF_TEXT_MODES
 from ..storage import ObjectPath, StorageError, check_reachable, input_path, parse_storage_options
 
@@ -56,7 +56,7 @@ def model_options(function):
     options = [
         click.option("--model", "-m", default=lambda: os.environ.get("OCRBATCH_MODEL", DEFAULT_MODEL),
                       show_default=f"$OCRBATCH_MODEL or {DEFAULT_MODEL}",
-                      help="Checkpoint folder or Hugging Face id."),
+                      help="Model folder or Hugging Face id."),
         click.option("--quant", "-q", type=click.Choice(QUANTS, case_sensitive=False),
                      default=job_default("quant"), show_default=True, help="Language-model GGUF type."),
         click.option("--gguf", type=click.Path(dir_okay=False),
@@ -94,10 +94,10 @@ def main():
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per image.")
 @click.option("--layout", type=click.Choice(LAYOUTS), default="none", show_default=True,
               help="Layout analysis first, each block recognised with its own prompt, Markdown out (see run).")
-@click.option("--layout-model", help="PP-DocLayout checkpoint for --layout pp-doclayout.")
+@click.option("--layout-model", help="PP-DocLayout model for --layout pp-doclayout.")
 @click.option("--charts", is_flag=True, help="With a layout, recognise charts (Chart Recognition:) instead of "
               "keeping them as pictures.")
-@click.option("--seals", is_flag=True, help="With a layout, recognise seals (Seal Recognition:, 1.5+ checkpoints) "
+@click.option("--seals", is_flag=True, help="With a layout, recognise seals (Seal Recognition:, 1.5+ models) "
               "instead of keeping them as pictures.")
 def ocr(images, model, quant, gguf, vision_dtype, device, threads, cache_dir, task, prompt, max_tokens, as_json,
         layout, layout_model, charts, seals):
@@ -132,8 +132,8 @@ def ocr(images, model, quant, gguf, vision_dtype, device, threads, cache_dir, ta
 def convert(model, quant, out, cache_dir):
     """Convert MODEL's language model to GGUF and print the file's path.
 
-    MODEL is a checkpoint folder, a Hugging Face id, or a GGUF to re-quantize.
-    Results are cached, so converting the same checkpoint again is instant.
+    MODEL is a model folder, a Hugging Face id, or a GGUF to re-quantize.
+    Results are cached, so converting the same model again is instant.
     """
     from ..model.gguf import convert as convert_model
 
@@ -142,7 +142,7 @@ def convert(model, quant, out, cache_dir):
 
 @main.group()
 def dev():
-    """Tools for developing ocrbatch: test checkpoints and benchmarks."""
+    """Tools for developing ocrbatch: test models and benchmarks."""
 
 
 @dev.command("make-model")
@@ -158,7 +158,7 @@ def dev():
                    "publishes the release: flat config.json, its weight names, an lm_head of its own, the "
                    "release's preprocessor_config.json.")
 def make_model(directory, size, seed, model_version, layout):
-    """Write a random-weight PaddleOCR-VL checkpoint to DIRECTORY."""
+    """Write a random-weight PaddleOCR-VL model to DIRECTORY."""
     from ..dev.model import make_model as make
 
     click.echo(make(directory, size=size, seed=seed, version=model_version, layout=layout))
@@ -170,7 +170,7 @@ def make_model(directory, size, seed, model_version, layout):
 @click.option("--version", "layout_version", type=click.Choice(["v2", "v3"]), default="v2", show_default=True,
               help="PP-DocLayoutV2 or V3 architecture.")
 def make_layout_model(directory, seed, layout_version):
-    """Write a tiny random-weight PP-DocLayout checkpoint (the real architecture) to DIRECTORY, for tests."""
+    """Write a tiny random-weight PP-DocLayout model (the real architecture) to DIRECTORY, for tests."""
     from ..dev.layout_model import make_layout_model as make
 
     click.echo(make(directory, seed=seed, version=layout_version))
@@ -261,8 +261,8 @@ def _setup_logging(quiet: bool, log_file: str | None) -> None:
                    "pp-doclayout (PP-DocLayoutV2/V3 via transformers), none (each page whole, with --task's "
                    "prompt). With a layout, each block is recognised with its own prompt and the page's text "
                    "is Markdown in reading order.")
-@click.option("--layout-model", help=f"PP-DocLayout checkpoint folder or Hugging Face id for --layout pp-doclayout "
-              f"[default: {PP_DOCLAYOUT_V2} for a PaddleOCR-VL 1.0 checkpoint, {PP_DOCLAYOUT_V3} for 1.5 "
+@click.option("--layout-model", help=f"PP-DocLayout model folder or Hugging Face id for --layout pp-doclayout "
+              f"[default: {PP_DOCLAYOUT_V2} for a PaddleOCR-VL 1.0 model, {PP_DOCLAYOUT_V3} for 1.5 "
               f"and later, as PaddleX pairs them].")
 @click.option("--charts", is_flag=True, help="With a layout, recognise chart blocks with Chart Recognition: "
               "(their data as a table) instead of keeping them as pictures, as PaddleX's use_chart_recognition.")
@@ -329,12 +329,7 @@ def _setup_logging(quiet: bool, log_file: str | None) -> None:
 @click.option("--ignore-eos", is_flag=True, help="Always generate --max-tokens tokens (for benchmarks).")
 @click.option("--quiet", is_flag=True, help="Only warnings, errors and the final summary on stderr.")
 @click.option("--log-file", type=click.Path(dir_okay=False), help="Also log to this file.")
-def run(paths, out, storage_options, output_format, checkpoint, include, exclude, dry_run, retry_failed, max_retries,
-        max_page_error_rate, min_file_age, model, quant, gguf, vision_dtype, device, threads, cache_dir, task,
-        layout, layout_model, charts, seals, stitch, pdf_text, trust_ocr_layer, max_tokens, engine_name, ray_address, ray_vision_actors,
-        ray_vision_cpus, ray_vision_gpus, ray_decode_cpus, backend, base_url,
-        api_key, remote_model, concurrency, page_timeout, stop_grace, workers, seqs_per_worker, dpi, max_pixels, batch_size, max_batch_patches, markdown_dir,
-        ignore_eos, quiet, log_file, video_fps):
+def run(paths, out, storage_options, dry_run, engine_name, ray_address, quiet, log_file, **settings):
     """OCR every PDF and image under PATHS into one row per page in OUT.
 
     Resumable: finished pages are recorded in a SQLite checkpoint, so running
@@ -356,17 +351,13 @@ def run(paths, out, storage_options, output_format, checkpoint, include, exclude
     paths = [input_path(path, storage_settings) for path in paths]
     out = input_path(out, storage_settings)
     if isinstance(out, ObjectPath) and out.is_folder_url() and engine_name == "local":  # ray: the dataset folder
-        out = out / f"pages.{output_format or 'parquet'}"
-    options = JobOptions(
-        paths=list(paths), out=out, output_format=output_format, checkpoint=checkpoint, include=list(include),
-        exclude=list(exclude), retry_failed=retry_failed, max_retries=max_retries,
-        max_page_error_rate=max_page_error_rate, min_file_age=min_file_age, model=model, quant=quant, gguf=gguf,
-        task=task, layout=layout, layout_model=layout_model, charts=charts, seals=seals, stitch=stitch, pdf_text=pdf_text, trust_ocr_layer=trust_ocr_layer, max_tokens=max_tokens, backend=backend,
-        base_url=base_url, api_key=api_key, remote_model=remote_model, concurrency=concurrency,
-        page_timeout=page_timeout, stop_grace=stop_grace, workers=workers,
-        seqs_per_worker=seqs_per_worker, dpi=dpi, max_pixels=max_pixels, video_fps=video_fps, batch_size=batch_size,
-        max_batch_patches=max_batch_patches, vision_dtype=vision_dtype, device=device, threads=threads,
-        cache_dir=cache_dir, markdown_dir=markdown_dir, ignore_eos=ignore_eos, progress=not quiet)
+        out = out / f"pages.{settings['output_format'] or 'parquet'}"
+    # Every other option is a JobOptions field (or, --ray-*, a RaySettings one) of the same name.
+    ray_settings = RaySettings(**{name.removeprefix("ray_"): settings.pop(name)
+                                  for name in list(settings) if name.startswith("ray_")})
+    options = JobOptions(paths=paths, out=out, progress=not quiet,
+                         **{name: list(value) if isinstance(value, tuple) else value
+                            for name, value in settings.items()})
     try:
         options.validate(engine_name)
         check_paths(paths)  # before anything is written: a typo or an unmounted share is a bad command line
@@ -375,25 +366,13 @@ def run(paths, out, storage_options, output_format, checkpoint, include, exclude
     except PathError as exc:
         raise click.BadParameter(str(exc), param_hint="PATHS") from None
     if engine_name == "ray":
-        settings = RaySettings(vision_actors=ray_vision_actors, vision_cpus=ray_vision_cpus,
-                               vision_gpus=ray_vision_gpus, decode_cpus=ray_decode_cpus)
-        _run_on_ray(options, ray_address, settings, dry_run)
+        _run_on_ray(options, ray_address, ray_settings, dry_run)
         return
     if dry_run:
         plan = _dry_run_plan(lambda: plan_only(options), [*paths, out])
-        for item in sorted(plan.work, key=lambda item: str(item.document.path)):
-            click.echo(f"{len(item.pages)}\t{escaped(item.document.path)}{_routes(item, options)}"
-                       f"{_video_note(item, options)}")
-        for document, error in sorted(plan.unreadable, key=lambda entry: str(entry[0].path)):
-            click.echo(f"unreadable\t{escaped(document.path)}\t{escaped(error)}")
-        for document in plan.deferred:
-            click.echo(f"deferred\t{escaped(document.path)}\t{document.deferred}")
-        for document, original in plan.copies:
-            click.echo(f"copy\t{escaped(document.path)}\tsame content as {escaped(original)}")
-        for document in plan.special:
-            click.echo(f"special\t{escaped(document.path)}\t{escaped(document.special)}: not a regular file, skipped")
-        special = f", {len(plan.special)} special files skipped" if plan.special else ""
-        click.echo(f"{plan.pages} pages to process{special}", err=True)
+        for line in plan.listing(options):
+            click.echo(line)
+        click.echo(plan.total_line(), err=True)
         return
     def job():
         import logging
@@ -412,7 +391,7 @@ def _run_to_exit(job, out: Path) -> None:
     """Run ``job()`` (a batch job) and exit with its code; fatal errors are one line, never a traceback."""
     import logging
 
-    from ..engines.local import JobLocked
+    from ..records.lock import JobLocked
     from ..records.recorder import EXIT_FATAL, EXIT_LOCKED
 
     try:
@@ -453,53 +432,16 @@ def _run_on_ray(options: JobOptions, address: str | None, settings, dry_run: boo
     except ImportError as exc:
         raise click.ClickException(str(exc)) from None
     if dry_run:
-        from collections import Counter
-
         from ..engines.ray import plan_pages
         from ..records.dataset import DatasetRecord
 
         plan = _dry_run_plan(lambda: plan_pages(options, DatasetRecord(options.out), dry_run=True),
                              [*options.paths, options.out])
-        for path, pages in sorted(Counter(item["path"] for item in plan.manifest).items()):
-            click.echo(f"{pages}\t{escaped(path)}")
-        for document, error in plan.unreadable:
-            click.echo(f"unreadable\t{escaped(document.path)}\t{escaped(error)}")
-        click.echo(f"{len(plan.manifest)} pages to process", err=True)
+        for line in plan.listing():
+            click.echo(line)
+        click.echo(plan.total_line(), err=True)
         return
     _run_to_exit(lambda: run_ray_job(options, address=address, settings=settings), options.out)
-
-
-def _video_note(item, options: JobOptions) -> str:
-    """``--dry-run``'s note of a video: its duration and the frames a run keeps of those it samples."""
-    if item.document.kind != "video":
-        return ""
-    from ..sources.video import survey
-
-    try:
-        video = item.video or survey(item.document.path, options.video_fps)  # counted before: decode it again
-    except OcrbatchError as exc:
-        return f"\tvideo unreadable ({escaped(str(exc))})"
-    duration = f"{video.duration_s:.1f} s" if video.duration_s is not None else "duration unknown"
-    broken = f"; then fails: {escaped(video.error)}" if video.error else ""
-    return (f"\tvideo {duration}, {video.kept} frames kept of {video.sampled} sampled at "
-            f"{options.video_fps:g}/s{broken}")
-
-
-def _routes(item, options: JobOptions) -> str:
-    """``--dry-run``'s note of which pages of a PDF the text layer would give, and why the others not."""
-    if options.pdf_text == "never" or item.document.kind != "pdf":
-        return ""
-    from ..sources.textlayer import route
-
-    try:
-        routes = route(item.document.path, item.pages, options.pdf_text, options.trust_ocr_layer)
-    except Exception as exc:  # the run itself reports the document's problem
-        return f"\troutes unknown ({escaped(f'{type(exc).__name__}: {exc}')})"
-    notes = []
-    for number, chosen in sorted(routes.items()):
-        where = "failed" if chosen.error else chosen.source
-        notes.append(f"p{number} {where} ({chosen.verdict.reason})")
-    return "\t" + "; ".join(notes)
 
 
 @main.command()

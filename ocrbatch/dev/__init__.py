@@ -1,1 +1,1 @@
-"""Development material made by project code: random-weight checkpoints and sample documents."""
+"""Development material made by project code: random-weight models and sample documents."""

@@ -1,7 +1,7 @@
-"""Random-weight PP-DocLayout checkpoints for tests (``ocrbatch dev make-layout-model``).
+"""Random-weight PP-DocLayout models for tests (``ocrbatch dev make-layout-model``).
 
 The real PP-DocLayoutV2/V3 weights cannot be downloaded where this project
-is tested, so tests run the ``pp-doclayout`` detector on a checkpoint of the
+is tested, so tests run the ``pp-doclayout`` detector on a model of the
 real architecture (``PPDocLayoutV2ForObjectDetection`` /
 ``PPDocLayoutV3ForObjectDetection``: HGNetV2 backbone, hybrid encoder,
 RT-DETR decoder, reading-order head) with tiny dimensions and random
@@ -56,7 +56,7 @@ def _common(version: str) -> dict:
 
 
 def make_layout_model(directory: str | Path, seed: int = 0, version: str = "v2") -> Path:
-    """Write a tiny random PP-DocLayoutV2 (or V3) checkpoint folder and return its path.
+    """Write a tiny random PP-DocLayoutV2 (or V3) model folder and return its path.
 
     ``AutoModelForObjectDetection.from_pretrained`` loads it, and so does
     :func:`ocrbatch.layout.detect.load_layout` with ``name="pp-doclayout"``. The

@@ -1,7 +1,7 @@
-"""Random-weight PaddleOCR-VL checkpoints for tests and benchmarks.
+"""Random-weight PaddleOCR-VL models for tests and benchmarks.
 
 No model weights can be downloaded where this project is developed and
-tested, so it builds its own checkpoints: the real architecture
+tested, so it builds its own models: the real architecture
 (``PaddleOCRVLForConditionalGeneration``), random weights, a SentencePiece
 tokenizer trained here that carries the real special tokens, and processor
 files with a chat template equivalent to the official one. ``tiny`` is small
@@ -72,7 +72,7 @@ RELEASE_PIXEL_BOUNDS = {"1.0": (147384, 2822400), "1.5": (112896, 1003520), "1.6
 
 @dataclass(frozen=True)
 class ModelSize:
-    """Dimensions of a generated checkpoint."""
+    """Dimensions of a generated model."""
 
     vocab_size: int
     tokenizer_vocab: int
@@ -305,7 +305,7 @@ def _release_config(config, dtype: str) -> dict:
 
 
 def _rewrite_as_official(out: Path, config, dims: ModelSize, seed: int) -> None:
-    """Reshape a saved checkpoint into a PaddlePaddle release: weight names, a separate
+    """Reshape a saved model into a PaddlePaddle release: weight names, a separate
     ``lm_head``, the flat ``config.json``, and no ``processor_config.json`` (the release
     has none; its processor settings are in ``preprocessor_config.json``)."""
     import torch
@@ -333,7 +333,7 @@ def _rewrite_as_official(out: Path, config, dims: ModelSize, seed: int) -> None:
 
 def make_model(out_dir: str | Path, size: str = "tiny", seed: int = 0, version: str = "1.0",
                layout: str = "transformers") -> Path:
-    """Write a random-weight PaddleOCR-VL checkpoint folder and return its path.
+    """Write a random-weight PaddleOCR-VL model folder and return its path.
 
     The same ``size``, ``seed`` and ``version`` give byte-identical weights.
     ``AutoProcessor.from_pretrained`` and

@@ -1,12 +1,14 @@
-"""The batch job: plan → render → encode (vision) → decode (llama.cpp) → record.
+"""The local engine: plan → render → the page flow (encode, decode) → record, in this process.
 
-:func:`run_job` only wires the stages, each in its own module:
-:mod:`ocrbatch.job.plan` decides the pages from the checkpoint, :mod:`ocrbatch.job.render` renders
-them in a child process into a bounded queue, :mod:`ocrbatch.job.encode` batches them
-through the vision encoder on this thread, :mod:`ocrbatch.backends.decoder` runs them on the
-worker pool, and :mod:`ocrbatch.records.recorder` commits each finished page to the checkpoint
-and the output. Memory stays bounded: at most ``queue`` rendered pages wait
-for the encoder, and at most ``max_in_flight`` embedded pages for the workers.
+:func:`run_job` only wires the stages, each in its own room:
+:mod:`ocrbatch.job.plan` decides the pages from the checkpoint,
+:mod:`ocrbatch.job.render` renders them in a child process into a bounded
+queue, :mod:`ocrbatch.job.flow` cuts each page into units and encodes them on
+this thread, a :class:`~ocrbatch.backends.base.Decoder` decodes them (the
+llama.cpp worker pool, or a remote server with ``--backend openai``), and
+:class:`~ocrbatch.records.recorder.Recorder` commits each finished page to the
+checkpoint and the output. Memory stays bounded: at most ``queue`` rendered
+pages wait for the encoder, and at most ``max_in_flight`` units for the decoder.
 
 Errors are kept where they belong: a bad document or page becomes a failed
 row and the run goes on; a failure of a stage or of the worker pool stops the
@@ -18,63 +20,35 @@ written; a second signal stops at once. Either way the checkpoint is intact.
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import logging
-import os
 import queue
 import signal
 import threading
 import time
 from concurrent.futures import CancelledError, Future
 
-from ..backends.decoder import PAGE_FAILURES, LocalDecoder, RemoteDecoder
+from ..backends.base import PAGE_FAILURES, Decoder
+from ..backends.local import LocalDecoder
 from ..errors import OcrbatchError
-from ..job.encode import encode_units, next_batch
+from ..job.encode import next_batch
+from ..job.flow import FinishedPage, PageFlow
 from ..job.options import JobOptions
 from ..job.plan import Plan, plan_job
 from ..job.render import LayoutSettings, RenderJob, RenderStage, StageFailed, TextLayerSettings, iter_pages
+from ..job.rows import keyed
 from ..job.units import PageWork, Unit
 from ..model.prompt import TASK_PROMPTS
+from ..records.lock import JobLock
 from ..records.output import open_output
-from ..records.recorder import JobSummary, OutputError, Recorder, markdown_images_folder
+from ..records.recorder import JobSummary, OutputError, Recorder
 from ..records.sqlite import Store
-from ..sources.rasterize import PageImage, page_pixel_cap
+from ..sources.rasterize import page_pixel_cap
 
 log = logging.getLogger("ocrbatch")
 
-class JobLocked(OcrbatchError):
-    """Another run holds the job's lock."""
-
-
 class PipelineError(OcrbatchError):
     """A stage of the job broke (not a page): the run stops, unfinished pages stay pending."""
-
-
-class JobLock:
-    """An exclusive, non-blocking lock beside the checkpoint; the OS drops it if the process dies."""
-
-    def __init__(self, checkpoint):
-        self.path = checkpoint.with_name(checkpoint.name + ".lock")
-
-    def __enter__(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.handle = open(self.path, "a+")
-        try:
-            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.handle.seek(0)
-            holder = self.handle.read().strip() or "unknown"
-            self.handle.close()
-            raise JobLocked(f"{self.path}: another ocrbatch run (pid {holder}) is working on this output") from None
-        self.handle.truncate(0)
-        self.handle.write(str(os.getpid()))
-        self.handle.flush()
-        return self
-
-    def __exit__(self, *exc):
-        fcntl.flock(self.handle, fcntl.LOCK_UN)
-        self.handle.close()
 
 
 class GracefulStop:
@@ -139,7 +113,7 @@ def _run_locked(options: JobOptions, store: Store, engine, pool, render_pages, s
 
     recognizer = None
     if options.backend == "openai":
-        from ..backends.remote import RemoteRecognizer
+        from ..backends.remote import RemoteDecoder, RemoteRecognizer
 
         # Before anything is planned or marked: an unreachable server is a fatal error.
         recognizer = RemoteRecognizer(options.base_url, api_key=options.api_key, model=options.remote_model,
@@ -194,7 +168,7 @@ def _run_locked(options: JobOptions, store: Store, engine, pool, render_pages, s
                 engine = Engine(options.model, quant=quant, gguf=options.gguf, vision_dtype=options.vision_dtype,
                                 device=options.device, max_tokens=options.max_tokens, threads=options.threads,
                                 cache_dir=options.cache_dir, with_language=False)
-            # A task the checkpoint was not trained for (seal, spotting on 1.0) is refused before any page runs.
+            # A task the model was not trained for (seal, spotting on 1.0) is refused before any page runs.
             for task in {options.task} | ({"seal"} if options.seals else set()):
                 engine.prompt_text(task)
             max_pixels = page_pixel_cap(options.layout, engine.vision.image_processor.size.longest_edge,
@@ -207,7 +181,7 @@ def _run_locked(options: JobOptions, store: Store, engine, pool, render_pages, s
             for item in plan.work:
                 recorder.expect(item.document, len(item.pages))
             _process(recorder, engine, decoder, plan, max_pixels, stop, render_pages)
-            summary.worker_crashes = decoder.crashes
+            summary.worker_crashes = pool.crashes
         recorder.flush()
         if options.markdown_dir:  # documents finished in earlier runs, too
             for doc_id in store.finished_document_ids():
@@ -239,54 +213,44 @@ def _run_locked(options: JobOptions, store: Store, engine, pool, render_pages, s
     return summary
 
 
-def _process(recorder: Recorder, engine, decoder: LocalDecoder | RemoteDecoder, plan: Plan, max_pixels: int,
-             stop: GracefulStop, render_pages) -> None:
-    """Stream the planned pages through render (+ layout), vision (for a local decoder) and the decoder."""
+def _process(recorder: Recorder, engine, decoder: Decoder, plan: Plan, max_pixels: int, stop: GracefulStop,
+             render_pages) -> None:
+    """Stream the planned pages through render (+ layout), the page flow and the decoder, into the recorder."""
     options = recorder.options
     pages: queue.Queue = queue.Queue(maxsize=max(2, options.batch_size * 2))
     halt = threading.Event()
     renderer = RenderStage([RenderJob(item.document, item.pages, item.page_count) for item in plan.work],
                            options.dpi, max_pixels, pages, halt, render_pages,
                            TextLayerSettings(options.pdf_text, options.trust_ocr_layer),
-                           # Without a checkpoint here (a remote server), the current releases' V3 is the default.
+                           # Without the model here (a remote server), the current releases' V3 is the default.
                            LayoutSettings(options.layout, options.layout_model, options.threads,
                                           later_release=engine.prompts.supports_later_tasks if engine else True,
                                           recognised=options.recognised_pictures))
     renderer.start()
+    flow = PageFlow(options.task, TASK_PROMPTS[options.task], recorder.model_name, recorder.quant,
+                    stitch=options.stitch, markdown_dir=options.markdown_dir)
     finished: queue.Queue = queue.Queue()
     in_flight: dict[Future, tuple[PageWork, Unit]] = {}
-    max_in_flight = options.workers * (options.seqs_per_worker + 1) + options.batch_size
-    prompt = TASK_PROMPTS[options.task]
     rendering = True
     failure: StageFailed | None = None
 
-    def fail(work: PageWork, error: str) -> None:
-        if not work.failed:
-            work.failed = True
-            page = work.page
-            recorder.page_failed(page.document, page.page, page.page_count, error)
+    def record(done: FinishedPage | None) -> None:
+        if done is not None:
+            recorder.add(keyed(done.page.document, done.row))
 
     def handle(future: Future) -> None:
         work, unit = in_flight.pop(future)
-        page = work.page
-        where = f"{page.document.path} page {page.page}" + (f" block {unit.block.order}" if unit.block else "")
         try:
-            result = future.result()
+            decoded = future.result()
         except CancelledError:
             return  # stopped before it ran: the page stays pending
         except PAGE_FAILURES as exc:
-            fail(work, f"{where}: {exc}")
+            record(flow.unit_failed(work, unit, str(exc)))
             return
         # Anything else (the pool failed, the model cannot load) is not this page's fault: it propagates.
-        if result.finish_reason == "cancelled" or work.failed:
-            return  # stopped while decoding (the page stays pending), or a sibling block failed it
-        error, columns = decoder.outcome(result, keep_special_tokens=unit.spotting)
-        if error:
-            fail(work, f"{where}: {error}")
-            return
-        unit.columns = columns
-        if work.done:
-            recorder.page_done(page.document, page.page, work.row(options.task, recorder.model_name, recorder.quant))
+        if decoded.finish_reason == "cancelled":
+            return  # stopped while decoding: the page stays pending
+        record(flow.settle(work, unit, decoded))
 
     def take_finished(wait_s: float) -> None:
         try:
@@ -301,14 +265,16 @@ def _process(recorder: Recorder, engine, decoder: LocalDecoder | RemoteDecoder, 
                 return
             handle(future)
 
-    def track(work: PageWork, unit: Unit, future: Future) -> None:
+    def submit(work: PageWork, unit: Unit) -> None:
+        future = decoder.submit(unit)
+        unit.image = unit.encoded = None  # the backend has what it needs
         in_flight[future] = (work, unit)
         future.add_done_callback(finished.put)
 
     try:
         while (rendering or in_flight) and not stop.requested:
             take_finished(0)
-            if not rendering or len(in_flight) >= max_in_flight:
+            if not rendering or len(in_flight) >= options.max_in_flight:
                 take_finished(0.5)
                 continue
             batch, end = next_batch(pages, options.batch_size, options.max_batch_patches,
@@ -318,36 +284,20 @@ def _process(recorder: Recorder, engine, decoder: LocalDecoder | RemoteDecoder, 
             rendering = end is None
             works = []
             for page in batch:
-                if page.error:
-                    recorder.page_failed(page.document, page.page, page.page_count, page.error)
-                elif page.text_layer is not None:
-                    recorder.text_layer_page(page)
+                started = flow.start(page)
+                if isinstance(started, FinishedPage):
+                    record(started)
                 else:
-                    work = _page_work(recorder, page, prompt)
-                    if work is not None:
-                        works.append(work)
-            units = [(work, unit) for work in works for unit in work.units]
-            for work in works:
-                work.page.image_size = work.page.image.size
-                work.page.image = None  # the units' images are all that is needed now
-                if not work.units:  # a layout page with nothing to recognise (blank, or pictures only)
-                    recorder.page_done(work.page.document, work.page.page,
-                                       work.row(options.task, recorder.model_name, recorder.quant))
-            if decoder.takes_images:
-                for work, unit in units:
-                    unit.n_image_tokens = unit.vision_s = None
-                    track(work, unit, decoder.submit(unit.image, unit.prompt, unit.pixel_bounds, unit.spotting))
-                    unit.image = None
-                continue
-            for (work, unit), encoded in zip(units, encode_units(engine.vision, [u for _, u in units],
-                                                                   options.max_batch_patches)):
-                if encoded.error:
-                    fail(work, f"{work.page.document.path} page {work.page.page}: {encoded.error}")
-                    continue
-                if work.failed:
-                    continue
-                unit.n_image_tokens, unit.vision_s, unit.image = encoded.encoded.n_tokens, encoded.vision_s, None
-                track(work, unit, decoder.submit(encoded.encoded, unit.prompt, unit.loop_guard))
+                    works.append(started)
+            if decoder.needs_embeddings:
+                ready = flow.encode(engine.vision, works, options.max_batch_patches)
+            else:
+                ready = flow.unencoded(works)
+            for item in ready:
+                if isinstance(item, FinishedPage):
+                    record(item)
+                else:
+                    submit(*item)
         if stop.requested:
             halt.set()
             deadline = time.monotonic() + options.stop_grace
@@ -364,22 +314,6 @@ def _process(recorder: Recorder, engine, decoder: LocalDecoder | RemoteDecoder, 
         halt.set()
         renderer.join(timeout=10)
         recorder.summary.render_crashes = renderer.crashes
-
-
-def _page_work(recorder: Recorder, page: PageImage, prompt: str) -> PageWork | None:
-    """The page's units, or None after failing the page (a degenerate layout box)."""
-    options = recorder.options
-    images = None
-    if options.markdown_dir is not None and page.blocks is not None:
-        images = markdown_images_folder(options.markdown_dir, page.document.path, page.document.doc_id)
-    try:
-        return PageWork.of(page, prompt, images, stitch=options.stitch)
-    except ValueError as exc:
-        recorder.page_failed(page.document, page.page, page.page_count,
-                             f"{page.document.path} page {page.page}: {exc}")
-    except OSError as exc:
-        raise OutputError(f"{images}: cannot save a picture crop ({exc.strerror or exc})") from None
-    return None
 
 
 def _no_patches(width: int, height: int) -> int:

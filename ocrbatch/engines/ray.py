@@ -4,22 +4,23 @@ The driver discovers the documents and plans the pages against the Parquet
 dataset in ``--out DIR`` (:mod:`ocrbatch.records.dataset`: the dataset is the
 record, there is no checkpoint database), converts the GGUF once, and streams
 a manifest of pages ``(doc_id, path, page, page_count)`` through two actor pools
-that wire the local engine's stages together:
+that drive the local engine's page flow (:mod:`ocrbatch.job.flow`):
 
 1. :class:`VisionStage` actors render their pages in the local engine's
-   render process (:mod:`ocrbatch.job.render`: text layers by ``--pdf-text``, layout
-   blocks by ``--layout``), cut each page into units (:mod:`ocrbatch.job.units`) and
-   encode them (:mod:`ocrbatch.job.encode`; torch threads = the actor's CPUs, GPUs when
-   asked for), emitting each page's language-model requests, or the finished
-   row of a page that needs no decoding (failed, or read from its text layer);
+   render process (:mod:`ocrbatch.job.render`: text layers by ``--pdf-text``,
+   layout blocks by ``--layout``), start and encode them in the page flow
+   (torch threads = the actor's CPUs, GPUs when asked for), emitting each
+   page's language-model requests, or the finished row of a page that needs
+   no decoding (failed, read from its text layer, nothing to recognise);
 2. :class:`DecodeStage` actors each hold one :class:`LanguageModel` and decode
    every unit of a batch of pages several sequences at a time (llama.cpp
-   threads = the actor's CPUs), emitting each page's output row as
-   :meth:`ocrbatch.job.units.PageWork.row` builds it.
+   threads = the actor's CPUs), settling each unit in the page flow, which
+   gives each page's output row.
 
 Rows come back to the driver as they finish and are written to ``DIR`` as
-whole files (see :class:`_Sink`), so a run killed at any moment loses only
-the pages it had not written, and the next run does just those.
+whole files (:class:`~ocrbatch.records.dataset.DatasetRecorder`), so a run
+killed at any moment loses only the pages it had not written, and the next
+run does just those.
 
 Failures: anything that goes wrong with one page (a bad file, layout
 analysis, the encoder, a unit llama.cpp refuses) is caught in the stage and
@@ -32,7 +33,7 @@ pages, found missing at the end, are run once more one page per task and one
 task per actor, so that a page that kills actors does not take its
 batch-mates down with it. A page that still does not come back is a failed row.
 
-Model files: the driver resolves the model checkpoint and converts the GGUF;
+Model files: the driver resolves the model folder and converts the GGUF;
 an actor on a node that does not see them at the driver's paths copies them
 once per node from a file server on the driver's node (:mod:`ocrbatch.engines.ray_files`).
 Rows come back to the driver, which writes the dataset, so the actors need no
@@ -57,15 +58,17 @@ from typing import Callable, Iterator
 
 import pyarrow as pa
 
-from ..backends.decoder import LocalDecoder
+from ..backends.base import Decoded
+from ..backends.local import LocalDecoder, decoded
 from ..errors import InputError, OcrbatchError
-from ..job.encode import encode_units
+from ..job.flow import FinishedPage, PageFlow
 from ..job.options import RaySettings
 from ..job.render import LayoutSettings, RenderJob, RenderStage, StageFailed, TextLayerSettings
-from ..job.units import PageWork
-from ..records.dataset import DatasetRecord, best_entries, new_run_id
+from ..job.rows import failure_row, keyed
+from ..model.prompt import TASK_PROMPTS
+from ..records.dataset import DatasetRecord, DatasetRecorder, best_entries, new_run_id
 from ..records.output import SCHEMA
-from ..records.recorder import JobSummary, failure_row, text_layer_row
+from ..records.recorder import JobSummary
 from ..sources.discover import Document, discover, escaped, unescaped
 from ..sources.rasterize import PageImage, count_pages, page_pixel_cap
 from ..storage import ObjectPath, check_reachable, input_path, is_url
@@ -91,7 +94,7 @@ DECODED_SCHEMA = pa.schema([*SCHEMA.set(SCHEMA.get_field_index("created_at"), pa
 class StageConfig:
     """What every stage actor needs, sent to it once when it starts."""
 
-    checkpoint: FileSet
+    weights: FileSet  # the model folder
     gguf: FileSet
     model_name: str
     quant: str
@@ -115,9 +118,13 @@ class StageConfig:
     layout_files: FileSet | None = None  # --layout-model's weights, when they are a file or folder of the driver's
     file_server: object = None  # the ray_files.FileServer actor on the driver's node, once Ray is up
 
+    def flow(self) -> PageFlow:
+        """The page flow every actor drives, as the local engine's."""
+        return PageFlow(self.task, TASK_PROMPTS[self.task], self.model_name, self.quant, stitch=self.stitch)
+
     @property
     def model_files(self) -> list[FileSet]:
-        return [self.checkpoint, self.gguf, *([self.layout_files] if self.layout_files else [])]
+        return [self.weights, self.gguf, *([self.layout_files] if self.layout_files else [])]
 
     def local(self, files: FileSet) -> str:
         """This node's path of ``files``, copied from the driver if this node does not see the driver's."""
@@ -135,6 +142,16 @@ class RayPlan:
     deferred: int = 0  # files still being written (--min-file-age), left for a later run
     special: int = 0  # FIFOs, devices, sockets: never opened
 
+    def listing(self) -> Iterator[str]:
+        """``--dry-run``'s lines: pages per document, then unreadable documents with the reason."""
+        for path, pages in sorted(Counter(item["path"] for item in self.manifest).items()):
+            yield f"{pages}\t{escaped(path)}"
+        for document, error in self.unreadable:
+            yield f"unreadable\t{escaped(document.path)}\t{escaped(error)}"
+
+    def total_line(self) -> str:
+        return f"{len(self.manifest)} pages to process"
+
 
 @dataclass
 class RayJobSummary(JobSummary):
@@ -145,12 +162,6 @@ class RayJobSummary(JobSummary):
 
 
 # -- per-page work, free of Ray --------------------------------------------------------
-
-
-def page_failure(path: str, doc_id: str, page: int, page_count: int, error: str, task: str, model: str,
-                 quant: str) -> dict:
-    """:func:`ocrbatch.records.recorder.failure_row` with the page's path and document id, as the local engine records it."""
-    return {"path": path, "doc_id": doc_id, **failure_row(page, page_count, task, error, model, quant)}
 
 
 def generate_each(model, requests: list) -> list:
@@ -165,14 +176,6 @@ def generate_each(model, requests: list) -> list:
         if len(requests) == 1:
             return [f"language model failed ({type(exc).__name__}: {exc})"]
         return [result for request in requests for result in generate_each(model, [request])]
-
-
-class _HandBack:
-    """:class:`LocalDecoder`'s worker pool in a vision actor: hands the request back, for the decode actor."""
-
-    @staticmethod
-    def submit(request):
-        return request
 
 
 # -- the Ray stages --------------------------------------------------------------------
@@ -191,11 +194,13 @@ class VisionStage:
         from ..engine import Engine
 
         self.config = config
-        self.engine = Engine(config.local(config.checkpoint), quant=config.quant, gguf=config.local(config.gguf),
+        self.engine = Engine(config.local(config.weights), quant=config.quant, gguf=config.local(config.gguf),
                              vision_dtype=config.vision_dtype, device=config.vision_device,
                              max_tokens=config.max_tokens, threads=config.vision_threads, with_language=False)
-        self.prompt = self.engine.prompt_text(config.task)
-        self.requests = LocalDecoder(self.engine, _HandBack(), config.max_tokens, config.ignore_eos)
+        self.engine.prompt_text(config.task)  # a task the model was not trained for fails the actor here
+        self.flow = config.flow()
+        # Requests are built here, where the embeddings are, and decoded by a decode actor.
+        self.requests = LocalDecoder(self.engine, None, config.max_tokens, config.ignore_eos)
         max_pixels = page_pixel_cap(config.layout.name, self.engine.vision.image_processor.size.longest_edge,
                                     config.max_pixels, config.task)
         # The local engine's render stage, one for the actor's life: its render process (and layout
@@ -213,30 +218,22 @@ class VisionStage:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         out, works = [], []
-        config = self.config
         for page in self._render(batch.to_pylist()):
-            if page.error:
-                out.append(self._failed(page, page.error))
-            elif page.text_layer is not None:
-                out.append(self._finished(page, text_layer_row(page, config.task, config.model_name, config.quant)))
+            started = self.flow.start(page)
+            if isinstance(started, FinishedPage):
+                out.append(self._finished(started))
             else:
-                try:
-                    works.append(PageWork.of(page, self.prompt, stitch=config.stitch))
-                except ValueError as exc:  # a degenerate layout box
-                    out.append(self._failed(page, f"{page.document.path} page {page.page}: {exc}"))
-        units = [(work, unit) for work in works for unit in work.units]
+                works.append(started)
         requests: dict[int, list] = defaultdict(list)
-        for (work, unit), encoded in zip(units, encode_units(self.engine.vision, [unit for _, unit in units],
-                                                             config.max_batch_patches)):
-            if encoded.error and not work.failed:
-                work.failed = True
-                out.append(self._failed(work.page, f"{work.page.document.path} page {work.page.page}: {encoded.error}"))
-            elif not work.failed:
-                unit.n_image_tokens, unit.vision_s, unit.image = encoded.encoded.n_tokens, encoded.vision_s, None
-                requests[id(work)].append(self.requests.submit(encoded.encoded, unit.prompt, unit.loop_guard))
+        for item in self.flow.encode(self.engine.vision, works, self.config.max_batch_patches):
+            if isinstance(item, FinishedPage):
+                out.append(self._finished(item))
+                continue
+            work, unit = item
+            requests[id(work)].append(self.requests.request(unit))
+            unit.encoded = None  # the request carries the embeddings
         for work in works:
             if not work.failed:
-                work.page.image_size, work.page.image = work.page.image.size, None
                 out.append(self._row(work.page, work=pickle.dumps((work, requests[id(work)]),
                                                                   protocol=pickle.HIGHEST_PROTOCOL)))
         return pa.Table.from_pylist(out, schema=ENCODED_SCHEMA)
@@ -270,15 +267,10 @@ class VisionStage:
         return {"path": escaped(page.document.path), "doc_id": page.document.doc_id, "page": page.page,
                 "page_count": page.page_count, "vision_node": self.node, **values}
 
-    def _finished(self, page: PageImage, row: dict) -> dict:
+    def _finished(self, finished: FinishedPage) -> dict:
         """A page that needs no decoding, carrying its output row."""
-        row = {"path": escaped(page.document.path), "doc_id": page.document.doc_id, **row}
-        return self._row(page, row=pickle.dumps(row, protocol=pickle.HIGHEST_PROTOCOL))
-
-    def _failed(self, page: PageImage, error: str) -> dict:
-        config = self.config
-        return self._finished(page, failure_row(page.page, page.page_count, config.task, escaped(error),
-                                                config.model_name, config.quant))
+        row = keyed(finished.page.document, finished.row)
+        return self._row(finished.page, row=pickle.dumps(row, protocol=pickle.HIGHEST_PROTOCOL))
 
 
 class DecodeStage:
@@ -290,15 +282,14 @@ class DecodeStage:
         from ..engine import context_size
         from ..model.language import LanguageModel
         from ..model.prompt import PromptBuilder
-        from ..model.weights import Checkpoint
+        from ..model.weights import ModelWeights
 
         self.config = config
-        checkpoint = Checkpoint.open(config.local(config.checkpoint))
-        merge_size = checkpoint.config.vision_config.spatial_merge_size
-        self.prompts = PromptBuilder(checkpoint.path, checkpoint.config.image_token_id, merge_size)
-        # The local engine's result → row columns; of its engine it needs only ``prompts``, which this stage has.
-        self.outcome = LocalDecoder(self, None, config.max_tokens).outcome
-        n_ctx = context_size(AutoImageProcessor.from_pretrained(checkpoint.path), merge_size, config.seqs,
+        weights = ModelWeights.open(config.local(config.weights))
+        merge_size = weights.config.vision_config.spatial_merge_size
+        self.prompts = PromptBuilder(weights.path, weights.config.image_token_id, merge_size)
+        self.flow = config.flow()
+        n_ctx = context_size(AutoImageProcessor.from_pretrained(weights.path), merge_size, config.seqs,
                              config.max_tokens)
         self.model = LanguageModel(config.local(config.gguf), n_ctx=n_ctx, n_seq_max=config.seqs, n_threads=config.decode_threads)
         # A llama.cpp build this node's CPU cannot run kills the actor here, before it takes a page:
@@ -312,30 +303,27 @@ class DecodeStage:
 
 def decode_rows(stage: DecodeStage, rows: list[dict]) -> list[dict]:
     """Output rows for a batch of pages: every unit of every page decoded together; a failed unit fails its page."""
-    config = stage.config
     out, pages = [], []
     for row in rows:
         nodes = {"vision_node": row["vision_node"], "decode_node": stage.node}
         if row["row"] is not None:
             out.append({**pickle.loads(row["row"]), **nodes})
         else:
-            pages.append((row, *pickle.loads(row["work"]), nodes))
-    results = iter(generate_each(stage.model, [request for _, _, requests, _ in pages for request in requests]))
-    for row, work, requests, nodes in pages:
-        generated = [next(results) for _ in requests]
-        errors = []
-        for unit, result in zip(work.units, generated):
-            error, unit.columns = (result, {}) if isinstance(result, str) else stage.outcome(result, unit.spotting)
-            if error:
-                block = f" block {unit.block.order}" if unit.block else ""
-                errors.append(f"{row['path']} page {row['page']}{block}: {error}")
-        if errors:
-            out.append({**page_failure(row["path"], row["doc_id"], row["page"], row["page_count"], errors[0],
-                                       config.task, config.model_name, config.quant), **nodes})
-            continue
-        out.append({"path": row["path"], "doc_id": row["doc_id"],
-                    **work.row(config.task, config.model_name, config.quant),
-                    "token_ids": [token for result in generated for token in result.token_ids], **nodes})
+            pages.append((*pickle.loads(row["work"]), nodes))
+    results = iter(generate_each(stage.model, [request for _, requests, _ in pages for request in requests]))
+    for work, requests, nodes in pages:
+        finished, token_ids = None, []
+        for unit, result in zip(work.units, [next(results) for _ in requests]):
+            if isinstance(result, str):
+                result = Decoded(error=result)
+            else:
+                token_ids += result.token_ids
+                result = decoded(result, stage.prompts, unit.spotting)
+            finished = stage.flow.settle(work, unit, result) or finished
+        row = keyed(finished.page.document, finished.row)
+        if row["status"] == "ok":
+            row["token_ids"] = token_ids
+        out.append({**row, **nodes})
     return out
 
 
@@ -408,55 +396,6 @@ def plan_pages(options, record: DatasetRecord, dry_run: bool = False) -> RayPlan
     return plan
 
 
-class _Sink:
-    """Counts finished rows and writes them to the dataset, one whole file per flush."""
-
-    def __init__(self, record: DatasetRecord, run_id: str, summary, rows_per_file: int, flush_seconds: float,
-                 on_row: Callable[[dict], None] | None, total: int, progress: bool):
-        from tqdm import tqdm
-
-        self.record, self.run_id, self.summary = record, run_id, summary
-        self.rows_per_file, self.flush_seconds, self.on_row = rows_per_file, flush_seconds, on_row
-        self.buffer: list[dict] = []
-        self.files = 0
-        self.last_flush = time.monotonic()
-        self.seen: set[tuple[str, int]] = set()
-        self.progress = tqdm(total=total, unit="page", disable=None if progress else True, dynamic_ncols=True,
-                             desc="ocrbatch")
-
-    def add(self, row: dict) -> None:
-        key = (row["doc_id"], row["page"])
-        if key in self.seen:  # a block Ray ran twice: the first copy stands
-            return
-        self.seen.add(key)
-        self.summary.add_work(row["path"], row)
-        if row["status"] == "ok":
-            self.summary.pages_ok += 1
-            self.summary.pages_text_layer += row.get("source") == "text-layer"
-        else:
-            self.summary.pages_failed += 1
-            log.warning("%s", row["error"])
-        for stage in ("vision", "decode"):
-            if row.get(f"{stage}_node"):
-                self.summary.nodes[stage][row[f"{stage}_node"]] += 1
-        if self.on_row is not None:
-            self.on_row(row)
-        self.progress.update(1)
-        self.buffer.append(row)
-        if len(self.buffer) >= self.rows_per_file or time.monotonic() - self.last_flush >= self.flush_seconds:
-            self.flush()
-
-    def flush(self) -> None:
-        if self.buffer:
-            self.files += 1
-            self.record.write(self.buffer, f"part-{self.run_id}-{self.files:05d}.parquet")
-            self.buffer = []
-        self.last_flush = time.monotonic()
-
-    def close(self) -> None:
-        self.progress.close()
-
-
 def default_object_store_bytes() -> int:
     """A fifth of the machine's memory, between 512 MiB and 4 GiB.
 
@@ -527,7 +466,7 @@ def _stream(ray, manifest: list[dict], config: StageConfig, settings: RaySetting
 
 
 def _stage_config(options, settings: RaySettings, seqs: int) -> StageConfig:
-    """Resolve the checkpoint and convert the GGUF once, here, for every actor to read.
+    """Resolve the model and convert the GGUF once, here, for every actor to read.
 
     The layout model is loaded here once too, and dropped: one that cannot
     load is a fatal error before any page is written, as in the local engine,
@@ -535,15 +474,15 @@ def _stage_config(options, settings: RaySettings, seqs: int) -> StageConfig:
     """
     from ..model.gguf import convert
     from ..model.prompt import PromptBuilder
-    from ..model.weights import Checkpoint
+    from ..model.weights import ModelWeights
 
-    checkpoint = Checkpoint.open(options.model)
-    prompts = PromptBuilder(checkpoint.path, checkpoint.config.image_token_id,
-                            checkpoint.config.vision_config.spatial_merge_size)
+    weights = ModelWeights.open(options.model)
+    prompts = PromptBuilder(weights.path, weights.config.image_token_id,
+                            weights.config.vision_config.spatial_merge_size)
     if options.seals:
-        prompts.task_text("seal")  # a 1.0 checkpoint cannot: refused before any actor starts
+        prompts.task_text("seal")  # a 1.0 model cannot: refused before any actor starts
     quant = options.quant.upper()
-    gguf = convert(options.gguf or checkpoint.path, quant, cache=options.cache_dir)
+    gguf = convert(options.gguf or weights.path, quant, cache=options.cache_dir)
     vision_threads = max(1, int(settings.vision_cpus))
     layout = LayoutSettings(options.layout, options.layout_model, vision_threads,
                             later_release=prompts.supports_later_tasks, recognised=options.recognised_pictures)
@@ -552,7 +491,7 @@ def _stage_config(options, settings: RaySettings, seqs: int) -> StageConfig:
     except Exception as exc:
         raise OcrbatchError(f"cannot load the layout model: {type(exc).__name__}: {exc}") from None
     return StageConfig(
-        checkpoint=FileSet.of(checkpoint.path), gguf=FileSet.of(gguf),
+        weights=FileSet.of(weights.path), gguf=FileSet.of(gguf),
         model_name=str(options.model), quant=quant, task=options.task, max_tokens=options.max_tokens,
         ignore_eos=options.ignore_eos, dpi=options.dpi, max_pixels=options.max_pixels,
         text_layer=TextLayerSettings(options.pdf_text, options.trust_ocr_layer), layout=layout,
@@ -578,7 +517,7 @@ def run_ray_job(options, address: str | None = None, settings: RaySettings | Non
     cluster (``auto``, ``ray://host:port``, ``host:port``); without it a
     fresh local instance is started and shut down at the end. ``on_row`` sees
     every finished row with the extra fields of :data:`DEBUG_FIELDS`.
-    Raises :class:`ocrbatch.engines.local.JobLocked` when another run holds the
+    Raises :class:`ocrbatch.records.lock.JobLocked` when another run holds the
     dataset, and :class:`OcrbatchError` for fatal problems.
     """
     ray = import_ray()
@@ -602,12 +541,12 @@ def run_ray_job(options, address: str | None = None, settings: RaySettings | Non
                  len(plan.manifest), plan.documents, len(plan.unreadable), plan.skipped)
         config = _stage_config(options, settings, seqs) if plan.manifest else None
         run_id = new_run_id()
-        sink = _Sink(record, run_id, summary, options.flush_rows, options.flush_seconds, on_row,
-                     len(plan.manifest) + len(plan.unreadable), options.progress)
+        sink = DatasetRecorder(record, run_id, summary, options.flush_rows, options.flush_seconds, on_row,
+                               len(plan.manifest) + len(plan.unreadable), options.progress)
         try:
             for document, error in plan.unreadable:
-                sink.add(page_failure(escaped(document.path), document.doc_id, 0, 0, escaped(error), options.task,
-                                      str(options.model), options.quant.upper()))
+                sink.add(keyed(document, failure_row(0, 0, options.task, error, str(options.model),
+                                                     options.quant.upper())))
             if plan.manifest:
                 _process(ray, plan.manifest, config, settings, options, address, decode_actors, sink)
         finally:
@@ -620,7 +559,7 @@ def run_ray_job(options, address: str | None = None, settings: RaySettings | Non
 
 
 def _process(ray, manifest: list[dict], config: StageConfig, settings: RaySettings, options, address,
-             decode_actors: int, sink: _Sink) -> None:
+             decode_actors: int, sink: DatasetRecorder) -> None:
     cpus = settings.vision_actors * settings.vision_cpus + decode_actors * settings.decode_cpus
     started_ray = connect(ray, address, settings, cpus)
     try:
@@ -643,12 +582,12 @@ def _process(ray, manifest: list[dict], config: StageConfig, settings: RaySettin
                 sink.add(row)
         for item in manifest:
             if (item["doc_id"], item["page"]) not in sink.seen:
-                sink.add(page_failure(
-                    item["path"], item["doc_id"], item["page"], item["page_count"],
-                    f"{item['path']} page {item['page']}: lost with its Ray actor, also when run alone with "
-                    f"{options.max_retries} retries (the actor died: a crash in the vision encoder or llama.cpp, "
-                    "or out of memory; or an error in the Ray logs)", config.task, config.model_name,
-                    config.quant))
+                # The manifest's path is escaped already, as the row's path column and the message keep it.
+                row = failure_row(item["page"], item["page_count"], config.task, "", config.model_name, config.quant)
+                row["error"] = (f"{item['path']} page {item['page']}: lost with its Ray actor, also when run alone "
+                                f"with {options.max_retries} retries (the actor died: a crash in the vision encoder "
+                                "or llama.cpp, or out of memory; or an error in the Ray logs)")
+                sink.add({"path": item["path"], "doc_id": item["doc_id"], **row})
     except ray.exceptions.RayError as exc:
         # An actor that cannot start (a bad device, too little memory) fails the pool, and so the run.
         raise OcrbatchError(f"the Ray job failed: {str(exc).strip().splitlines()[-1]}") from exc

@@ -1,6 +1,6 @@
 """The driver's model files on every Ray node, without a shared file system.
 
-The driver resolves the model checkpoint and converts the GGUF on its own
+The driver resolves the model model and converts the GGUF on its own
 disk. An actor on another node may not see that disk, so the driver lists the
 files (:class:`FileSet`: path, size and modification time of each) and starts
 a :class:`FileServer` actor on its own node that reads them out in chunks. An

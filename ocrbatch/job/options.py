@@ -51,7 +51,7 @@ class JobOptions:
     gguf: str | None = None
     task: str = "ocr"
     layout: str = "cdla"  # cdla, pp-doclayout, none: see ocrbatch.layout.detect
-    layout_model: str | None = None  # PP-DocLayout checkpoint for --layout pp-doclayout
+    layout_model: str | None = None  # PP-DocLayout weights for --layout pp-doclayout
     charts: bool = False  # layout mode: chart blocks recognised with Chart Recognition: (else kept as pictures)
     seals: bool = False  # layout mode: seal blocks recognised with Seal Recognition: (1.5+; else pictures)
     stitch: bool = True  # layout mode: pieces of text recognised as one image (see ocrbatch.layout.stitch)
@@ -124,6 +124,11 @@ class JobOptions:
     def recognised_pictures(self) -> frozenset[str]:
         """The picture labels whose blocks go to the model (``--charts``, ``--seals``)."""
         return recognised_pictures(self.charts, self.seals)
+
+    @property
+    def max_in_flight(self) -> int:
+        """Units handed to the decoder and not yet back: every worker's sequences and one waiting each, and a batch."""
+        return self.workers * (self.seqs_per_worker + 1) + self.batch_size
 
     @property
     def effective_page_timeout(self) -> float:

@@ -15,11 +15,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
-from ..errors import InputError
+from ..errors import InputError, OcrbatchError
 from ..records.sqlite import Store
 from ..sources.discover import Document, discover, escaped
 from ..sources.rasterize import count_pages
+from ..sources.textlayer import route
 from ..sources.video import VideoSurvey, survey
 from ..storage import StorageError
 from .options import JobOptions
@@ -49,6 +51,24 @@ class Plan:
     @property
     def pages(self) -> int:
         return sum(len(item.pages) for item in self.work)
+
+    def listing(self, options: JobOptions) -> Iterator[str]:
+        """``--dry-run``'s lines, tab-separated: pages per document (with the text layer's routes and a
+        video's frames), then unreadable, deferred, copied and special files, each with its reason."""
+        for item in sorted(self.work, key=lambda item: str(item.document.path)):
+            yield f"{len(item.pages)}\t{escaped(item.document.path)}{_routes(item, options)}{_video_note(item, options)}"
+        for document, error in sorted(self.unreadable, key=lambda entry: str(entry[0].path)):
+            yield f"unreadable\t{escaped(document.path)}\t{escaped(error)}"
+        for document in self.deferred:
+            yield f"deferred\t{escaped(document.path)}\t{document.deferred}"
+        for document, original in self.copies:
+            yield f"copy\t{escaped(document.path)}\tsame content as {escaped(original)}"
+        for document in self.special:
+            yield f"special\t{escaped(document.path)}\t{escaped(document.special)}: not a regular file, skipped"
+
+    def total_line(self) -> str:
+        special = f", {len(self.special)} special files skipped" if self.special else ""
+        return f"{self.pages} pages to process{special}"
 
 
 def plan_job(options: JobOptions, store: Store | None, record: bool = True) -> Plan:
@@ -130,3 +150,32 @@ def _plan_document(plan: Plan, document: Document, options: JobOptions, store: S
     plan.skipped += page_count - len(pages)
     if pages:
         plan.work.append(WorkItem(document, pages, page_count, video))
+
+
+def _video_note(item: WorkItem, options: JobOptions) -> str:
+    """``--dry-run``'s note of a video: its duration and the frames a run keeps of those it samples."""
+    if item.document.kind != "video":
+        return ""
+    try:
+        video = item.video or survey(item.document.path, options.video_fps)  # counted before: decode it again
+    except OcrbatchError as exc:
+        return f"\tvideo unreadable ({escaped(str(exc))})"
+    duration = f"{video.duration_s:.1f} s" if video.duration_s is not None else "duration unknown"
+    broken = f"; then fails: {escaped(video.error)}" if video.error else ""
+    return (f"\tvideo {duration}, {video.kept} frames kept of {video.sampled} sampled at "
+            f"{options.video_fps:g}/s{broken}")
+
+
+def _routes(item: WorkItem, options: JobOptions) -> str:
+    """``--dry-run``'s note of which pages of a PDF the text layer would give, and why the others not."""
+    if options.pdf_text == "never" or item.document.kind != "pdf":
+        return ""
+    try:
+        routes = route(item.document.path, item.pages, options.pdf_text, options.trust_ocr_layer)
+    except Exception as exc:  # the run itself reports the document's problem
+        return f"\troutes unknown ({escaped(f'{type(exc).__name__}: {exc}')})"
+    notes = []
+    for number, chosen in sorted(routes.items()):
+        where = "failed" if chosen.error else chosen.source
+        notes.append(f"p{number} {where} ({chosen.verdict.reason})")
+    return "\t" + "; ".join(notes)

@@ -16,8 +16,8 @@ among its blocks.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PIL import Image
 
@@ -29,6 +29,10 @@ from ..layout.tables import paint_figure_tokens
 from ..model.prompt import TASK_PROMPTS
 from ..model.repetition import PROSE, TABLE, TABLE_PROMPT, LoopSettings
 from ..sources.rasterize import PageImage
+from .rows import page_row
+
+if TYPE_CHECKING:  # the vision encoder's torch stays out of processes that only cut pages into units
+    from ..model.vision import EncodedImage
 
 BLOCK_PIXEL_BOUNDS = (BLOCK_MIN_PIXELS, BLOCK_MAX_PIXELS)
 # When several blocks of a page end differently, the page reports the most telling reason.
@@ -43,9 +47,11 @@ class Unit:
     image: Image.Image | None
     prompt: str
     pixel_bounds: tuple[int, int] | None  # None: the processor's own
+    # Image tokens: counted by this machine's encoder, or by a remote server (its usage; None when it does not say).
     n_image_tokens: int | None = 0
-    vision_s: float | None = 0.0
-    columns: dict | None = None  # the decoder's columns, once done
+    vision_s: float | None = 0.0  # None: encoded elsewhere (a remote server)
+    encoded: EncodedImage | None = None  # the embeddings, between the encode stage and the decoder
+    columns: dict | None = None  # the decoded columns, once done
     stitched: Stitched | None = None  # several blocks in one image: whose output is whose
 
     @property
@@ -112,9 +118,8 @@ class PageWork:
         """The output row of the finished page."""
         page = self.page
         width, height = page.image_size
-        row = {"page": page.page, "page_count": page.page_count, "task": task, "status": "ok", "error": None,
-               "width": width, "height": height, "model": model, "quant": quant, "render_s": page.render_s,
-               "source": "model", "timestamp_s": page.timestamp_s, "created_at": datetime.now(timezone.utc).isoformat()}
+        row = page_row(page.page, page.page_count, task, model, quant, status="ok", error=None, width=width,
+                       height=height, render_s=page.render_s, source="model", timestamp_s=page.timestamp_s)
         if page.blocks is None:
             [unit] = self.units
             row = {**row, "n_image_tokens": unit.n_image_tokens, "vision_s": unit.vision_s, "blocks": [],
@@ -124,9 +129,7 @@ class PageWork:
                 row.update(text=spotted_text(spots), spots=[spot.to_dict() for spot in spots])
             return row
         by_order = {block.order: unit for unit in self.units for block in unit.blocks}
-        # A remote server counts a block's image tokens itself (its usage), the local encoder here.
-        image_tokens = {unit.block.order: unit.columns.get("n_image_tokens", unit.n_image_tokens)
-                        for unit in self.units}
+        image_tokens = {unit.block.order: unit.n_image_tokens for unit in self.units}
         outputs = {order: text for unit in self.units
                    for order, text in unit.texts(unit.columns.get("text", "")).items()}
         blocks, texts = [], []

@@ -65,7 +65,7 @@ PP_DOCLAYOUT_LABELS = (
 
 # The official PaddleOCR-VL (PP-DocLayoutV2) detection thresholds: lower for
 # formulas, titles and text, 0.45 for seals, 0.5 for every other label.
-# "formula" covers checkpoints whose label list names both formula classes so.
+# "formula" covers models whose label list names both formula classes so.
 PP_DOCLAYOUT_V2_THRESHOLDS = {
     "display_formula": 0.4, "inline_formula": 0.4, "formula": 0.4, "doc_title": 0.4, "paragraph_title": 0.4,
     "text": 0.4, "vertical_text": 0.4, "seal": 0.45,
@@ -116,7 +116,7 @@ class LayoutDetector(Protocol):
 
 
 def default_pp_doclayout(later_release: bool) -> str:
-    """The PP-DocLayout checkpoint PaddleX runs with a recognition model: V3 for PaddleOCR-VL 1.5+, else V2."""
+    """The PP-DocLayout model PaddleX runs with a recognition model: V3 for PaddleOCR-VL 1.5+, else V2."""
     return PP_DOCLAYOUT_V3 if later_release else PP_DOCLAYOUT_V2
 
 
@@ -124,8 +124,8 @@ def load_layout(name: str, model: str | None = None, device: str = "cpu", thread
                 later_release: bool = True, recognised: frozenset[str] = frozenset()) -> LayoutDetector | None:
     """The detector for ``--layout NAME``; ``None`` for ``none`` (use :func:`whole_page`).
 
-    ``model`` is the PP-DocLayout checkpoint (folder or Hugging Face id);
-    without one, the checkpoint PaddleX pairs with the recognition model:
+    ``model`` is the PP-DocLayout model (folder or Hugging Face id);
+    without one, the model PaddleX pairs with the recognition model:
     :func:`default_pp_doclayout` of ``later_release`` (the model is
     PaddleOCR-VL 1.5 or later). ``threads`` limits the CPU threads of the
     CDLA model (default: ONNX Runtime's choice). ``recognised`` names the
@@ -299,7 +299,7 @@ class PPDocLayoutDetector:
     """PP-DocLayoutV2/V3 through transformers, with the model's own reading order.
 
     Preprocessing is done here (transformers' image processor for this
-    model needs torchvision): the page is resized to the checkpoint's input
+    model needs torchvision): the page is resized to the model's input
     size (800 x 800, aspect ratio not kept) with bicubic interpolation and
     scaled to [0, 1], as the official inference config does. V3 also
     outlines each block with a mask, which becomes its polygon.
@@ -319,7 +319,7 @@ class PPDocLayoutDetector:
             raise ModelError(f"{model}: cannot load the PP-DocLayout model ({first_line})") from None
         config = self.model.config
         if not config.model_type.startswith("pp_doclayout"):
-            raise ModelError(f"{model}: a {config.model_type} checkpoint, not PP-DocLayout")
+            raise ModelError(f"{model}: a {config.model_type} model, not PP-DocLayout")
         self.device = torch.device(device)
         self.recognised = recognised
         self.labels = [config.id2label[i] for i in range(len(config.id2label))]

@@ -2,7 +2,7 @@
 
 A llama.cpp build with an instruction this CPU lacks dies with SIGILL in the
 first matrix multiply of a quantized model, so the check quantizes a tiny
-random checkpoint of the real architecture (made by :mod:`ocrbatch.dev.model`, cached)
+random model of the real architecture (made by :mod:`ocrbatch.dev.model`, cached)
 to each GGUF type and runs :meth:`LanguageModel.warm_up` on it in a child
 process: a child that dies names the signal, and the parent lives to say so.
 ``scripts/install.sh`` runs it through ``ocrbatch doctor`` and fails the
@@ -33,7 +33,7 @@ class QuantCheck:
 
 
 def self_check_model(cache: str | Path | None = None) -> Path:
-    """The tiny checkpoint the check quantizes, made once per cache folder."""
+    """The tiny model the check quantizes, made once per cache folder."""
     from ..dev.model import make_model
 
     folder = cache_dir(cache) / "selfcheck" / "tiny-model"

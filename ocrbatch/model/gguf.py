@@ -1,11 +1,11 @@
-"""Checkpoint → GGUF for the language model, with quantization and a cache.
+"""ModelWeights → GGUF for the language model, with quantization and a cache.
 
-The ERNIE-4.5 language model of a PaddleOCR-VL checkpoint is written as a
+The ERNIE-4.5 language model of a PaddleOCR-VL model is written as a
 self-contained GGUF (architecture ``paddleocr``: hyper-parameters, M-RoPE
 sections, the full SentencePiece vocabulary with scores and token types,
 special-token ids and the chat template) with :class:`gguf.GGUFWriter`, so it
 also loads in stock llama.cpp tools. Quantized files are made from the F32
-file with ``llama_cpp.llama_model_quantize``. Results are cached by checkpoint
+file with ``llama_cpp.llama_model_quantize``. Results are cached by model
 content, quant and converter version, so converting twice is instant.
 """
 
@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ModelError
-from .weights import LANGUAGE_PREFIX, LM_HEAD, Checkpoint
+from .weights import LANGUAGE_PREFIX, LM_HEAD, ModelWeights
 
 # Bump when the written GGUF changes, so cached files are rebuilt.
-# 2: a checkpoint's own lm_head is written as output.weight (1 dropped it).
+# 2: a model's own lm_head is written as output.weight (1 dropped it).
 CONVERTER_VERSION = "2"
 ARCH = "paddleocr"
 
@@ -106,14 +106,14 @@ def inspect_gguf(path: str | Path) -> GGUFInfo:
     )
 
 
-def _vocabulary(ckpt: Checkpoint, vocab_size: int):
-    """Tokens, scores and llama.cpp token types from the checkpoint's SentencePiece model."""
+def _vocabulary(weights: ModelWeights, vocab_size: int):
+    """Tokens, scores and llama.cpp token types from the model's SentencePiece model."""
     import gguf
     from sentencepiece import sentencepiece_model_pb2
 
-    sp_file = ckpt.path / "tokenizer.model"
+    sp_file = weights.path / "tokenizer.model"
     if not sp_file.is_file():
-        raise ModelError(f"{ckpt.path}: no tokenizer.model (a SentencePiece vocabulary is needed for the GGUF)")
+        raise ModelError(f"{weights.path}: no tokenizer.model (a SentencePiece vocabulary is needed for the GGUF)")
     proto = sentencepiece_model_pb2.ModelProto()
     try:
         proto.ParseFromString(sp_file.read_bytes())
@@ -127,7 +127,7 @@ def _vocabulary(ckpt: Checkpoint, vocab_size: int):
 
     # Tokens the HF tokenizer adds on top (ids past the SentencePiece model), and
     # which of all tokens are special: llama.cpp wants those typed CONTROL.
-    added = _added_tokens(ckpt)
+    added = _added_tokens(weights)
     for token_id, data in sorted(added.items()):
         content = data["content"].encode("utf-8")
         token_type = gguf.TokenType.CONTROL if data.get("special") else gguf.TokenType.USER_DEFINED
@@ -144,7 +144,7 @@ def _vocabulary(ckpt: Checkpoint, vocab_size: int):
         types.append(int(token_type))
 
     if len(tokens) > vocab_size:
-        raise ModelError(f"{ckpt.path}: tokenizer has {len(tokens)} tokens, more than vocab_size {vocab_size}")
+        raise ModelError(f"{weights.path}: tokenizer has {len(tokens)} tokens, more than vocab_size {vocab_size}")
     while len(tokens) < vocab_size:  # the embedding matrix is larger than the tokenizer
         tokens.append(f"[PAD{len(tokens)}]".encode())
         scores.append(-1000.0)
@@ -152,26 +152,26 @@ def _vocabulary(ckpt: Checkpoint, vocab_size: int):
     return tokens, scores, types, proto.normalizer_spec
 
 
-def _added_tokens(ckpt: Checkpoint) -> dict[int, dict]:
+def _added_tokens(weights: ModelWeights) -> dict[int, dict]:
     """Added tokens by id, from ``tokenizer.json`` and/or ``tokenizer_config.json``."""
     added: dict[int, dict] = {}
-    tokenizer_json = ckpt.path / "tokenizer.json"
+    tokenizer_json = weights.path / "tokenizer.json"
     if tokenizer_json.is_file():
         for entry in json.loads(tokenizer_json.read_text()).get("added_tokens", []):
             added[int(entry["id"])] = entry
-    config_file = ckpt.path / "tokenizer_config.json"
+    config_file = weights.path / "tokenizer_config.json"
     if config_file.is_file():
         for key, entry in json.loads(config_file.read_text()).get("added_tokens_decoder", {}).items():
             added.setdefault(int(key), entry)
     return added
 
 
-def _chat_template(ckpt: Checkpoint) -> str | None:
-    jinja = ckpt.path / "chat_template.jinja"
+def _chat_template(weights: ModelWeights) -> str | None:
+    jinja = weights.path / "chat_template.jinja"
     if jinja.is_file():
         return jinja.read_text()
     for name in ("chat_template.json", "tokenizer_config.json", "processor_config.json"):
-        file = ckpt.path / name
+        file = weights.path / name
         if file.is_file():
             template = json.loads(file.read_text()).get("chat_template")
             if isinstance(template, str):
@@ -187,21 +187,21 @@ def _gguf_array(tensor, dtype: str) -> np.ndarray:
     return array
 
 
-def write_language_gguf(ckpt: Checkpoint, out: str | Path, dtype: str = "F32") -> Path:
-    """Write the checkpoint's language model to ``out`` as an F32 or F16 GGUF."""
+def write_language_gguf(weights: ModelWeights, out: str | Path, dtype: str = "F32") -> Path:
+    """Write the model's language model to ``out`` as an F32 or F16 GGUF."""
     import gguf
     import torch
 
     if dtype not in ("F32", "F16"):
         raise ValueError(f"write_language_gguf writes F32 or F16, not {dtype}")
     out = Path(out)
-    text = ckpt.text_config
+    text = weights.text_config
     n_layers = text.num_hidden_layers
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.PADDLEOCR, n_layers)
-    tokens, scores, types, normalizer = _vocabulary(ckpt, text.vocab_size)
+    tokens, scores, types, normalizer = _vocabulary(weights, text.vocab_size)
 
     writer = gguf.GGUFWriter(str(out), ARCH)
-    writer.add_name(ckpt.path.name)
+    writer.add_name(weights.path.name)
     writer.add_file_type(QUANT_FTYPES[dtype])
     writer.add_context_length(text.max_position_embeddings)
     writer.add_embedding_length(text.hidden_size)
@@ -212,8 +212,8 @@ def write_language_gguf(ckpt: Checkpoint, out: str | Path, dtype: str = "F32") -
     writer.add_key_length(text.head_dim)
     writer.add_value_length(text.head_dim)
     writer.add_rope_dimension_count(text.head_dim)
-    writer.add_rope_freq_base(ckpt.rope_theta)
-    writer.add_rope_dimension_sections(ckpt.mrope_section + [0] * (4 - len(ckpt.mrope_section)))
+    writer.add_rope_freq_base(weights.rope_theta)
+    writer.add_rope_dimension_sections(weights.mrope_section + [0] * (4 - len(weights.mrope_section)))
     writer.add_layer_norm_rms_eps(text.rms_norm_eps)
 
     writer.add_tokenizer_model("llama")
@@ -230,12 +230,12 @@ def write_language_gguf(ckpt: Checkpoint, out: str | Path, dtype: str = "F32") -
     ):
         if token_id is not None:
             setter(int(token_id))
-    eos = ckpt.eos_token_ids
+    eos = weights.eos_token_ids
     if eos:
         writer.add_eos_token_id(int(eos[0]))
     writer.add_add_bos_token(False)  # the chat template writes <|begin_of_sentence|> itself
     writer.add_add_eos_token(False)
-    template = _chat_template(ckpt)
+    template = _chat_template(weights)
     if template:
         writer.add_chat_template(template)
 
@@ -244,7 +244,7 @@ def write_language_gguf(ckpt: Checkpoint, out: str | Path, dtype: str = "F32") -
     # transformers' model still projects with the stored lm_head when it differs from the
     # embeddings. llama.cpp falls back to the embeddings when output.weight is absent.
     embeddings = lm_head = None
-    for name, tensor in ckpt.tensors((LANGUAGE_PREFIX, LM_HEAD)):
+    for name, tensor in weights.tensors((LANGUAGE_PREFIX, LM_HEAD)):
         if name == LM_HEAD:
             lm_head = tensor
             continue
@@ -253,10 +253,10 @@ def write_language_gguf(ckpt: Checkpoint, out: str | Path, dtype: str = "F32") -
         hf_name = "model." + name[len(LANGUAGE_PREFIX):]
         gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
-            raise ModelError(f"{ckpt.path}: language-model weight {name} has no GGUF equivalent")
+            raise ModelError(f"{weights.path}: language-model weight {name} has no GGUF equivalent")
         writer.add_tensor(gguf_name, _gguf_array(tensor, dtype))
     if embeddings is None:
-        raise ModelError(f"{ckpt.path}: no language-model weights found")
+        raise ModelError(f"{weights.path}: no language-model weights found")
     if lm_head is not None and not torch.equal(lm_head, embeddings):
         writer.add_tensor(name_map.get_name(LM_HEAD, try_suffixes=(".weight",)), _gguf_array(lm_head, dtype))
 
@@ -289,20 +289,20 @@ def quantize_gguf(source: str | Path, target: str | Path, quant: str) -> Path:
     return Path(target)
 
 
-def _checkpoint_key(ckpt: Checkpoint, cache: Path) -> str:
-    """Content hash of a checkpoint, remembered by file size and mtime so re-runs skip hashing."""
-    index_file = cache / "checkpoint-hashes.json"
+def _weights_key(weights: ModelWeights, cache: Path) -> str:
+    """Content hash of a model, remembered by file size and mtime so re-runs skip hashing."""
+    index_file = cache / "model-hashes.json"
     try:
         index = json.loads(index_file.read_text())
     except (OSError, json.JSONDecodeError):
         index = {}
     stamp = "|".join(
-        f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in sorted(ckpt.path.iterdir()) if f.is_file()
+        f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in sorted(weights.path.iterdir()) if f.is_file()
     )
-    key = str(ckpt.path.resolve())
+    key = str(weights.path.resolve())
     if index.get(key, {}).get("stamp") == stamp:
         return index[key]["sha256"]
-    digest = ckpt.content_hash()
+    digest = weights.content_hash()
     index[key] = {"stamp": stamp, "sha256": digest}
     tmp = index_file.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(index, indent=1))
@@ -318,7 +318,7 @@ def convert(
 ) -> Path:
     """Return a GGUF of ``model``'s language model at ``quant``, converting only when needed.
 
-    ``model`` is a checkpoint folder, a Hub id or an existing GGUF. Without
+    ``model`` is a model folder, a Hub id or an existing GGUF. Without
     ``out`` the result lives in the cache; with it, the result is also copied there.
     """
     quant = quant.upper()
@@ -338,17 +338,17 @@ def convert(
             if not result.exists():
                 _atomic(result, lambda tmp: quantize_gguf(info.path, tmp, quant))
     else:
-        ckpt = Checkpoint.open(model)
+        weights = ModelWeights.open(model)
         key = hashlib.sha256(
-            f"{_checkpoint_key(ckpt, cache_root)}:{quant}:{CONVERTER_VERSION}".encode()
+            f"{_weights_key(weights, cache_root)}:{quant}:{CONVERTER_VERSION}".encode()
         ).hexdigest()[:16]
-        stem = re.sub(r"[^\w.-]+", "_", ckpt.path.name) or "model"
+        stem = re.sub(r"[^\w.-]+", "_", weights.path.name) or "model"
         result = gguf_root / f"{stem}-{key}-{quant}.gguf"
         if not result.exists():
             if quant in ("F32", "F16"):
-                _atomic(result, lambda tmp: write_language_gguf(ckpt, tmp, quant))
+                _atomic(result, lambda tmp: write_language_gguf(weights, tmp, quant))
             else:
-                base = convert(ckpt.path, "F32", cache=cache_root)
+                base = convert(weights.path, "F32", cache=cache_root)
                 _atomic(result, lambda tmp: quantize_gguf(base, tmp, quant))
         inspect_gguf(result)
 

@@ -25,7 +25,7 @@ def _symmetric_scale(values: torch.Tensor) -> torch.Tensor:
 class Int8Linear(torch.nn.Module):
     """``y = x @ W.T + b`` with ``W`` and ``x`` quantized to int8; float32 in and out."""
 
-    # Buffers derived from the checkpoint's weight, not stored in it.
+    # Buffers derived from the model's weight, not stored in it.
     DERIVED = (".qweight", ".weight_scale")
 
     def __init__(self, in_features: int, out_features: int, bias: bool):
@@ -67,7 +67,7 @@ def replace_submodule(root: torch.nn.Module, name: str, new: torch.nn.Module) ->
 def swap_linears(module: torch.nn.Module, prefix: str) -> dict[str, Int8Linear]:
     """Replace every ``nn.Linear`` under ``module`` with an empty :class:`Int8Linear`.
 
-    Returns the new layers keyed by the checkpoint name of the weight they
+    Returns the new layers keyed by the model name of the weight they
     take (``prefix`` + module path + ``.weight``), ready for ``load_weight``.
     """
     swapped = {}

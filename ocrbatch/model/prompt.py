@@ -1,10 +1,10 @@
-"""Prompts: task names, the checkpoint's chat template, and M-RoPE positions.
+"""Prompts: task names, the model's chat template, and M-RoPE positions.
 
 A PaddleOCR-VL prompt is text, then one image span per image, then text:
 ``<|begin_of_sentence|>User: <|IMAGE_START|>`` · image · ``<|IMAGE_END|>OCR:\\nAssistant: ``
 (with several images, each wrapped in its own ``<|IMAGE_START|>`` … ``<|IMAGE_END|>``, one after
 the other, as the chat template writes them).
-:class:`PromptBuilder` renders it with the checkpoint's own chat template and
+:class:`PromptBuilder` renders it with the model's own chat template and
 tokenizer (exactly what ``PaddleOCRVLProcessor`` feeds transformers), and
 :class:`ImagePrompt` assigns the positions transformers' ``get_rope_index``
 gives: text ``(p, p, p)``; image tokens ``(s, s + row, s + col)`` from the
@@ -105,10 +105,10 @@ class ImagePrompt:
 
 
 class PromptBuilder:
-    """Renders prompts with a checkpoint's chat template and tokenizer."""
+    """Renders prompts with a model's chat template and tokenizer."""
 
-    def __init__(self, checkpoint_path: str | Path, image_token_id: int, merge_size: int):
-        self.checkpoint_path = Path(checkpoint_path)
+    def __init__(self, model_path: str | Path, image_token_id: int, merge_size: int):
+        self.model_path = Path(model_path)
         self.image_token_id = image_token_id
         self.merge_size = merge_size
         # Prompt texts come from clients (the server): remember a bounded number of them.
@@ -119,9 +119,9 @@ class PromptBuilder:
         from transformers import AutoTokenizer
 
         try:
-            return AutoTokenizer.from_pretrained(self.checkpoint_path)
+            return AutoTokenizer.from_pretrained(self.model_path)
         except Exception as exc:
-            raise OcrbatchError(f"{self.checkpoint_path}: cannot load the tokenizer ({exc})") from None
+            raise OcrbatchError(f"{self.model_path}: cannot load the tokenizer ({exc})") from None
 
     @cached_property
     def chat_template(self) -> str:
@@ -129,9 +129,9 @@ class PromptBuilder:
         if not template:
             from transformers import AutoProcessor
 
-            template = AutoProcessor.from_pretrained(self.checkpoint_path).chat_template
+            template = AutoProcessor.from_pretrained(self.model_path).chat_template
         if not template:
-            raise OcrbatchError(f"{self.checkpoint_path}: the checkpoint has no chat template")
+            raise OcrbatchError(f"{self.model_path}: the model has no chat template")
         return template
 
     @cached_property
@@ -151,7 +151,7 @@ class PromptBuilder:
         if task not in TASK_PROMPTS:
             raise OcrbatchError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
         if task in LATER_TASKS and not self.supports_later_tasks:
-            raise OcrbatchError(f"task {task!r} needs a PaddleOCR-VL 1.5+ checkpoint; {self.checkpoint_path} is 1.0")
+            raise OcrbatchError(f"task {task!r} needs a PaddleOCR-VL 1.5+ model; {self.model_path} is 1.0")
         return TASK_PROMPTS[task]
 
     def _text_parts(self, text: str, n_images: int = 1) -> tuple[tuple[int, ...], ...]:
@@ -159,7 +159,7 @@ class PromptBuilder:
         ids = self.tokenizer(self.render(text, n_images), add_special_tokens=False)["input_ids"]
         spots = [i for i, token in enumerate(ids) if token == self.image_token_id]
         if len(spots) != n_images:
-            raise OcrbatchError(f"{self.checkpoint_path}: chat template gives {len(spots)} image placeholders "
+            raise OcrbatchError(f"{self.model_path}: chat template gives {len(spots)} image placeholders "
                                 f"for {n_images} images")
         bounds = [-1, *spots, len(ids)]
         return tuple(tuple(ids[start + 1:end]) for start, end in zip(bounds, bounds[1:]))

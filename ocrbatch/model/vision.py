@@ -26,7 +26,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import ModelError
-from .weights import PROJECTOR_PREFIX, VISION_PREFIX, Checkpoint
+from .weights import PROJECTOR_PREFIX, VISION_PREFIX, ModelWeights
 
 DTYPES = ("float32", "bfloat16", "int8")
 
@@ -46,9 +46,9 @@ class EncodedImage:
 
 
 class VisionEncoder:
-    """Preprocesses images with the checkpoint's image processor and encodes them."""
+    """Preprocesses images with the model's image processor and encodes them."""
 
-    def __init__(self, checkpoint: Checkpoint | str | Path, dtype: str = "float32", device: str = "cpu"):
+    def __init__(self, model: ModelWeights | str | Path, dtype: str = "float32", device: str = "cpu"):
         import torch
         from transformers import AutoImageProcessor
         from transformers.initialization import no_init_weights
@@ -61,15 +61,15 @@ class VisionEncoder:
 
         if dtype not in DTYPES:
             raise ModelError(f"unknown vision dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-        self.checkpoint = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint.open(checkpoint)
+        self.weights = model if isinstance(model, ModelWeights) else ModelWeights.open(model)
         self.device = torch.device(device)
         # int8 quantizes the linear layers only; everything else runs in float32.
         self.dtype = torch.float32 if dtype == "int8" else getattr(torch, dtype)
-        config = self.checkpoint.config
+        config = self.weights.config
         try:
-            self.image_processor = AutoImageProcessor.from_pretrained(self.checkpoint.path)
+            self.image_processor = AutoImageProcessor.from_pretrained(self.weights.path)
         except Exception as exc:
-            raise ModelError(f"{self.checkpoint.path}: cannot load the image processor ({exc})") from None
+            raise ModelError(f"{self.weights.path}: cannot load the image processor ({exc})") from None
         self.merge_size = config.vision_config.spatial_merge_size
 
         # Build the modules directly in the target dtype and copy weights in one
@@ -95,11 +95,11 @@ class VisionEncoder:
         targets = {name: t for name, t in targets.items() if not name.endswith(Int8Linear.DERIVED)}
         loaded = set()
         with torch.no_grad():
-            for name, tensor in self.checkpoint.tensors((VISION_PREFIX, PROJECTOR_PREFIX)):
+            for name, tensor in self.weights.tensors((VISION_PREFIX, PROJECTOR_PREFIX)):
                 layer, target = quantized.get(name), targets.get(name)
                 shape = layer.weight_shape if layer is not None else getattr(target, "shape", None)
                 if shape is None or tuple(shape) != tuple(tensor.shape):
-                    raise ModelError(f"{self.checkpoint.path}: weight {name} does not match the config")
+                    raise ModelError(f"{self.weights.path}: weight {name} does not match the config")
                 if layer is not None:
                     layer.load_weight(tensor)
                 else:
@@ -108,7 +108,7 @@ class VisionEncoder:
         expected = [*targets, *quantized]
         missing = [n for n in expected if n not in loaded and not n.endswith(("position_ids", "inv_freq"))]
         if missing:
-            raise ModelError(f"{self.checkpoint.path}: vision weights missing from the checkpoint ({missing[:3]})")
+            raise ModelError(f"{self.weights.path}: vision weights missing from the model ({missing[:3]})")
         self.visual = visual.to(self.device, self.dtype).eval()
         self.projector = projector.to(self.device, self.dtype).eval()
         self._compiled_blocks = _compile_int8_blocks(self.visual, self.projector) if dtype == "int8" else []

@@ -1,6 +1,6 @@
-"""Finding and reading a PaddleOCR-VL checkpoint.
+"""Finding and reading a PaddleOCR-VL model.
 
-A checkpoint is a Hugging Face–style folder (``config.json``, safetensors,
+A model is a Hugging Face–style folder (``config.json``, safetensors,
 tokenizer and processor files), given either as a local path or as a Hub id
 that ``huggingface_hub`` downloads. Weight names come in two spellings: the
 official release (``visual.*``, ``mlp_AR.*``, ``model.layers.*``) and the one
@@ -21,7 +21,7 @@ from typing import Iterator
 
 from ..errors import ModelError
 
-# Files that decide what a checkpoint computes; used for content hashing.
+# Files that decide what a model computes; used for content hashing.
 _CONTENT_GLOBS = (
     "config.json",
     "generation_config.json",
@@ -62,7 +62,7 @@ def canonical_name(name: str) -> str | None:
 
 
 def resolve_model_path(model: str | Path) -> Path:
-    """Return a local checkpoint folder for ``model`` (a folder or a Hub id).
+    """Return a local model folder for ``model`` (a folder or a Hub id).
 
     Hub ids are downloaded with ``huggingface_hub``; without network access the
     error says to pass a local folder instead.
@@ -70,10 +70,10 @@ def resolve_model_path(model: str | Path) -> Path:
     path = Path(model).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise ModelError(f"{model}: not a checkpoint folder (expected a folder with config.json)")
+            raise ModelError(f"{model}: not a model folder (expected a folder with config.json)")
         return path
     if not _HUB_ID.match(str(model)):
-        raise ModelError(f"{model}: no such checkpoint folder")
+        raise ModelError(f"{model}: no such model folder")
     try:
         from huggingface_hub import snapshot_download
 
@@ -87,24 +87,24 @@ def resolve_model_path(model: str | Path) -> Path:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(
             f"{model}: could not download from the Hugging Face Hub ({reason}); "
-            "if this machine is offline, pass a local checkpoint folder instead"
+            "if this machine is offline, pass a local model folder instead"
         ) from None
 
 
 @dataclass
-class Checkpoint:
-    """A PaddleOCR-VL checkpoint folder with its configuration parsed."""
+class ModelWeights:
+    """A PaddleOCR-VL model folder with its configuration parsed."""
 
     path: Path
 
     @classmethod
-    def open(cls, model: str | Path) -> "Checkpoint":
-        """Resolve ``model`` and check that it looks like a PaddleOCR-VL checkpoint."""
-        ckpt = cls(resolve_model_path(model))
-        _ = ckpt.config  # parse now so a broken folder fails here, with its name
-        if not ckpt.weight_files:
-            raise ModelError(f"{ckpt.path}: no *.safetensors weights in the checkpoint folder")
-        return ckpt
+    def open(cls, model: str | Path) -> "ModelWeights":
+        """Resolve ``model`` and check that it looks like a PaddleOCR-VL model."""
+        weights = cls(resolve_model_path(model))
+        _ = weights.config  # parse now so a broken folder fails here, with its name
+        if not weights.weight_files:
+            raise ModelError(f"{weights.path}: no *.safetensors weights in the model folder")
+        return weights
 
     @cached_property
     def config(self):
@@ -112,7 +112,7 @@ class Checkpoint:
 
         config_file = self.path / "config.json"
         if not config_file.is_file():
-            raise ModelError(f"{self.path}: missing config.json, not a checkpoint folder")
+            raise ModelError(f"{self.path}: missing config.json, not a model folder")
         try:
             raw = json.loads(config_file.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -202,7 +202,7 @@ def _read_safetensors(file: Path, prefixes: tuple[str, ...]) -> Iterator[tuple[s
 
     Written by hand rather than with ``safetensors.safe_open`` because that
     maps the file: every page it touches stays resident in this process, so
-    loading the vision tower from a 1.6 GB checkpoint raised the peak RSS by
+    loading the vision tower from a 1.6 GB model raised the peak RSS by
     the tower's size on disk on top of the weights themselves. Plain reads go
     through the page cache, which is not charged to the process.
     """

@@ -45,17 +45,19 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import OcrbatchError
 from ..storage import ObjectPath, list_objects, local_state_folder, reading, upload
+from .lock import JobLock
 from .output import COLUMNS, SCHEMA
 
 SETTINGS_KEY = b"ocrbatch.settings"
@@ -130,9 +132,7 @@ class DatasetRecord:
                       key=lambda p: p.name)
 
     def lock(self):
-        """The run's exclusive lock on ``folder`` (:class:`ocrbatch.engines.local.JobLock`, exit code 4 when held)."""
-        from ..engines.local import JobLock
-
+        """The run's exclusive lock on ``folder`` (:class:`ocrbatch.records.lock.JobLock`, exit code 4 when held)."""
         if self.in_object_storage:
             state = local_state_folder(self.folder)
             state.mkdir(parents=True, exist_ok=True)
@@ -366,3 +366,47 @@ def _fsync_folder(folder: Path) -> None:
         os.fsync(handle)
     finally:
         os.close(handle)
+
+
+class DatasetRecorder:
+    """The Ray engine's record (a :class:`~ocrbatch.records.base.PageRecorder`): finished rows counted and
+    written to the dataset, one whole file per flush."""
+
+    def __init__(self, record: DatasetRecord, run_id: str, summary, rows_per_file: int, flush_seconds: float,
+                 on_row: Callable[[dict], None] | None, total: int, progress: bool):
+        from tqdm import tqdm
+
+        self.record, self.run_id, self.summary = record, run_id, summary
+        self.rows_per_file, self.flush_seconds, self.on_row = rows_per_file, flush_seconds, on_row
+        self.buffer: list[dict] = []
+        self.files = 0
+        self.last_flush = time.monotonic()
+        self.seen: set[tuple[str, int]] = set()
+        self.progress = tqdm(total=total, unit="page", disable=None if progress else True, dynamic_ncols=True,
+                             desc="ocrbatch")
+
+    def add(self, row: dict) -> None:
+        key = (row["doc_id"], row["page"])
+        if key in self.seen:  # a block Ray ran twice: the first copy stands
+            return
+        self.seen.add(key)
+        self.summary.count(row)
+        for stage in ("vision", "decode"):
+            if row.get(f"{stage}_node"):
+                self.summary.nodes[stage][row[f"{stage}_node"]] += 1
+        if self.on_row is not None:
+            self.on_row(row)
+        self.progress.update(1)
+        self.buffer.append(row)
+        if len(self.buffer) >= self.rows_per_file or time.monotonic() - self.last_flush >= self.flush_seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.buffer:
+            self.files += 1
+            self.record.write(self.buffer, f"part-{self.run_id}-{self.files:05d}.parquet")
+            self.buffer = []
+        self.last_flush = time.monotonic()
+
+    def close(self) -> None:
+        self.progress.close()

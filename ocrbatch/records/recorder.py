@@ -14,14 +14,14 @@ import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 from ..errors import OcrbatchError
 from ..job.options import JobOptions
+from ..job.rows import failure_row, keyed
 from ..job.units import recorded_blocks
 from ..layout.markdown import DocumentPage, document_markdown, image_filename
-from ..sources.discover import Document, escaped
+from ..sources.discover import Document
 from .sqlite import Store
 from .stats import work_seconds
 
@@ -57,6 +57,16 @@ class JobSummary:
 
     def add_work(self, path: str, row: dict) -> None:
         self.document_work_s[path] += work_seconds(row)
+
+    def count(self, row: dict) -> None:
+        """Count one finished row (with its ``path``) of this run; a failed one is logged with its reason."""
+        self.add_work(row["path"], row)
+        if row["status"] == "ok":
+            self.pages_ok += 1
+            self.pages_text_layer += row.get("source") == "text-layer"
+        else:
+            self.pages_failed += 1
+            log.warning("%s", row["error"])
 
     @property
     def exit_code(self) -> int:
@@ -106,26 +116,6 @@ class JobSummary:
         return "; slowest: " + ", ".join(f"{path} {seconds:.1f} s" for path, seconds in slowest) if slowest else ""
 
 
-def failure_row(page: int, page_count: int, task: str, error: str, model: str, quant: str) -> dict:
-    """The output row of a page (or, as page 0, a document) that failed.
-
-    ``error`` names the file as Python keeps its name; it is written :func:`escaped`, one line of UTF-8.
-    """
-    return {"page": page, "page_count": page_count, "task": task, "text": "", "status": "failed",
-            "error": escaped(error), "model": model, "quant": quant,
-            "created_at": datetime.now(timezone.utc).isoformat()}
-
-
-def text_layer_row(page, task: str, model: str, quant: str) -> dict:
-    """The output row of a PDF page taken from its text layer (``--pdf-text``): no tokens, no model time."""
-    width, height = page.image_size
-    return {"page": page.page, "page_count": page.page_count, "task": task, "text": page.text_layer,
-            "status": "ok", "error": None, "n_image_tokens": 0, "n_output_tokens": 0, "finish_reason": "stop",
-            "width": width, "height": height, "model": model, "quant": quant, "render_s": 0.0, "vision_s": 0.0,
-            "prefill_s": 0.0, "decode_s": 0.0, "source": "text-layer",
-            "created_at": datetime.now(timezone.utc).isoformat()}
-
-
 def markdown_stem(path: Path, doc_id: str) -> str:
     """The name (less suffix) of a document's Markdown file and of its picture folder.
 
@@ -171,7 +161,8 @@ def _saved_crop(images: Path, page: int, block) -> str | None:
 
 
 class Recorder:
-    """Commits finished pages of one run and keeps its counters and progress bar."""
+    """The local engine's record (a :class:`~ocrbatch.records.base.PageRecorder`): finished pages of one run
+    into the checkpoint, the output and Markdown, with the run's counters and progress bar."""
 
     def __init__(self, options: JobOptions, store: Store, writer, model_name: str, quant: str, total: int):
         from tqdm import tqdm
@@ -208,39 +199,31 @@ class Recorder:
     def expect(self, document: Document, pages: int) -> None:
         self.remaining[document.doc_id] = pages
 
-    def page_done(self, document: Document, page: int, row: dict) -> None:
-        status = row["status"]
-        self.store.record_page(document.doc_id, page, status, row, row.get("error"))
-        self.emit({"path": escaped(document.path), "doc_id": document.doc_id, **row})
-        self.summary.add_work(escaped(document.path), row)
-        if status == "ok":
-            self.summary.pages_ok += 1
-        else:
-            self.summary.pages_failed += 1
-            log.warning("%s", row["error"])
+    def add(self, row: dict) -> None:
+        """Commit a finished (ok or failed) page's row (:func:`~ocrbatch.job.rows.keyed`), then buffer it for the output.
+
+        The checkpoint keeps the row without its path and content id, which are the document's.
+        """
+        doc_id = row["doc_id"]
+        result = {key: value for key, value in row.items() if key not in ("path", "doc_id")}
+        self.store.record_page(doc_id, row["page"], row["status"], result, row.get("error"))
+        self.emit(row)
+        self.summary.count(row)
         self.progress.update(1)
-        self.remaining[document.doc_id] -= 1
-        if self.remaining[document.doc_id] == 0:
-            self.store.finish_document(document.doc_id, self.options.max_page_error_rate)
+        self.remaining[doc_id] -= 1
+        if self.remaining[doc_id] == 0:
+            self.store.finish_document(doc_id, self.options.max_page_error_rate)
             if self.options.markdown_dir:
-                self.markdown(document.doc_id)
-
-    def text_layer_page(self, page) -> None:
-        self.summary.pages_text_layer += 1
-        self.page_done(page.document, page.page, text_layer_row(page, self.options.task, self.model_name, self.quant))
-
-    def page_failed(self, document: Document, page: int, page_count: int, error: str) -> None:
-        row = failure_row(page, page_count, self.options.task, error, self.model_name, self.quant)
-        self.page_done(document, page, row)
+                self.markdown(doc_id)
 
     def document_failed(self, document: Document, error: str) -> None:
         """A document that cannot be opened: one failed row, page 0."""
         row = failure_row(0, 0, self.options.task, error, self.model_name, self.quant)
         self.store.record_document_failure(document.doc_id, document.path, row["error"], row)
-        self.emit({"path": escaped(document.path), "doc_id": document.doc_id, **row})
-        self.summary.pages_failed += 1
+        row = keyed(document, row)
+        self.emit(row)
+        self.summary.count(row)
         self.progress.update(1)
-        log.warning("%s", row["error"])
 
     def markdown(self, doc_id: str) -> None:
         try:

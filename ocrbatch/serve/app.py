@@ -45,6 +45,7 @@ from ..errors import InputError
 from ..layout.blocks import BLOCK_MAX_PIXELS
 from ..layout.spotting import SPOTTING_PIXEL_BOUNDS
 from ..model.language import GenerationResult, Sampling
+from ..model.repetition import LoopSettings
 from ..sources.images import open_image
 
 # Sampling seeds are unsigned 64-bit, as llama.cpp's and most servers' are (numpy takes any, but
@@ -139,6 +140,9 @@ class ChatCompletionRequest(BaseModel):
     mm_processor_kwargs: dict | None = None
     ignore_eos: bool = False
     skip_special_tokens: bool = True
+    # ocrbatch's extension: cut a decoding loop as the batch job does (LoopSettings' fields; the remote backend
+    # sends it for layout blocks). The answer then ends with finish_reason "repetition".
+    repetition_guard: dict | None = None
 
 
 class BodyLimit:
@@ -233,6 +237,16 @@ def _routing_error(request: Request, exc: HTTPException) -> ApiError:
     if isinstance(cause, RecursionError):
         return ApiError(400, "request body is nested too deeply to parse")
     return ApiError(exc.status_code, str(exc.detail), headers=exc.headers)
+
+
+def _loop_guard(settings: dict | None) -> LoopSettings | None:
+    """The request's ``repetition_guard``, or a 400 naming what is wrong with it."""
+    if settings is None:
+        return None
+    try:
+        return LoopSettings(**settings)
+    except (TypeError, ValueError) as exc:
+        raise ApiError(400, f"repetition_guard: {exc}", param="repetition_guard") from None
 
 
 def _parse_prompt(body: ChatCompletionRequest, max_images: int) -> tuple[list[str], str]:
@@ -535,13 +549,15 @@ def create_app(engine, pool, settings: ServerSettings) -> FastAPI:
                     exc.message = f"image {number}: {exc.message}"
                 raise
         sampling = Sampling(temperature=body.temperature, top_p=body.top_p, seed=body.seed)
+        loop_guard = _loop_guard(body.repetition_guard)
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
 
         def language_request(encoded, on_token=None):
             request_ = engine.request(encoded, text, max_tokens, sampling, on_token=on_token)
+            request_.loop_guard = loop_guard
             if body.ignore_eos:  # only max_tokens ends it, as the batch job's --ignore-eos
-                request_.stop_ids = ()
+                request_.stop_ids, request_.loop_guard = (), None
             return request_
 
         service.admit()
