@@ -81,3 +81,33 @@ def engine_f32(tiny_model):
     engine = Engine(tiny_model, quant="F32", max_tokens=48)
     yield engine
     engine.close()
+
+
+@pytest.fixture(scope="module")
+def live(engine_f32):
+    """``ocrbatch serve``'s app under uvicorn in this process, on a real socket, with its own worker pool."""
+    import socket
+    import threading
+    from types import SimpleNamespace
+
+    import uvicorn
+    from helpers import LONG
+
+    from ocrbatch.backends.pool import WorkerPool
+    from ocrbatch.serve.app import ServerSettings, create_app
+
+    pool = WorkerPool(engine_f32.gguf_path, n_seq_max=2, n_ctx=engine_f32.context_size(2, LONG))
+    app = create_app(engine_f32, pool, ServerSettings(model_name="tiny", max_queue=2, max_tokens_limit=LONG))
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()  # connections queue here until uvicorn accepts them: no start-up wait
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
+    thread.start()
+    host, port = listener.getsockname()
+    yield SimpleNamespace(url=f"http://{host}:{port}", address=(host, port), engine=engine_f32, pool=pool,
+                          service=app.state.service)
+    server.should_exit = True
+    thread.join(timeout=30)
+    pool.close()
+    listener.close()

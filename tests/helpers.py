@@ -4,17 +4,24 @@ from __future__ import annotations
 
 import json
 import socket
+import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import httpx
 from PIL import Image
 
 from ocrbatch.dev.samples import synthetic_page
 from ocrbatch.job.options import JobOptions
+from ocrbatch.records.sqlite import checkpoint_path_for
 from ocrbatch.storage import ObjectPath
 
 document_image = synthetic_page
+
+# A decode this long is never waited for: with end-of-sentence ignored, only a cancel ends it in time.
+LONG = 2000
 
 
 def reference_generate(processor, model, image, text, max_new_tokens, images_kwargs=None):
@@ -214,3 +221,59 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def page_states(out: Path) -> dict[str, int]:
+    """Page counts by status in the job's checkpoint (read-only, safe while a run writes it)."""
+    with sqlite3.connect(f"file:{checkpoint_path_for(out)}?mode=ro", uri=True) as db:
+        return dict(db.execute("SELECT status, count(*) FROM pages GROUP BY status").fetchall())
+
+
+def wait_for_ok_pages(out: Path, process: subprocess.Popen, at_least: int, deadline_s: float = 180) -> int:
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            ok = page_states(out).get("ok", 0)
+        except sqlite3.Error:
+            ok = 0
+        if ok >= at_least:
+            return ok
+        time.sleep(0.05)
+    raise AssertionError(f"the run never finished {at_least} pages (exit code {process.poll()})")
+
+
+def slow_run_args(tiny_model, folder, out, tokens=300):
+    """Pages slow enough (forced long outputs, one at a time) that a signal lands mid-decode."""
+    return ["run", folder, "--out", out, "--model", tiny_model, "--quant", "F32", "--max-tokens", str(tokens),
+            "--ignore-eos", "--seqs-per-worker", "1", "--batch-size", "1", "--dpi", "72", "--layout", "none"]
+
+
+def popen(args):
+    return subprocess.Popen([sys.executable, "-m", "ocrbatch", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def start_http_server(command: list[str], port: int, log: Path, startup_s: float = 300, env: dict | None = None) -> subprocess.Popen:
+    """Start a server process; return once ``GET /v1/models`` answers (polled: a process has no event for it)."""
+    process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+    deadline = time.monotonic() + startup_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}: {log.read_text()[-2000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    process.kill()
+    raise RuntimeError(f"server did not start within {startup_s} s: {log.read_text()[-2000:]}")
+
+
+def stop_process(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

@@ -432,10 +432,10 @@ def _run_on_ray(options: JobOptions, address: str | None, settings, dry_run: boo
     except ImportError as exc:
         raise click.ClickException(str(exc)) from None
     if dry_run:
-        from ..engines.ray import plan_pages
+        from ..job import plan as planner
         from ..records.dataset import DatasetRecord
 
-        plan = _dry_run_plan(lambda: plan_pages(options, DatasetRecord(options.out), dry_run=True),
+        plan = _dry_run_plan(lambda: planner.plan_dataset(options, DatasetRecord(options.out), dry_run=True),
                              [*options.paths, options.out])
         for line in plan.listing():
             click.echo(line)

@@ -30,6 +30,7 @@ from concurrent.futures import CancelledError, Future
 
 from ..backends.base import PAGE_FAILURES, Decoder
 from ..backends.local import LocalDecoder
+from ..backends.remote import RemoteDecoder
 from ..errors import OcrbatchError
 from ..job.encode import next_batch
 from ..job.flow import FinishedPage, PageFlow
@@ -108,12 +109,9 @@ def run_job(options: JobOptions, engine=None, pool=None, render_pages=None) -> J
 
 
 def _run_locked(options: JobOptions, store: Store, engine, pool, render_pages, stop: GracefulStop) -> JobSummary:
-    from ..backends.pool import WorkerPool
-    from ..engine import Engine
-
     recognizer = None
     if options.backend == "openai":
-        from ..backends.remote import RemoteDecoder, RemoteRecognizer
+        from ..backends.remote import RemoteRecognizer
 
         # Before anything is planned or marked: an unreachable server is a fatal error.
         recognizer = RemoteRecognizer(options.base_url, api_key=options.api_key, model=options.remote_model,
@@ -145,43 +143,22 @@ def _run_locked(options: JobOptions, store: Store, engine, pool, render_pages, s
     summary.special_files = len(plan.special)
     own_pool = pool is None
     try:
-        batch = []
-        for row in store.rows(exclude=redo):  # earlier results first, rebuilt from the checkpoint
-            batch.append(row)
-            if len(batch) >= 1024:
-                recorder.write(batch)
-                batch = []
-        recorder.write(batch)
-
+        _write_earlier_rows(store, recorder, redo)
         for document, error in plan.unreadable:
             recorder.document_failed(document, error)
-
-        if plan.work and not stop.requested and recognizer is not None:
+        if plan.work and not stop.requested:
             for item in plan.work:
                 recorder.expect(item.document, len(item.pages))
-            max_pixels = page_pixel_cap(options.layout, recognizer.model_pixel_bounds[1], options.max_pixels,
-                                        options.task)
-            decoder = RemoteDecoder(recognizer, options.max_tokens, options.ignore_eos)
-            _process(recorder, None, decoder, plan, max_pixels, stop, render_pages)
-        elif plan.work and not stop.requested:
-            if engine is None:
-                engine = Engine(options.model, quant=quant, gguf=options.gguf, vision_dtype=options.vision_dtype,
-                                device=options.device, max_tokens=options.max_tokens, threads=options.threads,
-                                cache_dir=options.cache_dir, with_language=False)
-            # A task the model was not trained for (seal, spotting on 1.0) is refused before any page runs.
-            for task in {options.task} | ({"seal"} if options.seals else set()):
-                engine.prompt_text(task)
-            max_pixels = page_pixel_cap(options.layout, engine.vision.image_processor.size.longest_edge,
-                                        options.max_pixels, options.task)
-            if pool is None:
-                pool = WorkerPool(engine.gguf_path, workers=options.workers, n_seq_max=options.seqs_per_worker,
-                                  n_ctx=engine.context_size(options.seqs_per_worker), threads=options.threads,
-                                  max_retries=options.max_retries, request_timeout=options.effective_page_timeout)
-            decoder = LocalDecoder(engine, pool, options.max_tokens, options.ignore_eos)
-            for item in plan.work:
-                recorder.expect(item.document, len(item.pages))
+            if recognizer is not None:
+                max_pixels = page_pixel_cap(options.layout, recognizer.model_pixel_bounds[1], options.max_pixels,
+                                            options.task)
+                decoder = RemoteDecoder(recognizer, options.max_tokens, options.ignore_eos)
+            else:
+                engine, pool, max_pixels = _local_backend(options, quant, engine, pool)
+                decoder = LocalDecoder(engine, pool, options.max_tokens, options.ignore_eos)
             _process(recorder, engine, decoder, plan, max_pixels, stop, render_pages)
-            summary.worker_crashes = pool.crashes
+            if pool is not None:
+                summary.worker_crashes = pool.crashes
         recorder.flush()
         if options.markdown_dir:  # documents finished in earlier runs, too
             for doc_id in store.finished_document_ids():
@@ -213,6 +190,40 @@ def _run_locked(options: JobOptions, store: Store, engine, pool, render_pages, s
     return summary
 
 
+def _write_earlier_rows(store: Store, recorder: Recorder, redo: set[tuple[str, int]]) -> None:
+    """Earlier runs' results first, rebuilt from the checkpoint, except the pages this run does again."""
+    batch = []
+    for row in store.rows(exclude=redo):
+        batch.append(row)
+        if len(batch) >= 1024:
+            recorder.write(batch)
+            batch = []
+    recorder.write(batch)
+
+
+def _local_backend(options: JobOptions, quant: str, engine, pool):
+    """The vision engine, worker pool and page pixel cap of a run on this machine (those given, or new ones).
+
+    A task the model was not trained for (seal, spotting on 1.0) is refused here, before any page runs.
+    """
+    from ..backends.pool import WorkerPool
+    from ..engine import Engine
+
+    if engine is None:
+        engine = Engine(options.model, quant=quant, gguf=options.gguf, vision_dtype=options.vision_dtype,
+                        device=options.device, max_tokens=options.max_tokens, threads=options.threads,
+                        cache_dir=options.cache_dir, with_language=False)
+    for task in {options.task} | ({"seal"} if options.seals else set()):
+        engine.prompt_text(task)
+    max_pixels = page_pixel_cap(options.layout, engine.vision.image_processor.size.longest_edge, options.max_pixels,
+                                options.task)
+    if pool is None:
+        pool = WorkerPool(engine.gguf_path, workers=options.workers, n_seq_max=options.seqs_per_worker,
+                          n_ctx=engine.context_size(options.seqs_per_worker), threads=options.threads,
+                          max_retries=options.max_retries, request_timeout=options.effective_page_timeout)
+    return engine, pool, max_pixels
+
+
 def _process(recorder: Recorder, engine, decoder: Decoder, plan: Plan, max_pixels: int, stop: GracefulStop,
              render_pages) -> None:
     """Stream the planned pages through render (+ layout), the page flow and the decoder, into the recorder."""
@@ -229,53 +240,14 @@ def _process(recorder: Recorder, engine, decoder: Decoder, plan: Plan, max_pixel
     renderer.start()
     flow = PageFlow(options.task, TASK_PROMPTS[options.task], recorder.model_name, recorder.quant,
                     stitch=options.stitch, markdown_dir=options.markdown_dir)
-    finished: queue.Queue = queue.Queue()
-    in_flight: dict[Future, tuple[PageWork, Unit]] = {}
+    decoding = _Decoding(decoder, flow, recorder)
     rendering = True
     failure: StageFailed | None = None
-
-    def record(done: FinishedPage | None) -> None:
-        if done is not None:
-            recorder.add(keyed(done.page.document, done.row))
-
-    def handle(future: Future) -> None:
-        work, unit = in_flight.pop(future)
-        try:
-            decoded = future.result()
-        except CancelledError:
-            return  # stopped before it ran: the page stays pending
-        except PAGE_FAILURES as exc:
-            record(flow.unit_failed(work, unit, str(exc)))
-            return
-        # Anything else (the pool failed, the model cannot load) is not this page's fault: it propagates.
-        if decoded.finish_reason == "cancelled":
-            return  # stopped while decoding: the page stays pending
-        record(flow.settle(work, unit, decoded))
-
-    def take_finished(wait_s: float) -> None:
-        try:
-            future = finished.get(timeout=wait_s) if wait_s else finished.get_nowait()
-        except queue.Empty:
-            return
-        handle(future)
-        while True:
-            try:
-                future = finished.get_nowait()
-            except queue.Empty:
-                return
-            handle(future)
-
-    def submit(work: PageWork, unit: Unit) -> None:
-        future = decoder.submit(unit)
-        unit.image = unit.encoded = None  # the backend has what it needs
-        in_flight[future] = (work, unit)
-        future.add_done_callback(finished.put)
-
     try:
-        while (rendering or in_flight) and not stop.requested:
-            take_finished(0)
-            if not rendering or len(in_flight) >= options.max_in_flight:
-                take_finished(0.5)
+        while (rendering or decoding.units) and not stop.requested:
+            decoding.take(0)
+            if not rendering or decoding.units >= options.max_in_flight:
+                decoding.take(0.5)
                 continue
             batch, end = next_batch(pages, options.batch_size, options.max_batch_patches,
                                     engine.vision.n_patches_for if engine else _no_patches, wait_s=0.5)
@@ -286,7 +258,7 @@ def _process(recorder: Recorder, engine, decoder: Decoder, plan: Plan, max_pixel
             for page in batch:
                 started = flow.start(page)
                 if isinstance(started, FinishedPage):
-                    record(started)
+                    decoding.record(started)
                 else:
                     works.append(started)
             if decoder.needs_embeddings:
@@ -295,25 +267,79 @@ def _process(recorder: Recorder, engine, decoder: Decoder, plan: Plan, max_pixel
                 ready = flow.unencoded(works)
             for item in ready:
                 if isinstance(item, FinishedPage):
-                    record(item)
+                    decoding.record(item)
                 else:
-                    submit(*item)
+                    decoding.submit(*item)
         if stop.requested:
             halt.set()
-            deadline = time.monotonic() + options.stop_grace
-            while in_flight and time.monotonic() < deadline:
-                take_finished(0.2)
-            for future in list(in_flight):
-                decoder.cancel(future)
-            if in_flight:
-                log.warning("stopped with %d pages unfinished; they stay pending for the next run",
-                            len({id(work) for work, _ in in_flight.values()}))
+            decoding.wind_down(options.stop_grace)
         if failure is not None:
             raise PipelineError(f"the {failure.stage} stage failed: {failure.error}; unfinished pages stay pending")
     finally:
         halt.set()
         renderer.join(timeout=10)
         recorder.summary.render_crashes = renderer.crashes
+
+
+class _Decoding:
+    """The units handed to the decoder and not yet back, and what becomes of each one that comes back."""
+
+    def __init__(self, decoder: Decoder, flow: PageFlow, recorder: Recorder):
+        self.decoder, self.flow, self.recorder = decoder, flow, recorder
+        self.in_flight: dict[Future, tuple[PageWork, Unit]] = {}
+        self.finished: queue.Queue = queue.Queue()  # futures as they finish, from the decoder's threads
+
+    @property
+    def units(self) -> int:
+        return len(self.in_flight)
+
+    def submit(self, work: PageWork, unit: Unit) -> None:
+        future = self.decoder.submit(unit)
+        unit.image = unit.encoded = None  # the backend has what it needs
+        self.in_flight[future] = (work, unit)
+        future.add_done_callback(self.finished.put)
+
+    def record(self, done: FinishedPage | None) -> None:
+        if done is not None:
+            self.recorder.add(keyed(done.page.document, done.row))
+
+    def take(self, wait_s: float) -> None:
+        """Settle every unit that has come back, waiting up to ``wait_s`` for the first."""
+        try:
+            future = self.finished.get(timeout=wait_s) if wait_s else self.finished.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._settle(future)
+            try:
+                future = self.finished.get_nowait()
+            except queue.Empty:
+                return
+
+    def wind_down(self, grace_s: float) -> None:
+        """Stopping: ``grace_s`` seconds for the units being decoded, then the rest cancelled (pending)."""
+        deadline = time.monotonic() + grace_s
+        while self.in_flight and time.monotonic() < deadline:
+            self.take(0.2)
+        for future in list(self.in_flight):
+            self.decoder.cancel(future)
+        if self.in_flight:
+            log.warning("stopped with %d pages unfinished; they stay pending for the next run",
+                        len({id(work) for work, _ in self.in_flight.values()}))
+
+    def _settle(self, future: Future) -> None:
+        work, unit = self.in_flight.pop(future)
+        try:
+            decoded = future.result()
+        except CancelledError:
+            return  # stopped before it ran: the page stays pending
+        except PAGE_FAILURES as exc:
+            self.record(self.flow.unit_failed(work, unit, str(exc)))
+            return
+        # Anything else (the pool failed, the model cannot load) is not this page's fault: it propagates.
+        if decoded.finish_reason == "cancelled":
+            return  # stopped while decoding: the page stays pending
+        self.record(self.flow.settle(work, unit, decoded))
 
 
 def _no_patches(width: int, height: int) -> int:

@@ -60,17 +60,18 @@ import pyarrow as pa
 
 from ..backends.base import Decoded
 from ..backends.local import LocalDecoder, decoded
-from ..errors import InputError, OcrbatchError
+from ..errors import OcrbatchError
+from ..job import plan as planner
 from ..job.flow import FinishedPage, PageFlow
 from ..job.options import RaySettings
 from ..job.render import LayoutSettings, RenderJob, RenderStage, StageFailed, TextLayerSettings
 from ..job.rows import failure_row, keyed
 from ..model.prompt import TASK_PROMPTS
-from ..records.dataset import DatasetRecord, DatasetRecorder, best_entries, new_run_id
+from ..records.dataset import DatasetRecord, DatasetRecorder, new_run_id
 from ..records.output import SCHEMA
 from ..records.recorder import JobSummary
-from ..sources.discover import Document, discover, escaped, unescaped
-from ..sources.rasterize import PageImage, count_pages, page_pixel_cap
+from ..sources.discover import Document, escaped, unescaped
+from ..sources.rasterize import PageImage, page_pixel_cap
 from ..storage import ObjectPath, check_reachable, input_path, is_url
 from .ray_files import FileSet, local_copy, start_file_server
 
@@ -129,28 +130,6 @@ class StageConfig:
     def local(self, files: FileSet) -> str:
         """This node's path of ``files``, copied from the driver if this node does not see the driver's."""
         return str(local_copy(files, self.file_server, Path(self.node_cache), self.always_copy_models))
-
-
-@dataclass
-class RayPlan:
-    """The pages a run processes, and what it does not."""
-
-    manifest: list[dict] = field(default_factory=list)  # {"path", "doc_id", "page", "page_count"}
-    unreadable: list[tuple[Document, str]] = field(default_factory=list)
-    skipped: int = 0
-    documents: int = 0
-    deferred: int = 0  # files still being written (--min-file-age), left for a later run
-    special: int = 0  # FIFOs, devices, sockets: never opened
-
-    def listing(self) -> Iterator[str]:
-        """``--dry-run``'s lines: pages per document, then unreadable documents with the reason."""
-        for path, pages in sorted(Counter(item["path"] for item in self.manifest).items()):
-            yield f"{pages}\t{escaped(path)}"
-        for document, error in self.unreadable:
-            yield f"unreadable\t{escaped(document.path)}\t{escaped(error)}"
-
-    def total_line(self) -> str:
-        return f"{len(self.manifest)} pages to process"
 
 
 @dataclass
@@ -340,62 +319,6 @@ def import_ray():
     return ray
 
 
-def plan_pages(options, record: DatasetRecord, dry_run: bool = False) -> RayPlan:
-    """Discover the documents, bring ``record`` in line with them, and list the pages still to do.
-
-    A content id is processed once, under the first path found; see
-    :meth:`DatasetRecord.reconcile` for moved, edited and retried documents.
-    ``dry_run`` plans the same pages and changes nothing.
-    """
-    documents: dict[str, Document] = {}
-    deferred = special = 0
-    roots = [p if isinstance(p, ObjectPath) else Path(p).absolute() for p in options.paths]
-    for document in discover(roots, options.include, options.exclude, min_file_age=options.min_file_age):
-        if document.deferred:
-            log.info("%s: %s; left for a later run", document.path, document.deferred)
-            deferred += 1
-            continue
-        if document.special:
-            log.info("%s: %s, not a regular file; skipped", document.path, document.special)
-            special += 1
-            continue
-        documents.setdefault(document.doc_id, document)
-    retry = set(documents) if options.retry_failed else set()
-    changes, remaining = record.reconcile({doc_id: escaped(d.path) for doc_id, d in documents.items()}, retry,
-                                          apply=not dry_run)
-    if changes and not dry_run:
-        log.info("dataset brought up to date: %s", ", ".join(f"{n} rows {what}" for what, n in changes.items()))
-    done: dict[str, dict[int, int | None]] = defaultdict(dict)
-    for (doc_id, page), entry in best_entries(remaining).items():
-        done[doc_id][page] = entry.page_count
-    plan = RayPlan(deferred=deferred, special=special)
-    for doc_id, document in documents.items():
-        finished = done.get(doc_id, {})
-        if 0 in finished:  # could not be opened last time; --retry-failed removed that row
-            plan.skipped += 1
-            continue
-        if document.error:
-            plan.unreadable.append((document, document.error))
-            continue
-        page_count = next((count for count in finished.values() if count), None)
-        if page_count is None:
-            try:
-                page_count = count_pages(document)
-            except InputError as exc:
-                plan.unreadable.append((document, str(exc)))
-                continue
-            except Exception as exc:  # whatever a file does to the planner, it fails alone
-                plan.unreadable.append((document, f"{document.path}: cannot be planned ({type(exc).__name__}: {exc})"))
-                continue
-        pages = [p for p in range(1, page_count + 1) if p not in finished]
-        plan.skipped += page_count - len(pages)
-        # Paths travel escaped (Arrow strings are UTF-8; a file name need not be) and are unescaped to open.
-        plan.manifest += [{"path": escaped(document.path), "doc_id": doc_id, "page": p, "page_count": page_count}
-                          for p in pages]
-    plan.documents = len({item["doc_id"] for item in plan.manifest}) + len(plan.unreadable)
-    return plan
-
-
 def default_object_store_bytes() -> int:
     """A fifth of the machine's memory, between 512 MiB and 4 GiB.
 
@@ -534,7 +457,7 @@ def run_ray_job(options, address: str | None = None, settings: RaySettings | Non
         repaired = record.recover()
         if repaired:
             log.info("%s: removed %d duplicate rows left by an interrupted run", options.out, repaired)
-        plan = plan_pages(options, record)
+        plan = planner.plan_dataset(options, record)
         summary.pages_skipped, summary.documents, summary.deferred_files = plan.skipped, plan.documents, plan.deferred
         summary.special_files = plan.special
         log.info("%d pages to process in %d documents (%d unreadable), %d already done",

@@ -6,6 +6,7 @@ import queue
 import time
 import traceback
 from dataclasses import dataclass
+from typing import Iterator
 
 from ..model.vision import EncodedImage
 from .render import END, StageFailed
@@ -44,13 +45,14 @@ def next_batch(pages: queue.Queue, batch_size: int, max_batch_patches: int, coun
     return batch, None
 
 
-def encode_units(vision, units: list, max_batch_patches: int) -> list[EncodedUnit]:
-    """Encode the units (page images or layout crops) of a batch of pages, in the order given.
+def encode_units(vision, units: list, max_batch_patches: int) -> Iterator[tuple[int, EncodedUnit]]:
+    """Encode the units (page images or layout crops) of a batch of pages: ``(index, result)`` per unit.
 
     Units with the same resize bounds share forward passes of at most
     ``max_batch_patches`` patches; a failing pass is retried unit by unit.
+    Each pass's units are yielded as soon as it is done, so that their
+    decoding can start while the next pass runs.
     """
-    results: dict[int, EncodedUnit] = {}
     groups: dict = {}
     for index, unit in enumerate(units):
         groups.setdefault(unit.pixel_bounds, []).append(index)
@@ -59,13 +61,11 @@ def encode_units(vision, units: list, max_batch_patches: int) -> list[EncodedUni
         for index in indices + [None]:
             size = 0 if index is None else vision.n_patches_for(*units[index].image.size, bounds)
             if chunk and (index is None or patches + size > max_batch_patches):
-                for position, encoded in zip(chunk, _encode_images(vision, [units[i].image for i in chunk], bounds)):
-                    results[position] = encoded
+                yield from zip(chunk, _encode_images(vision, [units[i].image for i in chunk], bounds))
                 chunk, patches = [], 0
             if index is not None:
                 chunk.append(index)
                 patches += size
-    return [results[index] for index in range(len(units))]
 
 
 def _encode_images(vision, images: list, bounds) -> list[EncodedUnit]:

@@ -79,13 +79,15 @@ class PageFlow:
 
     def encode(self, vision, works: list[PageWork], max_batch_patches: int
                ) -> Iterator[tuple[PageWork, Unit] | FinishedPage]:
-        """Every unit of ``works`` with its embeddings, ready for the decoder, in order.
+        """Every unit of ``works`` with its embeddings, ready for the decoder, as each forward pass ends.
 
-        A unit the encoder refuses fails its page: the page's row comes out
-        in its place, and the page's other units do not.
+        A caller that submits each unit as it comes has it decoding while the
+        next pass runs. A unit the encoder refuses fails its page: the page's
+        row comes out in its place, and the page's other units do not.
         """
         units = [(work, unit) for work in works for unit in work.units]
-        for (work, unit), result in zip(units, encode_units(vision, [unit for _, unit in units], max_batch_patches)):
+        for index, result in encode_units(vision, [unit for _, unit in units], max_batch_patches):
+            work, unit = units[index]
             if work.failed:
                 continue
             if result.error:

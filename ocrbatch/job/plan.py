@@ -1,6 +1,8 @@
 """The plan stage: which pages of which documents a run processes.
 
-Discovered documents are matched against the checkpoint: finished pages are
+Discovered documents are matched against the job's record: the SQLite
+checkpoint (:func:`plan_job`, the local engine) or the Parquet dataset
+(:func:`plan_dataset`, the Ray engine). Finished pages are
 skipped, and each content id (``doc_id``) becomes at most one work item, so
 overlapping PATHS and copies of one file at several paths are decoded once.
 The output has one row set per ``doc_id``, under the first path found in
@@ -13,17 +15,19 @@ it never stops the plan.
 from __future__ import annotations
 
 import logging
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 from ..errors import InputError, OcrbatchError
+from ..records.dataset import DatasetRecord, best_entries
 from ..records.sqlite import Store
 from ..sources.discover import Document, discover, escaped
 from ..sources.rasterize import count_pages
 from ..sources.textlayer import route
 from ..sources.video import VideoSurvey, survey
-from ..storage import StorageError
+from ..storage import ObjectPath, StorageError
 from .options import JobOptions
 
 log = logging.getLogger("ocrbatch")
@@ -82,16 +86,7 @@ def plan_job(options: JobOptions, store: Store | None, record: bool = True) -> P
     retry_ids = set(store.failed_document_ids()) if (store and retry) else None
     first_path: dict[str, Path] = {}
     known = store.known_id if store else None
-    for document in discover(options.paths, options.include, options.exclude, known_id=known,
-                             min_file_age=options.min_file_age):
-        if document.deferred:
-            log.info("%s: %s; left for a later run", escaped(document.path), document.deferred)
-            plan.deferred.append(document)
-            continue
-        if document.special:
-            log.info("%s: %s, not a regular file; skipped", escaped(document.path), escaped(document.special))
-            plan.special.append(document)
-            continue
+    for document in _regular_files(options, plan.deferred, plan.special, known_id=known):
         if document.doc_id in first_path:
             if first_path[document.doc_id] != document.path:
                 log.info("%s: same content as %s, processed once under that path", escaped(document.path),
@@ -150,6 +145,100 @@ def _plan_document(plan: Plan, document: Document, options: JobOptions, store: S
     plan.skipped += page_count - len(pages)
     if pages:
         plan.work.append(WorkItem(document, pages, page_count, video))
+
+
+@dataclass
+class DatasetPlan:
+    """The pages a run against a Parquet dataset (``--engine ray``) processes, and what it does not."""
+
+    manifest: list[dict] = field(default_factory=list)  # {"path", "doc_id", "page", "page_count"}
+    unreadable: list[tuple[Document, str]] = field(default_factory=list)
+    skipped: int = 0
+    documents: int = 0
+    deferred: int = 0  # files still being written (--min-file-age), left for a later run
+    special: int = 0  # FIFOs, devices, sockets: never opened
+
+    def listing(self) -> Iterator[str]:
+        """``--dry-run``'s lines: pages per document, then unreadable documents with the reason."""
+        for path, pages in sorted(Counter(item["path"] for item in self.manifest).items()):
+            yield f"{pages}\t{path}"  # escaped already, as the manifest carries it
+        for document, error in self.unreadable:
+            yield f"unreadable\t{escaped(document.path)}\t{escaped(error)}"
+
+    def total_line(self) -> str:
+        return f"{len(self.manifest)} pages to process"
+
+
+def plan_dataset(options: JobOptions, record: DatasetRecord, dry_run: bool = False) -> DatasetPlan:
+    """Discover the documents, bring ``record`` in line with them, and list the pages still to do, as a
+    manifest for the Ray engine.
+
+    A content id is processed once, under the first path found; see
+    :meth:`~ocrbatch.records.dataset.DatasetRecord.reconcile` for moved, edited and retried documents.
+    Paths are absolute (the actors may run elsewhere). ``dry_run`` plans the same pages and changes nothing.
+    """
+    documents: dict[str, Document] = {}
+    deferred, special = [], []
+    for document in _regular_files(options, deferred, special, absolute=True):
+        documents.setdefault(document.doc_id, document)
+    retry = set(documents) if options.retry_failed else set()
+    changes, remaining = record.reconcile({doc_id: escaped(d.path) for doc_id, d in documents.items()}, retry,
+                                          apply=not dry_run)
+    if changes and not dry_run:
+        log.info("dataset brought up to date: %s", ", ".join(f"{n} rows {what}" for what, n in changes.items()))
+    done: dict[str, dict[int, int | None]] = defaultdict(dict)
+    for (doc_id, page), entry in best_entries(remaining).items():
+        done[doc_id][page] = entry.page_count
+    plan = DatasetPlan(deferred=len(deferred), special=len(special))
+    for doc_id, document in documents.items():
+        finished = done.get(doc_id, {})
+        if 0 in finished:  # could not be opened last time; --retry-failed removed that row
+            plan.skipped += 1
+            continue
+        if document.error:
+            plan.unreadable.append((document, document.error))
+            continue
+        page_count = next((count for count in finished.values() if count), None)
+        if page_count is None:
+            try:
+                page_count = count_pages(document)
+            except InputError as exc:
+                plan.unreadable.append((document, str(exc)))
+                continue
+            except StorageError:
+                raise  # the object store failed, not the document: the run stops, nothing is failed
+            except Exception as exc:  # whatever a file does to the planner, it fails alone
+                plan.unreadable.append((document, f"{document.path}: cannot be planned ({type(exc).__name__}: {exc})"))
+                continue
+        pages = [p for p in range(1, page_count + 1) if p not in finished]
+        plan.skipped += page_count - len(pages)
+        # Paths travel escaped (Arrow strings are UTF-8; a file name need not be) and are unescaped to open.
+        plan.manifest += [{"path": escaped(document.path), "doc_id": doc_id, "page": p, "page_count": page_count}
+                          for p in pages]
+    plan.documents = len({item["doc_id"] for item in plan.manifest}) + len(plan.unreadable)
+    return plan
+
+
+def _regular_files(options: JobOptions, deferred: list, special: list, known_id=None,
+                   absolute: bool = False) -> Iterator[Document]:
+    """The documents discovery finds under ``options.paths`` that a plan takes.
+
+    Files still being written (``--min-file-age``) go to ``deferred``, FIFOs,
+    devices and sockets to ``special``, each logged and never opened.
+    """
+    roots = options.paths
+    if absolute:
+        roots = [p if isinstance(p, ObjectPath) else Path(p).absolute() for p in roots]
+    for document in discover(roots, options.include, options.exclude, known_id=known_id,
+                             min_file_age=options.min_file_age):
+        if document.deferred:
+            log.info("%s: %s; left for a later run", escaped(document.path), document.deferred)
+            deferred.append(document)
+        elif document.special:
+            log.info("%s: %s, not a regular file; skipped", escaped(document.path), escaped(document.special))
+            special.append(document)
+        else:
+            yield document
 
 
 def _video_note(item: WorkItem, options: JobOptions) -> str:

@@ -475,13 +475,8 @@ async def _result_unless_client_leaves(pool, future: Future, receive) -> Generat
     return None
 
 
-def create_app(engine, pool, settings: ServerSettings) -> FastAPI:
-    """The FastAPI application over a loaded engine and a worker pool."""
-    app = FastAPI(title="ocrbatch", version="0.1.0")
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
-    service = OcrService(engine, pool, settings)
-    app.state.service = service
-    expected_authorization = None if settings.api_key is None else f"Bearer {settings.api_key}".encode()
+def _answer_errors_as_openai_does(app: FastAPI) -> None:
+    """Every error, ours or the framework's, as an OpenAI-style JSON error with its status."""
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):
@@ -506,6 +501,11 @@ def create_app(engine, pool, settings: ServerSettings) -> FastAPI:
     async def unexpected(request: Request, exc: Exception):
         return ApiError(500, f"internal error: {type(exc).__name__}: {exc}", type_="server_error").response()
 
+
+def _authorisation(api_key: str | None):
+    """The dependency that checks ``Authorization: Bearer KEY`` (nothing to check without a key)."""
+    expected_authorization = None if api_key is None else f"Bearer {api_key}".encode()
+
     def authorised(request: Request) -> None:
         if expected_authorization is None:
             return
@@ -515,6 +515,19 @@ def create_app(engine, pool, settings: ServerSettings) -> FastAPI:
         if not hmac.compare_digest(given, expected_authorization):
             raise ApiError(401, "invalid or missing API key (send Authorization: Bearer KEY)",
                            code="invalid_api_key")
+
+    return authorised
+
+
+def create_app(engine, pool, settings: ServerSettings) -> FastAPI:
+    """The FastAPI application over a loaded engine and a worker pool."""
+    app = FastAPI(title="ocrbatch", version="0.1.0")
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    service = OcrService(engine, pool, settings)
+    app.state.service = service
+
+    _answer_errors_as_openai_does(app)
+    authorised = _authorisation(settings.api_key)
 
     @app.get("/health")
     async def health():

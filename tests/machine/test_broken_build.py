@@ -19,7 +19,7 @@ import pytest
 from ocrbatch.machine import llama_build
 from ocrbatch.records.sqlite import checkpoint_path_for
 
-BROKEN_BUILD = Path(__file__).parent / "broken_build"
+BROKEN_BUILD = Path(__file__).parents[1] / "broken_build"
 
 
 def run_cli(*args, fault: str | None = None, timeout: float = 600) -> subprocess.CompletedProcess:

@@ -45,7 +45,7 @@ from ocrbatch.sources.textlayer import (
     route,
 )
 
-SAMPLE_REPORT = Path(__file__).resolve().parents[1] / "sample_docs" / "report.pdf"
+SAMPLE_REPORT = Path(__file__).resolve().parents[2] / "sample_docs" / "report.pdf"
 
 # kind -> (good without trusting OCR layers, good when trusting them, words in the reason when not good)
 EXPECTED = {

@@ -12,14 +12,13 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from helpers import job_options, settle
-from test_reliability import page_states, wait_for_ok_pages
+from helpers import job_options, page_states, settle, wait_for_ok_pages
 
 from ocrbatch.engines.local import run_job
 
 options = partial(job_options, max_tokens=12, dpi=110, layout="cdla")
 
-SAMPLE_DOCS = Path(__file__).parents[1] / "sample_docs"
+SAMPLE_DOCS = Path(__file__).parents[2] / "sample_docs"
 
 
 

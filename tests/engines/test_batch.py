@@ -256,7 +256,7 @@ def test_posters_are_rendered_within_the_pixel_cap(tmp_path):
 
 
 def test_parquet_is_written_atomically(tmp_path):
-    """(Row groups of ROW_GROUP_ROWS rows, however the rows come: tests/test_output.py.)"""
+    """(Row groups of ROW_GROUP_ROWS rows, however the rows come: tests/records/test_output.py.)"""
     from ocrbatch.records.output import ParquetOutput
 
     target = tmp_path / "r.parquet"
@@ -283,7 +283,7 @@ def test_store_refuses_other_settings(tmp_path):
 
 @pytest.mark.parametrize("preset", ["cpu.toml", "gpu.toml"])
 def test_shipped_presets_are_valid(preset, tmp_path):
-    config = Path(__file__).parents[1] / "configs" / preset
+    config = Path(__file__).parents[2] / "configs" / preset
     result = CliRunner().invoke(main, ["run", str(tmp_path), "--out", str(tmp_path / "o.parquet"),
                                        "--config", str(config), "--dry-run"])
     assert result.exit_code == 0, result.output

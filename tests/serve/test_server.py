@@ -19,11 +19,9 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
-from helpers import document_image, free_port, write_png_claiming_size
+from helpers import LONG, document_image, free_port, write_png_claiming_size
 
 MAX = 16
-# A decode this long is never waited for: with end-of-sentence ignored, only a cancel ends it in time.
-LONG = 2000
 
 
 
@@ -343,31 +341,6 @@ def test_stop_strings_and_seeded_sampling(server, test_images, engine_f32):
 
 
 # -- inside a running server ---------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def live(engine_f32):
-    """The app under uvicorn in this process, on a real socket, with its own worker pool."""
-    import uvicorn
-
-    from ocrbatch.backends.pool import WorkerPool
-    from ocrbatch.serve.app import ServerSettings, create_app
-
-    pool = WorkerPool(engine_f32.gguf_path, n_seq_max=2, n_ctx=engine_f32.context_size(2, LONG))
-    app = create_app(engine_f32, pool, ServerSettings(model_name="tiny", max_queue=2, max_tokens_limit=LONG))
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen()  # connections queue here until uvicorn accepts them: no start-up wait
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
-    thread.start()
-    host, port = listener.getsockname()
-    yield SimpleNamespace(url=f"http://{host}:{port}", address=(host, port), engine=engine_f32, pool=pool,
-                          service=app.state.service)
-    server.should_exit = True
-    thread.join(timeout=30)
-    pool.close()
-    listener.close()
 
 
 @pytest.fixture

@@ -16,10 +16,9 @@ import time
 from concurrent.futures import wait
 from pathlib import Path
 
-import httpx
 import pytest
 from fault_server import Drop, FaultServer, Hold, Ok, Stall, Status
-from helpers import document_image, free_port, llama_cpp_source
+from helpers import document_image, free_port, llama_cpp_source, start_http_server, stop_process
 from PIL import Image
 
 from ocrbatch.backends.remote import DEFAULT_MODEL_PIXEL_BOUNDS, BackendUnavailable, RemoteRecognizer
@@ -29,7 +28,7 @@ from ocrbatch.errors import OcrbatchError
 # minimum): the client sends it as it is, and the fault server's answer names that size.
 IMAGE = document_image(336, 336, 0)
 TIMEOUT_S = 0.5
-SAMPLE_DOCS = Path(__file__).resolve().parent.parent / "sample_docs"
+SAMPLE_DOCS = Path(__file__).resolve().parents[2] / "sample_docs"
 
 
 @pytest.fixture
@@ -300,32 +299,6 @@ MAX_TOKENS = 16
 
 
 
-def start(command: list[str], port: int, log: Path, startup_s: float = 300, env: dict | None = None) -> subprocess.Popen:
-    """Start a server process; return once ``GET /v1/models`` answers (polled: a process has no event for it)."""
-    process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
-    deadline = time.monotonic() + startup_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}: {log.read_text()[-2000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
-                return process
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    process.kill()
-    raise RuntimeError(f"server did not start within {startup_s} s: {log.read_text()[-2000:]}")
-
-
-def stop(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
 def sample_pages() -> list:
     """First pages of the sample documents, rendered as the batch job renders them (at a low dpi)."""
     from ocrbatch.sources.discover import Document
@@ -342,7 +315,7 @@ def sample_pages() -> list:
 @pytest.mark.slow
 def test_ocrbatch_serve_gives_the_local_engines_text(tiny_model, engine_f32, test_images, tmp_path):
     port = free_port()
-    process = start([sys.executable, "-m", "ocrbatch", "serve", "--model", str(tiny_model), "--quant", "F32",
+    process = start_http_server([sys.executable, "-m", "ocrbatch", "serve", "--model", str(tiny_model), "--quant", "F32",
                      "--port", str(port), "--max-tokens", str(MAX_TOKENS)], port, tmp_path / "serve.log")
     try:
         images = sample_pages() + test_images[:2]
@@ -351,7 +324,7 @@ def test_ocrbatch_serve_gives_the_local_engines_text(tiny_model, engine_f32, tes
             futures = [remote.submit(image, "OCR:", MAX_TOKENS) for image in images]
             results = [f.result(timeout=300) for f in futures]
     finally:
-        stop(process)
+        stop_process(process)
     for image, result in zip(images, results):
         [expected] = engine_f32.ocr([image], max_tokens=MAX_TOKENS)
         assert result.error is None, result.error
@@ -409,7 +382,7 @@ def test_smoke_against_llama_cpp_pythons_own_server(tmp_path):
     checkpoint = make_model(tmp_path / "tiny-official", size="tiny", seed=0, version="1.0", layout="official")
     mmproj = build_mmproj(checkpoint, tmp_path)
     port = free_port()
-    process = start([sys.executable, "-m", "llama_cpp.server", "--model", str(convert(checkpoint, "F32")),
+    process = start_http_server([sys.executable, "-m", "llama_cpp.server", "--model", str(convert(checkpoint, "F32")),
                      "--clip_model_path", str(mmproj), "--chat_format", "mtmd", "--n_ctx", "4096",
                      "--host", "127.0.0.1", "--port", str(port), "--model_alias", "paddleocr-vl-tiny"],
                     port, tmp_path / "llama-server.log", env=llama_cpp_server_env())
@@ -420,7 +393,7 @@ def test_smoke_against_llama_cpp_pythons_own_server(tmp_path):
             images = [document_image(300, 200, 1), document_image(180, 260, 2)]
             results = [remote.submit(image, "OCR:", MAX_TOKENS).result(timeout=300) for image in images]
     finally:
-        stop(process)
+        stop_process(process)
     for result in results:
         assert result.error is None, result.error
         assert result.text.strip() and result.finish_reason in ("stop", "length")

@@ -193,7 +193,7 @@ def test_a_dataset_made_with_other_settings_is_refused(tmp_path):
 
 
 def test_plan_skips_finished_pages_and_a_dry_run_changes_nothing(tmp_path):
-    from ocrbatch.engines.ray import plan_pages
+    from ocrbatch.job.plan import plan_dataset
     from ocrbatch.sources.discover import hash_file
 
     docs = tmp_path / "docs"
@@ -207,10 +207,10 @@ def test_plan_skips_finished_pages_and_a_dry_run_changes_nothing(tmp_path):
                  "part-1-00001.parquet")
     before = {file: file.read_bytes() for file in record.files()}
 
-    plan = plan_pages(JobOptions(paths=[docs], out=record.folder, min_file_age=60), record, dry_run=True)
+    plan = plan_dataset(JobOptions(paths=[docs], out=record.folder, min_file_age=60), record, dry_run=True)
     assert (plan.manifest, plan.unreadable, plan.deferred) == ([], [], 3)  # all three were written just now
 
-    plan = plan_pages(JobOptions(paths=[docs], out=record.folder, retry_failed=True, min_file_age=0), record,
+    plan = plan_dataset(JobOptions(paths=[docs], out=record.folder, retry_failed=True, min_file_age=0), record,
                       dry_run=True)
     assert sorted((Path(i["path"]).name, i["page"], i["page_count"]) for i in plan.manifest) == [
         ("a.pdf", 2, 3), ("a.pdf", 3, 3), ("b.pdf", 1, 2), ("b.pdf", 2, 2)]
@@ -219,7 +219,7 @@ def test_plan_skips_finished_pages_and_a_dry_run_changes_nothing(tmp_path):
     assert (plan.skipped, plan.documents) == (1, 3)
     assert {file: file.read_bytes() for file in record.files()} == before
 
-    plan = plan_pages(JobOptions(paths=[docs], out=record.folder, min_file_age=0), record)  # no retry: it stands
+    plan = plan_dataset(JobOptions(paths=[docs], out=record.folder, min_file_age=0), record)  # no retry: it stands
     assert sorted((Path(i["path"]).name, i["page"]) for i in plan.manifest) == [("a.pdf", 3), ("b.pdf", 1),
                                                                                 ("b.pdf", 2)]
     assert plan.skipped == 2
@@ -230,15 +230,15 @@ def test_the_command_line_gives_the_ray_engine_layout_and_text_layers(tmp_path, 
     from click.testing import CliRunner
 
     from ocrbatch.cli.main import main
-    from ocrbatch.engines import ray as ray_engine
+    from ocrbatch.job import plan as planner
 
     asked = []
 
-    def plan_pages(options, record, dry_run):
+    def plan_dataset(options, record, dry_run):
         asked.append((options.layout, options.pdf_text))
-        return ray_engine.RayPlan()
+        return planner.DatasetPlan()
 
-    monkeypatch.setattr(ray_engine, "plan_pages", plan_pages)
+    monkeypatch.setattr(planner, "plan_dataset", plan_dataset)
     run = ["run", str(tmp_path), "--out", str(tmp_path / "out"), "--engine", "ray", "--dry-run"]
     for extra in ([], ["--layout", "pp-doclayout", "--pdf-text", "auto"]):
         result = CliRunner().invoke(main, run + extra)
@@ -360,7 +360,9 @@ def poison_decoding():
     ray_engine.decode_rows = decode_rows
 
 
-POISON_ENV = {"env_vars": {"PYTHONPATH": str(TESTS)}, "worker_process_setup_hook": "test_ray.poison_decoding"}
+# The hook is this module, imported by each Ray worker: from this folder, with the tests' shared helpers beside it.
+POISON_ENV = {"env_vars": {"PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent)])},
+              "worker_process_setup_hook": "test_ray.poison_decoding"}
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).parents[1] / "benchmarks" / "ceiling.py"
+BENCH = Path(__file__).parents[2] / "benchmarks" / "ceiling.py"
 # RSS at 100 % of the pages (after the output is committed) minus RSS at 25 %, over 7,500 pages.
 # Measured 24 MB with a Parquet row group every 32 rows, 1.6 MB since row groups hold 1,024 rows
 # (allocator noise). A leak of 2 KB a page (a kept row, image or dict per page) adds 7,500 × 2 KB

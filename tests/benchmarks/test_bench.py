@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).parents[1] / "benchmarks" / "bench.py"
+BENCH = Path(__file__).parents[2] / "benchmarks" / "bench.py"
 PROFILE = BENCH.with_name("profile_stages.py")
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).parents[1] / "benchmarks" / "bench_pdf_text.py"
+BENCH = Path(__file__).parents[2] / "benchmarks" / "bench_pdf_text.py"
 
 
 @pytest.mark.slow

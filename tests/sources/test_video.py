@@ -126,7 +126,7 @@ def test_a_job_over_videos_and_images(tiny_model, tmp_path):
 
 @pytest.mark.slow
 def test_kill_9_mid_video_then_every_page_exactly_once(tiny_model, tmp_path):
-    from test_reliability import llama_workers, page_states, popen, slow_run_args, wait_for_ok_pages
+    from helpers import llama_workers, page_states, popen, slow_run_args, wait_for_ok_pages
 
     docs = tmp_path / "docs"
     docs.mkdir()

@@ -28,7 +28,7 @@ from ocrbatch.layout.detect import (
 from ocrbatch.layout.markdown import page_markdown
 from ocrbatch.layout.order import filter_blocks, reading_order
 
-SAMPLES = Path(__file__).resolve().parent.parent / "sample_docs"
+SAMPLES = Path(__file__).resolve().parents[2] / "sample_docs"
 DPI = 110
 
 

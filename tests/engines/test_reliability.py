@@ -12,14 +12,26 @@ import signal
 import sqlite3
 import statistics
 import subprocess
-import sys
 import time
 from functools import partial
 from pathlib import Path
 
 import pytest
 from fault_workers import crashing_worker_main, failing_prefill_worker_main, hanging_worker_main, segfaulting_renderer
-from helpers import job_options, llama_workers, read_rows, run_cli, settle, settled_pdfs, write_lying_pdf, write_pdf
+from helpers import (
+    job_options,
+    llama_workers,
+    page_states,
+    popen,
+    read_rows,
+    run_cli,
+    settle,
+    settled_pdfs,
+    slow_run_args,
+    wait_for_ok_pages,
+    write_lying_pdf,
+    write_pdf,
+)
 
 from ocrbatch.backends.pool import PoolFailed, WorkerPool
 from ocrbatch.engines.local import PipelineError, run_job
@@ -30,25 +42,6 @@ cli = run_cli
 
 
 
-
-
-def page_states(out: Path) -> dict[str, int]:
-    """Page counts by status in the job's checkpoint (read-only, safe while a run writes it)."""
-    with sqlite3.connect(f"file:{checkpoint_path_for(out)}?mode=ro", uri=True) as db:
-        return dict(db.execute("SELECT status, count(*) FROM pages GROUP BY status").fetchall())
-
-
-def wait_for_ok_pages(out: Path, process: subprocess.Popen, at_least: int, deadline_s: float = 180) -> int:
-    deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            ok = page_states(out).get("ok", 0)
-        except sqlite3.Error:
-            ok = 0
-        if ok >= at_least:
-            return ok
-        time.sleep(0.05)
-    raise AssertionError(f"the run never finished {at_least} pages (exit code {process.poll()})")
 
 
 @pytest.fixture(scope="module")
@@ -315,17 +308,6 @@ def test_a_fresh_file_is_picked_up_by_the_next_run(tiny_model, engine, docs, tmp
 @pytest.fixture
 def many_pages(tmp_path):
     return settled_pdfs(tmp_path / "many", 6, 4)
-
-
-def slow_run_args(tiny_model, folder, out, tokens=300):
-    """Pages slow enough (forced long outputs, one at a time) that a signal lands mid-decode."""
-    return ["run", folder, "--out", out, "--model", tiny_model, "--quant", "F32", "--max-tokens", str(tokens),
-            "--ignore-eos", "--seqs-per-worker", "1", "--batch-size", "1", "--dpi", "72", "--layout", "none"]
-
-
-def popen(args):
-    return subprocess.Popen([sys.executable, "-m", "ocrbatch", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
 
 
 @pytest.mark.slow

@@ -10,13 +10,19 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import document_image, free_port, settle, write_pdf
+from helpers import (
+    document_image,
+    free_port,
+    page_states,
+    settle,
+    start_http_server,
+    stop_process,
+    wait_for_ok_pages,
+    write_pdf,
+)
 from scanned_article import write_scanned_article
-from test_reliability import page_states, wait_for_ok_pages
-from test_remote import start, stop
-from test_server import live  # noqa: F401  (a fixture: ocrbatch serve in this process, its engine at hand)
 
-SAMPLE_DOCS = Path(__file__).parents[1] / "sample_docs"
+SAMPLE_DOCS = Path(__file__).parents[2] / "sample_docs"
 MAX_TOKENS = 24
 
 
@@ -33,10 +39,10 @@ def ocrbatch(*args, timeout=600):
 def served(tiny_model, tmp_path_factory):
     port = free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    process = start([sys.executable, "-m", "ocrbatch", "serve", "--model", str(tiny_model), "--quant", "F32",
+    process = start_http_server([sys.executable, "-m", "ocrbatch", "serve", "--model", str(tiny_model), "--quant", "F32",
                      "--port", str(port), "--max-tokens", str(MAX_TOKENS), "--seqs-per-worker", "2"], port, log)
     yield f"http://127.0.0.1:{port}/v1"
-    stop(process)
+    stop_process(process)
 
 
 def local_and_remote_rows(tiny_model, served, tmp_path, layout: str, docs: Path = SAMPLE_DOCS,

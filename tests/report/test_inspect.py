@@ -16,7 +16,7 @@ from ocrbatch.cli.main import main
 from ocrbatch.engines.local import run_job
 from ocrbatch.report.overlay import STYLES
 
-SAMPLE_DOCS = Path(__file__).parents[1] / "sample_docs"
+SAMPLE_DOCS = Path(__file__).parents[2] / "sample_docs"
 DPI = 110
 options = partial(job_options, max_tokens=4, dpi=DPI, layout="cdla")
 # The purchase order's table (ocrbatch.dev.samples): 460 pt wide, 5 rows of 28 pt, from (56, 90).

@@ -20,7 +20,7 @@ from ocrbatch.records.recorder import JobSummary
 from ocrbatch.records.rows import read_rows
 from ocrbatch.report.overlay import STYLES
 
-SAMPLE_DOCS = Path(__file__).parents[1] / "sample_docs"
+SAMPLE_DOCS = Path(__file__).parents[2] / "sample_docs"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (Debian: apt-get install "
                                     "chromium; .ci/run installs it)")

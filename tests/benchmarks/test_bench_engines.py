@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).parents[1] / "benchmarks" / "bench_engines.py"
+BENCH = Path(__file__).parents[2] / "benchmarks" / "bench_engines.py"
 
 
 @pytest.mark.slow
