@@ -19,8 +19,19 @@ seconds per page, the checkpoint's size, the time to write the N output rows
 (the job's writer fed from the checkpoint, as every run rebuilds its output),
 the re-run with nothing to do, and the fleet the pages/s allow.
 
+``--engines local ray`` also runs the same pages through ``--engine ray
+--backend openai`` against the same stub: a fresh local Ray instance whose
+``--ray-actors`` actors (default: this machine's cores, one CPU each) render
+the pages and send them to the stub, the driver writing the Parquet dataset.
+The same figures where they apply: the parent is the driver (Ray's own
+processes are not in its RSS), pages are counted done as their rows reach
+it, and its processing phase starts at the first row (``first_row_s``, which
+includes starting Ray and its actors); the dataset's size stands for the
+checkpoint's, and there is no output rewrite (the dataset is the record).
+
     python benchmarks/ceiling.py --pages 10000 100000 --out benchmarks/results/ceiling-cpu-2core.json
     python benchmarks/ceiling.py --quick
+    python benchmarks/ceiling.py --pages 1000 --engines local ray
 """
 
 from __future__ import annotations
@@ -34,6 +45,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import psutil
 
@@ -104,30 +116,41 @@ class Stub:
         self.process.wait(timeout=30)
 
 
-class Sampler(threading.Thread):
-    """Samples this process's RSS with the pages finished so far (read from the checkpoint)."""
+class CheckpointCount:
+    """The pages ok so far in the local engine's checkpoint, read-only (the Sampler's ``done``)."""
 
     def __init__(self, checkpoint: Path):
-        super().__init__(daemon=True)
         self.checkpoint = checkpoint
+        self.db = None
+
+    def __call__(self) -> int:
+        if self.db is None and self.checkpoint.is_file():
+            self.db = sqlite3.connect(f"file:{self.checkpoint}?mode=ro", uri=True, check_same_thread=False)
+        if self.db is None:
+            return 0
+        try:
+            return self.db.execute("SELECT COUNT(*) FROM pages WHERE status = 'ok'").fetchone()[0]
+        except sqlite3.OperationalError:  # the tables are not made yet
+            return 0
+
+    def close(self) -> None:
+        if self.db is not None:
+            self.db.close()
+
+
+class Sampler(threading.Thread):
+    """Samples this process's RSS with the pages finished so far (as ``done()`` counts them)."""
+
+    def __init__(self, done: Callable[[], int]):
+        super().__init__(daemon=True)
+        self.done = done
         self.samples: list[tuple[float, int, int]] = []  # (seconds, pages done, RSS bytes)
         self.halt = threading.Event()
 
     def run(self) -> None:
         me, started = psutil.Process(), time.monotonic()
-        db = None
         while not self.halt.wait(SAMPLE_EVERY_S):
-            if db is None and self.checkpoint.is_file():
-                db = sqlite3.connect(f"file:{self.checkpoint}?mode=ro", uri=True)
-            done = 0
-            if db is not None:
-                try:
-                    done = db.execute("SELECT COUNT(*) FROM pages WHERE status = 'ok'").fetchone()[0]
-                except sqlite3.OperationalError:  # the tables are not made yet
-                    pass
-            self.samples.append((time.monotonic() - started, done, me.memory_info().rss))
-        if db is not None:
-            db.close()
+            self.samples.append((time.monotonic() - started, self.done(), me.memory_info().rss))
 
     def stop(self) -> list[tuple[float, int, int]]:
         self.halt.set()
@@ -145,33 +168,70 @@ def _at_fractions(samples: list[tuple[float, int, int]], pages: int, final_rss: 
     return rss
 
 
+def timed_pages(work: Path, count: int) -> float:
+    """Seconds to make ``count`` pages under ``work``/docs."""
+    begin = time.perf_counter()
+    make_pages(work / "docs", count)
+    return round(time.perf_counter() - begin, 1)
+
+
+def rerun_seconds(rerun, pages: int, out: Path) -> float:
+    """How long the re-run took, which must have found all ``pages`` done."""
+    if rerun.pages_ok or rerun.pages_skipped != pages:
+        raise RuntimeError(f"the re-run did work: {rerun.line(out)}")
+    return round(rerun.elapsed_s, 2)
+
+
+def job_options(work: Path, out: Path, url: str, concurrency: int, **options) -> JobOptions:
+    """The job both engines run over ``work``'s pages; ``options`` go to :class:`JobOptions`."""
+    return JobOptions(paths=[work / "docs"], out=out, backend="openai", base_url=url, layout="none",
+                      concurrency=concurrency, min_file_age=0, progress=False, max_tokens=16, **options)
+
+
+def observed(pages: int, run: Callable, done: Callable[[], int], out: Path) -> tuple[object, dict]:
+    """``run()``'s summary and the figures both engines report: pages/s, this (the parent) process's CPU and RSS."""
+    me = psutil.Process()
+    sampler = Sampler(done)
+    cpu_before, rss_before = me.cpu_times(), me.memory_info().rss
+    sampler.start()
+    summary = run()
+    rss_after = me.memory_info().rss
+    samples = sampler.stop()
+    cpu_after = me.cpu_times()
+    if summary.pages_ok != pages:
+        raise RuntimeError(f"{summary.pages_ok} of {pages} pages ok: {summary.line(out)}")
+    first = next(t for t, count, _ in samples if count > 0)  # planning ends about when the first page lands
+    cpu_s = (cpu_after.user + cpu_after.system) - (cpu_before.user + cpu_before.system)
+    pages_per_s = pages / summary.elapsed_s
+    return summary, {
+        "pages": pages,
+        "run_s": round(summary.elapsed_s, 2),
+        "pages_per_s": round(pages_per_s, 1),
+        "first_page_s": round(first, 1),
+        "processing_pages_per_s": round(pages / (summary.elapsed_s - first), 1),
+        "parent_cpu_ms_per_page": round(1000 * cpu_s / pages, 3),
+        "parent_rss_mb_before": round(rss_before / MB, 1),
+        "parent_rss_mb_at_done": _at_fractions(samples, pages, rss_after),
+        "parent_rss_mb_peak": round(max([rss for _, _, rss in samples] + [rss_after]) / MB, 1),
+        "fleet_gpus": {f"at {rate:g} pages/s per GPU": int(pages_per_s // rate) for rate in GPU_PAGES_PER_S},
+    }
+
+
 def measure(pages: int, url: str, concurrency: int, **options) -> dict:
-    """One run over ``pages`` new pages, its re-run and the output rewrite; ``options`` go to :class:`JobOptions`."""
+    """The local engine: one run over ``pages`` new pages, its re-run and the output rewrite."""
     with tempfile.TemporaryDirectory(prefix="ceiling-") as work:
         work = Path(work)
-        begin = time.perf_counter()
-        make_pages(work / "docs", pages)
-        made_s = time.perf_counter() - begin
+        made_s = timed_pages(work, pages)
         out = work / "results.parquet"
-        options = JobOptions(paths=[work / "docs"], out=out, backend="openai", base_url=url, layout="none",
-                             concurrency=concurrency, min_file_age=0, progress=False, max_tokens=16, **options)
-        me = psutil.Process()
-        sampler = Sampler(options.checkpoint_path)
-        cpu_before, rss_before = me.cpu_times(), me.memory_info().rss
-        sampler.start()
-        summary = run_job(options)
-        rss_after = me.memory_info().rss
-        samples = sampler.stop()
-        cpu_after = me.cpu_times()
-        if summary.pages_ok != pages:
-            raise RuntimeError(f"{summary.pages_ok} of {pages} pages ok: {summary.line(out)}")
-        first = next(t for t, done, _ in samples if done > 0)  # planning ends about when the first page lands
+        options = job_options(work, out, url, concurrency, **options)
+        count = CheckpointCount(options.checkpoint_path)
+        try:
+            summary, figures = observed(pages, lambda: run_job(options), count, out)
+        finally:
+            count.close()
         checkpoint_bytes = sum(path.stat().st_size for path in work.glob("results.parquet.ocrbatch.db*"))
-        cpu_s = (cpu_after.user + cpu_after.system) - (cpu_before.user + cpu_before.system)
 
-        rerun = run_job(options)
-        if rerun.pages_ok or rerun.pages_skipped != pages:
-            raise RuntimeError(f"the re-run did work: {rerun.line(out)}")
+        rerun_s = rerun_seconds(run_job(options), pages, out)
 
         store = Store(options.checkpoint_path, readonly=True)
         writer = open_output(work / "rewrite.parquet")
@@ -187,23 +247,43 @@ def measure(pages: int, url: str, concurrency: int, **options) -> dict:
         write_s = time.perf_counter() - begin
         store.close()
 
-    pages_per_s = pages / summary.elapsed_s
+    figures["plan_s_approx"] = figures.pop("first_page_s")
     return {
-        "pages": pages,
-        "make_pages_s": round(made_s, 1),
-        "run_s": round(summary.elapsed_s, 2),
-        "pages_per_s": round(pages_per_s, 1),
-        "plan_s_approx": round(first, 1),
-        "processing_pages_per_s": round(pages / (summary.elapsed_s - first), 1),
-        "parent_cpu_ms_per_page": round(1000 * cpu_s / pages, 3),
-        "parent_rss_mb_before": round(rss_before / MB, 1),
-        "parent_rss_mb_at_done": _at_fractions(samples, pages, rss_after),
-        "parent_rss_mb_peak": round(max([rss for _, _, rss in samples] + [rss_after]) / MB, 1),
+        "engine": "local", "make_pages_s": made_s, **figures,
         "checkpoint_mb": round(checkpoint_bytes / MB, 2),
         "checkpoint_bytes_per_page": round(checkpoint_bytes / pages),
         "output_write_s": round(write_s, 2),
-        "rerun_s": round(rerun.elapsed_s, 2),
-        "fleet_gpus": {f"at {rate:g} pages/s per GPU": int(pages_per_s // rate) for rate in GPU_PAGES_PER_S},
+        "rerun_s": rerun_s,
+    }
+
+
+def measure_ray(pages: int, url: str, concurrency: int, actors: int, **options) -> dict:
+    """``--engine ray``: one run over ``pages`` new pages on a fresh local Ray instance, and its re-run."""
+    # Ray on loopback only (as the tests run it), reporting nothing to its makers: read as Ray is imported.
+    os.environ.update({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"})
+    from ocrbatch.engines.ray import RaySettings, run_ray_job
+
+    settings = RaySettings(vision_actors=actors)
+    with tempfile.TemporaryDirectory(prefix="ceiling-ray-") as work:
+        work = Path(work)
+        made_s = timed_pages(work, pages)
+        out = work / "dataset"
+        options = job_options(work, out, url, concurrency, **options)
+        rows = []  # the rows as they reach the driver; counted by the sampler
+
+        def run():
+            return run_ray_job(options, settings=settings, on_row=lambda row: rows.append(None))
+
+        summary, figures = observed(pages, run, rows.__len__, out)
+        dataset_bytes = sum(path.stat().st_size for path in out.glob("*.parquet"))
+        rerun_s = rerun_seconds(run_ray_job(options, settings=settings), pages, out)
+    figures["first_row_s"] = figures.pop("first_page_s")
+    return {
+        "engine": "ray", "ray_actors": actors, "make_pages_s": made_s, **figures,
+        "lost_pages": summary.lost_pages,
+        "dataset_mb": round(dataset_bytes / MB, 2),
+        "dataset_bytes_per_page": round(dataset_bytes / pages),
+        "rerun_s": rerun_s,
     }
 
 
@@ -211,7 +291,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pages", type=int, nargs="+", default=[10000, 100000])
     parser.add_argument("--quick", action="store_true", help="10,000 pages only (for CI).")
-    parser.add_argument("--concurrency", type=int, default=8, help="requests in flight to the stub (--concurrency)")
+    parser.add_argument("--concurrency", type=int, default=8,
+                        help="requests in flight to the stub (--concurrency; with ray, per actor)")
+    parser.add_argument("--engines", nargs="+", choices=("local", "ray"), default=["local"],
+                        help="The engines to run, each over every --pages count (default: local).")
+    parser.add_argument("--ray-actors", type=int, default=os.cpu_count(),
+                        help="--engine ray: the actors that render and send pages, one CPU each (default: the cores).")
     parser.add_argument("--note", action="append", default=[], help="A note to store in the results (repeatable).")
     parser.add_argument("--out", type=Path, help="Also write the results (JSON) here.")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # the stub's own process
@@ -219,15 +304,19 @@ def main() -> None:
     if args.serve:
         return serve()
     counts = [10000] if args.quick else args.pages
-    results = {"settings": {"engine": "local", "backend": "openai (stub on loopback, instant answers)",
+    results = {"settings": {"engine": " ".join(args.engines), "backend": "openai (stub on loopback, instant answers)",
                             "page": "64x64 one-colour PNG", "concurrency": args.concurrency, "quick": args.quick,
                             "gpu_pages_per_s": GPU_PAGES_PER_S},
                "machine": {"cores": os.cpu_count(), "load_average_before": os.getloadavg()},
                "runs": [], "date": time.strftime("%Y-%m-%d"), "notes": args.note}
     with Stub() as stub:
-        for count in counts:
-            results["runs"].append(measure(count, stub.url, args.concurrency))
-            print(results["runs"][-1], file=sys.stderr, flush=True)
+        for engine in args.engines:
+            for count in counts:
+                if engine == "local":
+                    results["runs"].append(measure(count, stub.url, args.concurrency))
+                else:
+                    results["runs"].append(measure_ray(count, stub.url, args.concurrency, args.ray_actors))
+                print(results["runs"][-1], file=sys.stderr, flush=True)
     results["machine"]["load_average_after"] = os.getloadavg()
     write_results(results, args.out)
 

@@ -33,6 +33,17 @@ pages, found missing at the end, are run once more one page per task and one
 task per actor, so that a page that kills actors does not take its
 batch-mates down with it. A page that still does not come back is a failed row.
 
+With ``--backend openai`` there is one pool instead of two, and no model
+here: :class:`RemoteStage` actors render their pages as the vision actors do
+and send each unit to the OpenAI-compatible server through the local
+engine's remote backend (:class:`~ocrbatch.backends.remote.RemoteDecoder`,
+``--concurrency`` requests in flight per actor, sized within the server's
+pixel bounds, each block with its loop guard), settling the answers in the
+page flow into output rows. The driver checks the server once before
+anything is planned: one it cannot reach stops the run (exit 3) with every
+page left to do, as in the local engine; a unit the server fails fails its
+page alone.
+
 Model files: the driver resolves the model folder and converts the GGUF;
 an actor on a node that does not see them at the driver's paths copies them
 once per node from a file server on the driver's node (:mod:`ocrbatch.engines.ray_files`).
@@ -52,6 +63,7 @@ import threading
 import time
 import warnings
 from collections import Counter, defaultdict
+from contextlib import closing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
@@ -60,6 +72,7 @@ import pyarrow as pa
 
 from ..backends.base import Decoded
 from ..backends.local import LocalDecoder, decoded
+from ..backends.remote import RemoteDecoder, RemoteRecognizer
 from ..errors import OcrbatchError
 from ..job import plan as planner
 from ..job.flow import FinishedPage, PageFlow
@@ -73,6 +86,7 @@ from ..records.recorder import JobSummary
 from ..sources.discover import Document, escaped, unescaped
 from ..sources.rasterize import PageImage, page_pixel_cap
 from ..storage import ObjectPath, check_reachable, input_path, is_url
+from .local import _Decoding
 from .ray_files import FileSet, local_copy, start_file_server
 
 log = logging.getLogger("ocrbatch")
@@ -92,11 +106,31 @@ DECODED_SCHEMA = pa.schema([*SCHEMA.set(SCHEMA.get_field_index("created_at"), pa
 
 
 @dataclass
+class RemoteSettings:
+    """``--backend openai``: the server every :class:`RemoteStage` actor sends its pages to."""
+
+    base_url: str
+    api_key: str | None
+    model: str | None  # the served model's name, once the driver has checked the server
+    concurrency: int  # requests in flight per actor
+    timeout_s: float
+
+    @classmethod
+    def of(cls, options) -> RemoteSettings:
+        return cls(options.base_url, options.api_key, options.remote_model, options.concurrency,
+                   options.effective_page_timeout)
+
+    def recognizer(self) -> RemoteRecognizer:
+        return RemoteRecognizer(self.base_url, api_key=self.api_key, model=self.model, concurrency=self.concurrency,
+                                timeout_s=self.timeout_s)
+
+
+@dataclass
 class StageConfig:
     """What every stage actor needs, sent to it once when it starts."""
 
-    weights: FileSet  # the model folder
-    gguf: FileSet
+    weights: FileSet | None  # the model folder (None with --backend openai: no model here)
+    gguf: FileSet | None
     model_name: str
     quant: str
     task: str
@@ -118,6 +152,7 @@ class StageConfig:
     storage_options: dict  # --storage-option: how the actors reach documents in object storage
     layout_files: FileSet | None = None  # --layout-model's weights, when they are a file or folder of the driver's
     file_server: object = None  # the ray_files.FileServer actor on the driver's node, once Ray is up
+    remote: RemoteSettings | None = None  # --backend openai: the server, instead of the models
 
     def flow(self) -> PageFlow:
         """The page flow every actor drives, as the local engine's."""
@@ -125,7 +160,8 @@ class StageConfig:
 
     @property
     def model_files(self) -> list[FileSet]:
-        return [self.weights, self.gguf, *([self.layout_files] if self.layout_files else [])]
+        """The driver's files the actors read: the model and its GGUF (none with a server), the layout weights."""
+        return [files for files in (self.weights, self.gguf, self.layout_files) if files]
 
     def local(self, files: FileSet) -> str:
         """This node's path of ``files``, copied from the driver if this node does not see the driver's."""
@@ -166,22 +202,12 @@ def _node_id() -> str:
     return ray.get_runtime_context().get_node_id()
 
 
-class VisionStage:
-    """Ray actor: render pages and encode their units; one batch of manifest rows in, pages to decode out."""
+class PageStage:
+    """What the actors that take manifest rows share: the local engine's render stage, and rows naming their node."""
 
-    def __init__(self, config: StageConfig):
-        from ..engine import Engine
-
+    def __init__(self, config: StageConfig, max_pixels: int):
         self.config = config
-        self.engine = Engine(config.local(config.weights), quant=config.quant, gguf=config.local(config.gguf),
-                             vision_dtype=config.vision_dtype, device=config.vision_device,
-                             max_tokens=config.max_tokens, threads=config.vision_threads, with_language=False)
-        self.engine.prompt_text(config.task)  # a task the model was not trained for fails the actor here
         self.flow = config.flow()
-        # Requests are built here, where the embeddings are, and decoded by a decode actor.
-        self.requests = LocalDecoder(self.engine, None, config.max_tokens, config.ignore_eos)
-        max_pixels = page_pixel_cap(config.layout.name, self.engine.vision.image_processor.size.longest_edge,
-                                    config.max_pixels, config.task)
         # The local engine's render stage, one for the actor's life: its render process (and layout
         # model) starts once, and a document that crashes it is quarantined there instead of killing
         # the actor. Each batch's documents are fed to it through ``jobs``.
@@ -194,6 +220,59 @@ class VisionStage:
                     threading.Event(), text_layer=config.text_layer, layout=layout).start()
         self.failure: StageFailed | None = None
         self.node = _node_id()
+
+    def _document_path(self, path: str) -> Path | ObjectPath:
+        """A manifest path as the render stage opens it: an object by its URL, a file by its (unescaped) path."""
+        return input_path(path, self.config.storage_options) if is_url(path) else unescaped(path)
+
+    def _render(self, items: list[dict]) -> Iterator[PageImage]:
+        """The render stage's page for each manifest item as it comes: rendered, failed or read from its text layer."""
+        if self.failure is None:
+            by_document: dict[tuple[str, str, int], list[int]] = defaultdict(list)
+            for item in items:
+                by_document[(item["path"], item["doc_id"], item["page_count"])].append(item["page"])
+            for (path, doc_id, page_count), numbers in by_document.items():
+                self.jobs.put(RenderJob(Document(self._document_path(path), doc_id), numbers, page_count))
+            left = len(items)  # one page comes back per page asked for
+            try:
+                while left and self.failure is None:
+                    page = self.pages.get()
+                    if isinstance(page, StageFailed):
+                        self.failure = page
+                    else:
+                        left -= 1
+                        yield page
+            finally:
+                # A caller that stopped early (an error) leaves pages of this batch to come: they are read
+                # here, so that the next batch does not take them for its own.
+                while left and self.failure is None:
+                    if isinstance(page := self.pages.get(), StageFailed):
+                        self.failure = page
+                    left -= 1
+        if self.failure is not None:
+            # The stage's thread has ended, so this actor cannot render any more: its pages come back
+            # missing and are run again, one page per task.
+            raise OcrbatchError(f"the {self.failure.stage} stage failed: {self.failure.error}")
+
+    def _row(self, page: PageImage, **values) -> dict:
+        return {"path": escaped(page.document.path), "doc_id": page.document.doc_id, "page": page.page,
+                "page_count": page.page_count, "vision_node": self.node, **values}
+
+
+class VisionStage(PageStage):
+    """Ray actor: render pages and encode their units; one batch of manifest rows in, pages to decode out."""
+
+    def __init__(self, config: StageConfig):
+        from ..engine import Engine
+
+        self.engine = Engine(config.local(config.weights), quant=config.quant, gguf=config.local(config.gguf),
+                             vision_dtype=config.vision_dtype, device=config.vision_device,
+                             max_tokens=config.max_tokens, threads=config.vision_threads, with_language=False)
+        self.engine.prompt_text(config.task)  # a task the model was not trained for fails the actor here
+        # Requests are built here, where the embeddings are, and decoded by a decode actor.
+        self.requests = LocalDecoder(self.engine, None, config.max_tokens, config.ignore_eos)
+        super().__init__(config, page_pixel_cap(config.layout.name, self.engine.vision.image_processor.size.longest_edge,
+                                                config.max_pixels, config.task))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         out, works = [], []
@@ -217,39 +296,56 @@ class VisionStage:
                                                                   protocol=pickle.HIGHEST_PROTOCOL)))
         return pa.Table.from_pylist(out, schema=ENCODED_SCHEMA)
 
-    def _document_path(self, path: str) -> Path | ObjectPath:
-        """A manifest path as the render stage opens it: an object by its URL, a file by its (unescaped) path."""
-        return input_path(path, self.config.storage_options) if is_url(path) else unescaped(path)
-
-    def _render(self, items: list[dict]) -> list[PageImage]:
-        """The render stage's page for each manifest item, rendered, failed or read from its text layer."""
-        if self.failure is None:
-            by_document: dict[tuple[str, str, int], list[int]] = defaultdict(list)
-            for item in items:
-                by_document[(item["path"], item["doc_id"], item["page_count"])].append(item["page"])
-            for (path, doc_id, page_count), numbers in by_document.items():
-                self.jobs.put(RenderJob(Document(self._document_path(path), doc_id), numbers, page_count))
-            pages = []
-            while self.failure is None and len(pages) < len(items):  # one page comes back per page asked for
-                page = self.pages.get()
-                if isinstance(page, StageFailed):
-                    self.failure = page
-                else:
-                    pages.append(page)
-        if self.failure is not None:
-            # The stage's thread has ended, so this actor cannot render any more: its pages come back
-            # missing and are run again, one page per task.
-            raise OcrbatchError(f"the {self.failure.stage} stage failed: {self.failure.error}")
-        return pages
-
-    def _row(self, page: PageImage, **values) -> dict:
-        return {"path": escaped(page.document.path), "doc_id": page.document.doc_id, "page": page.page,
-                "page_count": page.page_count, "vision_node": self.node, **values}
-
     def _finished(self, finished: FinishedPage) -> dict:
         """A page that needs no decoding, carrying its output row."""
         row = keyed(finished.page.document, finished.row)
         return self._row(finished.page, row=pickle.dumps(row, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+class RemoteStage(PageStage):
+    """Ray actor of ``--backend openai``: render pages and send their units to the server; output rows out.
+
+    No model is loaded: the units go, as images sized within the server's
+    pixel bounds (each block with its loop guard), through the local
+    engine's remote backend, ``--concurrency`` at a time, and each answer is
+    settled in the page flow as the local engine settles it.
+    """
+
+    def __init__(self, config: StageConfig):
+        self.recognizer = config.remote.recognizer()
+        # This node reaches the server too (else the actor, and so the run, fails with the reason), and
+        # reads the model's pixel bounds for whole pages, as the local engine does.
+        self.recognizer.check()
+        self.decoder = RemoteDecoder(self.recognizer, config.max_tokens, config.ignore_eos)
+        super().__init__(config, page_pixel_cap(config.layout.name, self.recognizer.model_pixel_bounds[1],
+                                                config.max_pixels, config.task))
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = BatchRows(self.node)
+        decoding = _Decoding(self.decoder, self.flow, rows)
+        with closing(self._render(batch.to_pylist())) as pages:
+            for page in pages:  # each page's units are sent as it is rendered
+                started = self.flow.start(page)
+                if isinstance(started, FinishedPage):
+                    decoding.record(started)
+                    continue
+                for work, unit in self.flow.unencoded([started]):
+                    decoding.submit(work, unit)
+                decoding.take(0)
+        while decoding.units:
+            decoding.take(0.5)
+        return pa.Table.from_pylist(rows.rows, schema=DECODED_SCHEMA)
+
+
+@dataclass
+class BatchRows:
+    """A :class:`RemoteStage` batch's finished rows, each naming the actor's node (the page flow's recorder)."""
+
+    node: str
+    rows: list[dict] = field(default_factory=list)
+
+    def add(self, row: dict) -> None:
+        self.rows.append({**row, "vision_node": self.node})
 
 
 class DecodeStage:
@@ -355,10 +451,10 @@ def connect(ray, address: str | None, settings: RaySettings, cpus_needed: float)
 
 def _stream(ray, manifest: list[dict], config: StageConfig, settings: RaySettings, decode_actors: int,
             max_retries: int, one_page_per_task: bool, vision_batch: int) -> Iterator[dict]:
-    """Run the manifest through the two actor pools and yield output rows as they finish."""
+    """Run the manifest through the two actor pools (one with a server) and yield output rows as they finish."""
     # Each vision batch reaches the decode pool as one block, which one decode actor takes whole; a
-    # small run is cut finer so that every decode actor gets some of it.
-    share = max(1, math.ceil(len(manifest) / decode_actors))
+    # small run is cut finer so that every decode actor (or, with a server, every actor) gets some of it.
+    share = max(1, math.ceil(len(manifest) / (settings.vision_actors if config.remote else decode_actors)))
     vision_batch = 1 if one_page_per_task else min(vision_batch, share)
     # A second batch's worth keeps an actor's slots busy.
     decode_batch = 1 if one_page_per_task else min(2 * config.seqs, share)
@@ -369,8 +465,6 @@ def _stream(ray, manifest: list[dict], config: StageConfig, settings: RaySetting
     # No more actors than tasks: an idle actor costs its start-up and memory.
     vision_pool = ray.data.ActorPoolStrategy(size=min(settings.vision_actors, vision_tasks),
                                              max_tasks_in_flight_per_actor=in_flight)
-    decode_pool = ray.data.ActorPoolStrategy(size=min(decode_actors, math.ceil(len(manifest) / decode_batch)),
-                                             max_tasks_in_flight_per_actor=in_flight)
     dataset = ray.data.from_items(manifest, override_num_blocks=vision_tasks)
     remote_args = dict(max_restarts=-1, max_task_retries=max_retries, scheduling_strategy="SPREAD")
     with warnings.catch_warnings():
@@ -379,43 +473,43 @@ def _stream(ray, manifest: list[dict], config: StageConfig, settings: RaySetting
         # page that kills every actor, and without SPREAD a pool may land on one node whole.
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
         dataset = dataset.map_batches(
-            VisionStage, fn_constructor_args=(config,), batch_size=vision_batch, batch_format="pyarrow",
-            compute=vision_pool, num_cpus=settings.vision_cpus, num_gpus=settings.vision_gpus or None, **remote_args)
-        dataset = dataset.map_batches(
-            DecodeStage, fn_constructor_args=(config,), batch_size=decode_batch, batch_format="pyarrow",
-            compute=decode_pool, num_cpus=settings.decode_cpus, **remote_args)
+            RemoteStage if config.remote else VisionStage, fn_constructor_args=(config,), batch_size=vision_batch,
+            batch_format="pyarrow", compute=vision_pool, num_cpus=settings.vision_cpus,
+            num_gpus=settings.vision_gpus or None, **remote_args)
+        if not config.remote:  # with a server, the first pool's actors make the output rows themselves
+            decode_pool = ray.data.ActorPoolStrategy(size=min(decode_actors, math.ceil(len(manifest) / decode_batch)),
+                                                     max_tasks_in_flight_per_actor=in_flight)
+            dataset = dataset.map_batches(
+                DecodeStage, fn_constructor_args=(config,), batch_size=decode_batch, batch_format="pyarrow",
+                compute=decode_pool, num_cpus=settings.decode_cpus, **remote_args)
     for table in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
         yield from table.to_pylist()
 
 
-def _stage_config(options, settings: RaySettings, seqs: int) -> StageConfig:
-    """Resolve the model and convert the GGUF once, here, for every actor to read.
+def _stage_config(options, settings: RaySettings, seqs: int, remote: RemoteSettings | None = None) -> StageConfig:
+    """Resolve the model and convert the GGUF once, here, for every actor to read (with a server: neither).
 
     The layout model is loaded here once too, and dropped: one that cannot
     load is a fatal error before any page is written, as in the local engine,
     rather than every page failing on actors that cannot render.
     """
-    from ..model.gguf import convert
-    from ..model.prompt import PromptBuilder
-    from ..model.weights import ModelWeights
-
-    weights = ModelWeights.open(options.model)
-    prompts = PromptBuilder(weights.path, weights.config.image_token_id,
-                            weights.config.vision_config.spatial_merge_size)
-    if options.seals:
-        prompts.task_text("seal")  # a 1.0 model cannot: refused before any actor starts
-    quant = options.quant.upper()
-    gguf = convert(options.gguf or weights.path, quant, cache=options.cache_dir)
+    if remote is None:
+        weights, gguf, later_release = _model_files(options)
+        model_name, quant = str(options.model), options.quant.upper()
+    else:
+        # Without the model here, the current releases' layout model is the default, as in the local engine.
+        weights = gguf = None
+        later_release, model_name, quant = True, remote.model, "remote"
     vision_threads = max(1, int(settings.vision_cpus))
     layout = LayoutSettings(options.layout, options.layout_model, vision_threads,
-                            later_release=prompts.supports_later_tasks, recognised=options.recognised_pictures)
+                            later_release=later_release, recognised=options.recognised_pictures)
     try:
         layout.load()
     except Exception as exc:
         raise OcrbatchError(f"cannot load the layout model: {type(exc).__name__}: {exc}") from None
     return StageConfig(
-        weights=FileSet.of(weights.path), gguf=FileSet.of(gguf),
-        model_name=str(options.model), quant=quant, task=options.task, max_tokens=options.max_tokens,
+        weights=weights, gguf=gguf, remote=remote,
+        model_name=model_name, quant=quant, task=options.task, max_tokens=options.max_tokens,
         ignore_eos=options.ignore_eos, dpi=options.dpi, max_pixels=options.max_pixels,
         text_layer=TextLayerSettings(options.pdf_text, options.trust_ocr_layer), layout=layout,
         stitch=options.stitch,
@@ -425,6 +519,34 @@ def _stage_config(options, settings: RaySettings, seqs: int) -> StageConfig:
         always_copy_models=settings.always_copy_models,
         storage_options=next((dict(p.options) for p in options.paths if isinstance(p, ObjectPath)), {}),
         layout_files=FileSet.of(options.layout_model) if layout_model_is_a_path(options.layout_model) else None)
+
+
+def _model_files(options) -> tuple[FileSet, FileSet, bool]:
+    """The model folder, its GGUF (converted here once) and whether it is a later release (1.5+)."""
+    from ..model.gguf import convert
+    from ..model.prompt import PromptBuilder
+    from ..model.weights import ModelWeights
+
+    weights = ModelWeights.open(options.model)
+    prompts = PromptBuilder(weights.path, weights.config.image_token_id,
+                            weights.config.vision_config.spatial_merge_size)
+    if options.seals:
+        prompts.task_text("seal")  # a 1.0 model cannot: refused before any actor starts
+    gguf = convert(options.gguf or weights.path, options.quant.upper(), cache=options.cache_dir)
+    return FileSet.of(weights.path), FileSet.of(gguf), prompts.supports_later_tasks
+
+
+def _checked_server(options) -> RemoteSettings:
+    """``--backend openai``'s server, checked here before anything is planned or written, with its model's name.
+
+    One that cannot be reached (or does not serve ``--remote-model``) raises
+    :class:`~ocrbatch.backends.remote.BackendUnavailable`: a fatal error (exit
+    3) that leaves every page to do, as in the local engine.
+    """
+    remote = RemoteSettings.of(options)
+    with remote.recognizer() as recognizer:
+        remote.model = recognizer.check()
+    return remote
 
 
 def layout_model_is_a_path(layout_model: str | None) -> bool:
@@ -448,9 +570,11 @@ def run_ray_job(options, address: str | None = None, settings: RaySettings | Non
     check_reachable([*options.paths, options.out])
     settings = settings or RaySettings()
     started = time.monotonic()
+    remote = _checked_server(options) if options.backend == "openai" else None
+    model_name, quant = (remote.model, "remote") if remote else (str(options.model), options.quant.upper())
     decode_actors = settings.decode_actors or options.workers
     seqs = settings.seqs_per_actor or options.seqs_per_worker
-    record = DatasetRecord(options.out, options.record_settings(str(options.model), options.quant.upper()))
+    record = DatasetRecord(options.out, options.record_settings(model_name, quant))
     summary = RayJobSummary()
     with record.lock():
         record.check_settings()
@@ -462,14 +586,13 @@ def run_ray_job(options, address: str | None = None, settings: RaySettings | Non
         summary.special_files = plan.special
         log.info("%d pages to process in %d documents (%d unreadable), %d already done",
                  len(plan.manifest), plan.documents, len(plan.unreadable), plan.skipped)
-        config = _stage_config(options, settings, seqs) if plan.manifest else None
+        config = _stage_config(options, settings, seqs, remote) if plan.manifest else None
         run_id = new_run_id()
         sink = DatasetRecorder(record, run_id, summary, options.flush_rows, options.flush_seconds, on_row,
                                len(plan.manifest) + len(plan.unreadable), options.progress)
         try:
             for document, error in plan.unreadable:
-                sink.add(keyed(document, failure_row(0, 0, options.task, error, str(options.model),
-                                                     options.quant.upper())))
+                sink.add(keyed(document, failure_row(0, 0, options.task, error, model_name, quant)))
             if plan.manifest:
                 _process(ray, plan.manifest, config, settings, options, address, decode_actors, sink)
         finally:
@@ -483,7 +606,7 @@ def run_ray_job(options, address: str | None = None, settings: RaySettings | Non
 
 def _process(ray, manifest: list[dict], config: StageConfig, settings: RaySettings, options, address,
              decode_actors: int, sink: DatasetRecorder) -> None:
-    cpus = settings.vision_actors * settings.vision_cpus + decode_actors * settings.decode_cpus
+    cpus = settings.vision_actors * settings.vision_cpus + (0 if config.remote else decode_actors * settings.decode_cpus)
     started_ray = connect(ray, address, settings, cpus)
     try:
         context = ray.data.DataContext.get_current()
@@ -492,9 +615,12 @@ def _process(ray, manifest: list[dict], config: StageConfig, settings: RaySettin
         # Every actor of a pool is up before work starts, so work is spread over all of them
         # rather than the first one ready; this also turns a pool the cluster cannot place into an error.
         context.wait_for_min_actors_s = settings.actor_start_timeout_s
-        config = replace(config, file_server=start_file_server(ray, config.model_files))
+        if config.model_files:  # none with a server and no layout weights of the driver's
+            config = replace(config, file_server=start_file_server(ray, config.model_files))
+        # With a server, an actor's batch keeps its requests in flight and as many waiting.
+        vision_batch = max(options.batch_size, 2 * options.concurrency) if config.remote else options.batch_size
         run = dict(config=config, settings=settings, decode_actors=decode_actors, max_retries=options.max_retries,
-                   vision_batch=options.batch_size)
+                   vision_batch=vision_batch)
         for row in _stream(ray, manifest, one_page_per_task=False, **run):
             sink.add(row)
         missing = [item for item in manifest if (item["doc_id"], item["page"]) not in sink.seen]

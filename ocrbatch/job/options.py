@@ -96,13 +96,10 @@ class JobOptions:
         if self.task == "spotting" and self.layout != "none":  # layout blocks take their labels' prompts
             raise OptionError("--task", "spotting reads whole pages, as PaddleX does: add --layout none")
         if engine == "ray":
-            if self.backend != "local":
-                raise OptionError("--engine", "the ray engine runs the models on its actors, not --backend openai")
             if self.video_fps != DEFAULT_VIDEO_FPS:
                 raise OptionError("--video-fps", f"the ray engine samples videos at {DEFAULT_VIDEO_FPS:g} frame/s; "
                                   "--video-fps is for the local engine")
-            return
-        if isinstance(self.out, Path) and self.out.is_dir():
+        elif isinstance(self.out, Path) and self.out.is_dir():
             raise OptionError("--out", f"{self.out} is a folder; the local engine writes one file")
         if self.backend == "openai" and not self.base_url:
             raise OptionError("--base-url", "--backend openai needs the server's address")

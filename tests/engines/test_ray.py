@@ -683,6 +683,125 @@ def test_a_dry_run_on_a_missing_bucket_is_fatal_naming_it(s3_store, tiny_model, 
 
 # Last in this file: the re-run below starts and stops a Ray instance of its own in this process, after
 # which the module's two-node cluster no longer starts actors.
+# -- the job on Ray in front of a model server (--backend openai) -----------------------------------
+
+
+# Whole pages' bounds the stub server reports: far below a real model's, so a page sent within them shows that
+# each actor took them from the server, as the local engine does, and not the client's defaults.
+SERVER_PIXEL_BOUNDS = (784, 150000)
+# Timings and dates differ from run to run; the planner's words for an unreadable file are its own.
+UNCOMPARED = {"render_s", "vision_s", "prefill_s", "decode_s", "layout_s", "created_at", "error"}
+
+
+def same_columns(rows) -> dict:
+    """Each page's row by ``(path, page)``, every column but :data:`UNCOMPARED` (blocks with their boxes and text;
+    no blocks or spots are an empty list in the local engine's file, none in the dataset's)."""
+    return {(r["path"], r["page"]): {k: [] if v is None and k in ("blocks", "spots") else v for k, v in r.items()
+                                     if k in COLUMNS and k not in UNCOMPARED}
+            for r in rows}
+
+
+def test_the_ray_engine_takes_a_model_server_and_needs_its_address(tmp_path):
+    from ocrbatch.job.options import OptionError
+
+    JobOptions(paths=[tmp_path], out=tmp_path, backend="openai", base_url="http://127.0.0.1:9/v1").validate("ray")
+    with pytest.raises(OptionError, match="needs the server's address") as raised:
+        JobOptions(paths=[tmp_path], out=tmp_path, backend="openai").validate("ray")
+    assert raised.value.option == "--base-url"
+
+
+def test_an_unreachable_server_stops_the_ray_run_with_every_page_left_to_do(tmp_path):
+    from click.testing import CliRunner
+    from helpers import free_port
+
+    from ocrbatch.cli.main import main
+    from ocrbatch.job.plan import plan_dataset
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    write_pdf(docs / "a.pdf", 2)
+    document_image(200, 150, 1).save(docs / "b.png")
+    out = tmp_path / "dataset"
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    result = CliRunner().invoke(main, ["run", str(docs), "--out", str(out), "--engine", "ray", "--backend", "openai",
+                                       "--base-url", url, "--min-file-age", "0", "--model", str(tmp_path / "none")])
+    assert result.exit_code == 3, result.output  # fatal, as the local engine's
+    assert f"Error: {url}: connection failed" in result.output, result.output
+    assert not out.exists()  # nothing planned, written or failed: every page is still to do
+    plan = plan_dataset(JobOptions(paths=[docs], out=out, min_file_age=0), DatasetRecord(out), dry_run=True)
+    assert sorted((Path(i["path"]).name, i["page"]) for i in plan.manifest) == [("a.pdf", 1), ("a.pdf", 2),
+                                                                               ("b.png", 1)]
+
+
+@pytest.mark.slow
+def test_ray_in_front_of_a_model_server_asks_it_what_the_local_engine_asks_and_writes_the_same_rows(
+        cluster, inputs, tmp_path):
+    """``--engine ray --backend openai`` on two nodes: the actors render and lay out the pages and send each unit
+    to the server, loading no model (there is none) and converting nothing; the server is sent the very requests
+    the local engine sends it (images and their sizes, prompts, pixel bounds, loop guards) and the rows are the
+    local engine's, with layout blocks and with whole pages; a block the server refuses fails its page alone."""
+    import math
+
+    from fault_server import FaultServer, Status
+
+    from ocrbatch.engines.local import run_job
+    from ocrbatch.engines.ray import RaySettings, run_ray_job
+
+    class TableRefusingServer(FaultServer):
+        """The stub server, answering every table block with a 400 (not retried)."""
+
+        def _arrive(self, prompt: str, body: dict):
+            action = super()._arrive(prompt, body)
+            return Status(400, "no tables here") if prompt == "Table Recognition:" else action
+
+    folder, bad = inputs
+    cluster_nodes = {node.node_id for node in cluster.list_all_nodes()}
+    settings = RaySettings(vision_actors=2, actor_start_timeout_s=120)
+    with TableRefusingServer(pixel_bounds=SERVER_PIXEL_BOUNDS) as server:
+        def run(engine, out, **mode) -> tuple[dict, list, object]:
+            before = len(server.seen)
+            options = job_options(tmp_path / "no-model", [folder], out, backend="openai", base_url=server.url,
+                                  concurrency=2, cache_dir=str(tmp_path / "cache"), **mode)
+            summary = engine(options)
+            rows = visible_rows(out) if out.is_dir() else pq.read_table(out).to_pylist()
+            return same_columns(rows), server.seen[before:], summary
+
+        for name, mode in (("layout", dict(layout="cdla", pdf_text="auto")), ("pages", dict(layout="none"))):
+            on_ray, asked_by_ray, summary = run(partial(run_ray_job, address=cluster.address, settings=settings),
+                                                tmp_path / f"{name}-dataset", **mode)
+            local, asked_locally, _ = run(run_job, tmp_path / f"{name}.parquet", **mode)
+            assert set(summary.nodes["vision"]) == cluster_nodes, summary.nodes  # actors on both nodes sent pages
+            assert not summary.nodes["decode"]  # and there was no decode pool
+            assert len(asked_by_ray) == len(asked_locally) > 0, name
+            assert sorted(json.dumps(s.body, sort_keys=True) for s in asked_by_ray) == sorted(
+                json.dumps(s.body, sort_keys=True) for s in asked_locally), name
+            assert on_ray.keys() == local.keys(), name
+            assert on_ray == local, {key: {column: (value, local[key][column]) for column, value in row.items()
+                                           if value != local[key][column]}
+                                     for key, row in on_ray.items() if row != local[key]}
+            statuses = [r["status"] for r in on_ray.values()]
+            assert statuses.count("failed") >= len(bad) and statuses.count("ok") > 5, (name, statuses)
+            assert {r["model"] for r in on_ray.values()} == {"fault-model"}
+            assert {r["quant"] for r in on_ray.values()} == {"remote"}
+            bodies = [s.body for s in asked_by_ray]
+            if name == "layout":
+                # Every block carried its loop guard; the refused table failed its page, and only that page.
+                assert all(body["repetition_guard"] for body in bodies)
+                refused = [key for key, r in on_ray.items() if r["status"] == "failed" and Path(key[0]).name not in bad]
+                assert [Path(path).name for path, _ in refused] == ["purchase-order-table-scan.png"], on_ray
+                [failed] = [r for r in visible_rows(tmp_path / "layout-dataset") if r["path"] == refused[0][0]]
+                assert "block" in failed["error"] and "HTTP 400: no tables here" in failed["error"], failed
+                assert any(r["source"] == "model" and r["blocks"] for r in on_ray.values())
+                assert any(r["source"] == "text-layer" for r in on_ray.values())
+            else:
+                # Whole pages within the server's reported bounds, text "OCR: WxH" of the image it was sent.
+                sizes = [r["text"].split()[-1] for r in on_ray.values() if r["status"] == "ok"]
+                assert sizes and all(math.prod(map(int, size.split("x"))) <= SERVER_PIXEL_BOUNDS[1] for size in sizes)
+                assert all(body["mm_processor_kwargs"] == dict(zip(("min_pixels", "max_pixels"), SERVER_PIXEL_BOUNDS))
+                           for body in bodies)
+    assert not (tmp_path / "cache").exists()  # no GGUF was converted
+
+
 # Runs the job as `ocrbatch run --engine ray` would, in a process the test can kill.
 DRIVER = """
 import json, sys
