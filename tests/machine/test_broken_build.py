@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -180,10 +181,32 @@ def test_the_build_decodes_on_cpus_without_avx512_or_avx(tiny_model, tmp_path, c
     emulated = subprocess.run(["qemu-x86_64", "-cpu", cpu, sys.executable, "-m", "ocrbatch.machine.selfcheck", "Q4_K_M",
                                str(tiny_model), "--cache-dir", str(tmp_path)],
                               capture_output=True, text=True, timeout=900)
+    if emulated.returncode == -signal.SIGILL:
+        culprit = _first_to_fail_on(cpu)
+        if culprit in ENVIRONMENT_STEPS:
+            pytest.skip(f"{culprit} dies with SIGILL on an emulated {cpu} on this machine, before llama.cpp "
+                        "loads: this Python environment, not the llama.cpp build, cannot run there")
+        pytest.fail(f"the build dies with SIGILL on an emulated {cpu} at: {culprit}")
     assert emulated.returncode == 0, emulated.stderr[-3000:]
     said = emulated.stdout.strip().splitlines()[-1]
     assert f"decoded with libggml-cpu-{variant}.so" in said, said
     assert "AVX512 = 1" not in said
+
+
+# What the self-check child loads, in order; the first to die on an emulated CPU is the culprit.
+ENVIRONMENT_STEPS = {"the Python interpreter": "pass", "numpy": "import numpy", "torch": "import torch",
+                     "transformers": "import transformers.models.paddleocr_vl",
+                     "the tokenizer libraries": "import sentencepiece, regex, tokenizers"}
+BUILD_STEPS = {"llama.cpp's libraries and CPU backend": "from ocrbatch.machine.llama_runtime import system_info; "
+                                                         "print(system_info())"}
+
+
+def _first_to_fail_on(cpu: str) -> str:
+    for step, code in {**ENVIRONMENT_STEPS, **BUILD_STEPS}.items():
+        run = subprocess.run(["qemu-x86_64", "-cpu", cpu, sys.executable, "-c", code], capture_output=True, timeout=600)
+        if run.returncode == -signal.SIGILL:
+            return step
+    return "the decode (every library loaded alone)"
 
 
 def test_cuda_is_built_only_with_a_toolkit_and_a_gpu_unless_forced(monkeypatch, tmp_path):
