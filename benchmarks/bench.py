@@ -7,7 +7,7 @@ because these machines are noisy. Prints the results as JSON and writes them
 to ``--out``.
 
     python benchmarks/bench.py --model /path/to/full-checkpoint --out benchmarks/results/cpu-2core.json
-    python benchmarks/bench.py --quick     # tiny checkpoint, seconds: keeps the harness working in CI
+    python benchmarks/bench.py --quick     # tiny model, seconds: keeps the harness working in CI
     python benchmarks/bench.py --model /tmp/full --layout cdla --stitch on off   # layout mode vs the same blocks
 """
 
@@ -567,7 +567,7 @@ def ratio(a, b):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="Model folder (default: a tiny one with --quick).")
-    parser.add_argument("--quick", action="store_true", help="Tiny checkpoint, few pages: checks the harness.")
+    parser.add_argument("--quick", action="store_true", help="Tiny model, few pages: checks the harness.")
     parser.add_argument("--pages", type=int, default=16)
     parser.add_argument("--image-size", type=int, default=448)
     parser.add_argument("--tokens", type=int, default=64, help="Forced output length per page.")

@@ -37,7 +37,7 @@ not below local's: then it never pays off on one machine).
     python benchmarks/bench_engines.py --model /tmp/full --pages 4 --out benchmarks/results/engines-cpu-2core.json
     python benchmarks/bench_engines.py --model /tmp/full --pages 2 6 --tokens 128 --modes local ray \\
         --out benchmarks/results/engines-start-up-cpu-2core.json   # from how many pages ray pays off
-    python benchmarks/bench_engines.py --quick     # tiny checkpoint, 2 pages, 8 tokens: keeps the harness working
+    python benchmarks/bench_engines.py --quick     # tiny model, 2 pages, 8 tokens: keeps the harness working
     python benchmarks/bench_engines.py --quick --pages 1 2 --modes local ray   # the start-up fit's harness
 """
 
@@ -409,7 +409,7 @@ def start_up(wall: dict[str, dict[int, dict]], counts: list[int]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="Model folder (default with --quick: a tiny one made here).")
-    parser.add_argument("--quick", action="store_true", help="Tiny checkpoint, 2 pages, 8 tokens: checks the harness.")
+    parser.add_argument("--quick", action="store_true", help="Tiny model, 2 pages, 8 tokens: checks the harness.")
     parser.add_argument("--pages", type=int, nargs="+", default=[4],
                         help="Report pages, half Letter, half A4; two or more counts (e.g. 2 6) also fit local's "
                              "and ray's start-up and per-page seconds (see start_up in the results).")

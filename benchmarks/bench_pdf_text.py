@@ -21,7 +21,7 @@ other jobs' load hardly moves.
 
     ocrbatch dev make-model /tmp/full --size full --layout official
     python benchmarks/bench_pdf_text.py --model /tmp/full --pages 4 --rounds 2 --out benchmarks/results/mine.json
-    python benchmarks/bench_pdf_text.py --quick     # tiny checkpoint, 2+2 pages: keeps the harness working
+    python benchmarks/bench_pdf_text.py --quick     # tiny model, 2+2 pages: keeps the harness working
 """
 
 from __future__ import annotations
@@ -279,7 +279,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="Model folder (default with --quick: a tiny one made here).")
     parser.add_argument("--quick", action="store_true",
-                        help="Tiny checkpoint, 2+2 pages, 8 tokens: checks the harness.")
+                        help="Tiny model, 2+2 pages, 8 tokens: checks the harness.")
     parser.add_argument("--pages", type=int, default=8, help="Pages in the folder, half born-digital.")
     parser.add_argument("--tokens", type=int, default=128, help="Forced output length per model page.")
     parser.add_argument("--vision-dtype", default="int8", choices=["float32", "bfloat16", "int8"])

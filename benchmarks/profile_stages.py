@@ -1,7 +1,7 @@
 """Where the time goes: the vision encoder's PyTorch ops, and a llama.cpp decode step by tensor.
 
-    python benchmarks/profile_stages.py vision --model CHECKPOINT --dtype int8 --image-size 448
-    python benchmarks/profile_stages.py decode --model CHECKPOINT --quant Q4_K_M --sequences 1
+    python benchmarks/profile_stages.py vision --model MODEL_DIR --dtype int8 --image-size 448
+    python benchmarks/profile_stages.py decode --model MODEL_DIR --quant Q4_K_M --sequences 1
 
 Prints JSON: milliseconds per page (vision) or per decode step (decode) for
 the most expensive entries, and the share of the measured total. The decode

@@ -116,7 +116,7 @@ class Engine:
         self.model_name = str(model)
         self.max_tokens = max_tokens
         self.gguf_path = convert(gguf or self.weights.path, quant, cache=cache_dir)
-        self.vision = VisionEncoder(self.weights, dtype=vision_dtype, device=device)
+        self.vision = VisionEncoder(self.weights, dtype=vision_dtype, device=device, cache=cache_dir)
         config = self.weights.config
         self.prompts = PromptBuilder(self.weights.path, config.image_token_id, self.vision.merge_size)
         self.stop_ids = tuple(self.weights.eos_token_ids)

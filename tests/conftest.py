@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random checkpoints built by project code, test images, engines."""
+"""Shared fixtures: tiny random models built by project code, test images, engines."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def tiny_model_15(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def release_model(tmp_path_factory):
-    """``release_model(version)``: a tiny checkpoint shaped as PaddlePaddle's release of that version
+    """``release_model(version)``: a tiny model shaped as PaddlePaddle's release of that version
     (``--layout official``: flat config, its own lm_head, the release's processor files), built once.
     Seed 0, so every weight but the lm_head equals ``tiny_model``'s."""
     from ocrbatch.dev.model import make_model
@@ -66,7 +66,7 @@ def test_images():
 
 @pytest.fixture(scope="session")
 def reference(tiny_model):
-    """transformers' own PaddleOCR-VL on the tiny checkpoint: the reference."""
+    """transformers' own PaddleOCR-VL on the tiny model: the reference."""
     from transformers import AutoProcessor, PaddleOCRVLForConditionalGeneration
 
     processor = AutoProcessor.from_pretrained(tiny_model)

@@ -15,7 +15,7 @@ from ..job.options import default as job_default
 from ..layout.detect import LAYOUTS, PP_DOCLAYOUT_V2, PP_DOCLAYOUT_V3
 from ..model.gguf import QUANTS
 from ..model.prompt import TASKS
-from ..model.vision import DTYPES as VISION_DTYPES
+from ..model.vision import CHOICES as VISION_DTYPES
 from ..sources.discover import PathError, check_paths
 from ..sources.textlayer import PDF_TEXT_MODES
 from ..storage import ObjectPath, StorageError, check_reachable, input_path, parse_storage_options
@@ -64,7 +64,8 @@ def model_options(function):
         click.option("--vision-dtype", type=click.Choice(VISION_DTYPES), default=job_default("vision_dtype"),
                      show_default=True,
                      help="Vision encoder precision: float32 (exact), bfloat16 (GPU), int8 (about 2x faster "
-                          "on CPU, approximate)."),
+                          "on CPU, approximate), auto (the fastest on this machine of those that agree with "
+                          "float32, measured once and remembered in the cache folder; bfloat16 on a GPU)."),
         click.option("--device", default=job_default("device"), show_default=True,
                      help="Vision encoder device (cpu, cuda)."),
         click.option("--threads", type=int, help="CPU threads for PyTorch, and for each llama.cpp worker "
@@ -453,24 +454,14 @@ def status(target, storage_options):
 
     An output in object storage (s3://bucket/results.parquet) is read from this machine's checkpoint of it;
     an --engine ray dataset there (s3://bucket/results/) from the bucket."""
-    from ..records.sqlite import Store, checkpoint_path_for
+    from ..records.base import opened_record
 
     try:
         target = input_path(target, parse_storage_options(storage_options))
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--storage-option") from None
-    is_dataset = (target.is_folder_url() or not target.suffix) if isinstance(target, ObjectPath) else target.is_dir()
-    if is_dataset:  # an --engine ray dataset: the dataset is the record
-        from ..records.dataset import DatasetRecord
-
-        record = DatasetRecord(target)
+    with opened_record(target) as record:
         _print_status(record.counts(), record.failed_pages())
-        return
-    store = Store(checkpoint_path_for(target), readonly=True)
-    try:
-        _print_status(store.counts(), store.failed_pages())
-    finally:
-        store.close()
 
 
 @main.command()

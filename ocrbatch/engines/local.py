@@ -351,7 +351,7 @@ def dry_run(options: JobOptions) -> Plan:
     path = options.checkpoint_path
     store = Store(path, readonly=True) if path.is_file() else None
     try:
-        return plan_job(options, store, record=False)
+        return plan_job(options, store, apply=False)
     finally:
         if store:
             store.close()

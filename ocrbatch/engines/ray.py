@@ -574,10 +574,10 @@ def run_ray_job(options, address: str | None = None, settings: RaySettings | Non
     model_name, quant = (remote.model, "remote") if remote else (str(options.model), options.quant.upper())
     decode_actors = settings.decode_actors or options.workers
     seqs = settings.seqs_per_actor or options.seqs_per_worker
-    record = DatasetRecord(options.out, options.record_settings(model_name, quant))
+    record = DatasetRecord(options.out)
     summary = RayJobSummary()
     with record.lock():
-        record.check_settings()
+        record.check_settings(options.record_settings(model_name, quant))
         repaired = record.recover()
         if repaired:
             log.info("%s: removed %d duplicate rows left by an interrupted run", options.out, repaired)

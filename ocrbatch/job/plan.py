@@ -1,8 +1,9 @@
 """The plan stage: which pages of which documents a run processes.
 
-Discovered documents are matched against the job's record: the SQLite
-checkpoint (:func:`plan_job`, the local engine) or the Parquet dataset
-(:func:`plan_dataset`, the Ray engine). Finished pages are
+Discovered documents are matched against the job's record through one
+interface (:class:`~ocrbatch.records.base.JobRecord`): the SQLite checkpoint
+of the local engine or the Parquet dataset of the Ray engine, for which
+:func:`plan_dataset` lays the same plan out as a manifest. Finished pages are
 skipped, and each content id (``doc_id``) becomes at most one work item, so
 overlapping PATHS and copies of one file at several paths are decoded once.
 The output has one row set per ``doc_id``, under the first path found in
@@ -15,14 +16,14 @@ it never stops the plan.
 from __future__ import annotations
 
 import logging
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 from ..errors import InputError, OcrbatchError
-from ..records.dataset import DatasetRecord, best_entries
-from ..records.sqlite import Store
+from ..records.base import JobRecord, RecordedPages
+from ..records.dataset import DatasetRecord
 from ..sources.discover import Document, discover, escaped
 from ..sources.rasterize import count_pages
 from ..sources.textlayer import route
@@ -75,43 +76,46 @@ class Plan:
         return f"{self.pages} pages to process{special}"
 
 
-def plan_job(options: JobOptions, store: Store | None, record: bool = True) -> Plan:
-    """Decide which pages to process.
+def plan_job(options: JobOptions, record: JobRecord | None, apply: bool = True, absolute: bool = False) -> Plan:
+    """Decide which pages to process, from ``record`` (the checkpoint or the dataset; ``None``: nothing done).
 
-    With ``record`` the discovered documents and their page counts are
-    written to ``store``; without it (``--dry-run``) the store is only read.
+    With ``apply`` the record is brought in line with the documents found
+    (:meth:`~ocrbatch.records.base.JobRecord.prepare`) and keeps their page
+    counts; without it (``--dry-run``) it is only read. ``absolute`` plans
+    absolute paths, for actors that may run elsewhere. With ``--retry-failed``
+    only documents with a failed page are planned (their failed and pending pages); the finished pages of
+    the others count as skipped.
     """
     plan = Plan()
-    retry = options.retry_failed
-    retry_ids = set(store.failed_document_ids()) if (store and retry) else None
-    first_path: dict[str, Path] = {}
-    known = store.known_id if store else None
-    for document in _regular_files(options, plan.deferred, plan.special, known_id=known):
-        if document.doc_id in first_path:
-            if first_path[document.doc_id] != document.path:
-                log.info("%s: same content as %s, processed once under that path", escaped(document.path),
-                         escaped(first_path[document.doc_id]))
-                plan.copies.append((document, first_path[document.doc_id]))
-            if store and record and not document.error:
-                store.remember_file(document.path, document.size, document.mtime_ns, document.doc_id)
-            continue
-        first_path[document.doc_id] = document.path
-        if retry_ids is not None and document.doc_id not in retry_ids:
+    retry_ids = record.failed_document_ids() if (record and options.retry_failed) else None
+    found: dict[str, Document] = {}
+    known = record.known_id if record else None
+    for document in _regular_files(options, plan.deferred, plan.special, known_id=known, absolute=absolute):
+        first = found.setdefault(document.doc_id, document)
+        if first is not document and first.path != document.path:
+            log.info("%s: same content as %s, processed once under that path", escaped(document.path),
+                     escaped(first.path))
+            plan.copies.append((document, first.path))
+    pages = record.prepare(found, [copy for copy, _ in plan.copies], retry_ids, apply) if record else None
+    for doc_id, document in found.items():
+        if retry_ids is not None and doc_id not in retry_ids:  # nothing failed: what it has done counts as skipped
+            plan.skipped += sum(state != "pending" for state in pages.page_states(doc_id).values()) if pages else 0
             continue
         try:
-            _plan_document(plan, document, options, store, record)
+            _plan_document(plan, document, options, pages, apply)
         except StorageError:
             raise  # the object store failed, not the document: the run stops, nothing is failed
         except Exception as exc:  # whatever a file does to the planner, it fails alone
             plan.unreadable.append((document, f"{document.path}: cannot be planned ({type(exc).__name__}: {exc})"))
-    if store and record:
-        store.commit()
+    if record and apply:
+        record.commit()
     return plan
 
 
-def _plan_document(plan: Plan, document: Document, options: JobOptions, store: Store | None, record: bool) -> None:
+def _plan_document(plan: Plan, document: Document, options: JobOptions, pages: RecordedPages | None,
+                   apply: bool) -> None:
     retry = options.retry_failed
-    states = store.page_states(document.doc_id) if store else {}
+    states = pages.page_states(document.doc_id) if pages else {}
     could_not_open = states.get(0) == "failed"
     if document.error:
         if could_not_open and not retry:
@@ -119,11 +123,8 @@ def _plan_document(plan: Plan, document: Document, options: JobOptions, store: S
         else:
             plan.unreadable.append((document, document.error))
         return
-    page_count = store.page_count(document.doc_id) if store else None
+    page_count = pages.page_count(document.doc_id) if pages else None
     video = None
-    if store and record:
-        store.remember_file(document.path, document.size, document.mtime_ns, document.doc_id)
-        store.upsert_document(document.doc_id, document.path)
     if not page_count:  # new, or could not be opened last time
         if could_not_open and not retry:
             plan.skipped += 1
@@ -137,14 +138,14 @@ def _plan_document(plan: Plan, document: Document, options: JobOptions, store: S
         except InputError as exc:
             plan.unreadable.append((document, str(exc)))
             return
-        if store and record:
-            store.set_page_count(document.doc_id, page_count)
-            states = store.page_states(document.doc_id)
+        if pages and apply:
+            pages.set_page_count(document.doc_id, page_count)
+            states = pages.page_states(document.doc_id)
     wanted = ("failed", "pending") if retry else ("pending",)
-    pages = [p for p in range(1, page_count + 1) if states.get(p, "pending") in wanted]
-    plan.skipped += page_count - len(pages)
-    if pages:
-        plan.work.append(WorkItem(document, pages, page_count, video))
+    todo = [p for p in range(1, page_count + 1) if states.get(p, "pending") in wanted]
+    plan.skipped += page_count - len(todo)
+    if todo:
+        plan.work.append(WorkItem(document, todo, page_count, video))
 
 
 @dataclass
@@ -170,53 +171,18 @@ class DatasetPlan:
 
 
 def plan_dataset(options: JobOptions, record: DatasetRecord, dry_run: bool = False) -> DatasetPlan:
-    """Discover the documents, bring ``record`` in line with them, and list the pages still to do, as a
-    manifest for the Ray engine.
+    """:func:`plan_job` against a Parquet dataset, as the Ray engine's manifest: one item per page.
 
     A content id is processed once, under the first path found; see
     :meth:`~ocrbatch.records.dataset.DatasetRecord.reconcile` for moved, edited and retried documents.
     Paths are absolute (the actors may run elsewhere). ``dry_run`` plans the same pages and changes nothing.
     """
-    documents: dict[str, Document] = {}
-    deferred, special = [], []
-    for document in _regular_files(options, deferred, special, absolute=True):
-        documents.setdefault(document.doc_id, document)
-    retry = set(documents) if options.retry_failed else set()
-    changes, remaining = record.reconcile({doc_id: escaped(d.path) for doc_id, d in documents.items()}, retry,
-                                          apply=not dry_run)
-    if changes and not dry_run:
-        log.info("dataset brought up to date: %s", ", ".join(f"{n} rows {what}" for what, n in changes.items()))
-    done: dict[str, dict[int, int | None]] = defaultdict(dict)
-    for (doc_id, page), entry in best_entries(remaining).items():
-        done[doc_id][page] = entry.page_count
-    plan = DatasetPlan(deferred=len(deferred), special=len(special))
-    for doc_id, document in documents.items():
-        finished = done.get(doc_id, {})
-        if 0 in finished:  # could not be opened last time; --retry-failed removed that row
-            plan.skipped += 1
-            continue
-        if document.error:
-            plan.unreadable.append((document, document.error))
-            continue
-        page_count = next((count for count in finished.values() if count), None)
-        if page_count is None:
-            try:
-                page_count = count_pages(document)
-            except InputError as exc:
-                plan.unreadable.append((document, str(exc)))
-                continue
-            except StorageError:
-                raise  # the object store failed, not the document: the run stops, nothing is failed
-            except Exception as exc:  # whatever a file does to the planner, it fails alone
-                plan.unreadable.append((document, f"{document.path}: cannot be planned ({type(exc).__name__}: {exc})"))
-                continue
-        pages = [p for p in range(1, page_count + 1) if p not in finished]
-        plan.skipped += page_count - len(pages)
-        # Paths travel escaped (Arrow strings are UTF-8; a file name need not be) and are unescaped to open.
-        plan.manifest += [{"path": escaped(document.path), "doc_id": doc_id, "page": p, "page_count": page_count}
-                          for p in pages]
-    plan.documents = len({item["doc_id"] for item in plan.manifest}) + len(plan.unreadable)
-    return plan
+    plan = plan_job(options, record, apply=not dry_run, absolute=True)
+    # Paths travel escaped (Arrow strings are UTF-8; a file name need not be) and are unescaped to open.
+    manifest = [{"path": escaped(item.document.path), "doc_id": item.document.doc_id, "page": page,
+                 "page_count": item.page_count} for item in plan.work for page in item.pages]
+    return DatasetPlan(manifest, plan.unreadable, plan.skipped, documents=len(plan.work) + len(plan.unreadable),
+                       deferred=len(plan.deferred), special=len(plan.special))
 
 
 def _regular_files(options: JobOptions, deferred: list, special: list, known_id=None,

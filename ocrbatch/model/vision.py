@@ -19,6 +19,7 @@ compiler, say) the encoder logs why and runs eagerly.
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -29,6 +30,7 @@ from ..errors import ModelError
 from .weights import PROJECTOR_PREFIX, VISION_PREFIX, ModelWeights
 
 DTYPES = ("float32", "bfloat16", "int8")
+CHOICES = (*DTYPES, "auto")  # auto: measured on this machine (ocrbatch.model.precision)
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +50,11 @@ class EncodedImage:
 class VisionEncoder:
     """Preprocesses images with the model's image processor and encodes them."""
 
-    def __init__(self, model: ModelWeights | str | Path, dtype: str = "float32", device: str = "cpu"):
+    def __init__(self, model: ModelWeights | str | Path, dtype: str = "float32", device: str = "cpu",
+                 cache: str | Path | None = None):
+        """``dtype`` ``auto`` takes the precision :func:`~ocrbatch.model.precision.choose_precision`
+        measures for this machine (remembered in ``cache``, the conversion cache by default);
+        :attr:`precision` says which and why."""
         import torch
         from transformers import AutoImageProcessor
         from transformers.initialization import no_init_weights
@@ -59,10 +65,20 @@ class VisionEncoder:
 
         from .int8 import Int8Linear, swap_linears
 
-        if dtype not in DTYPES:
-            raise ModelError(f"unknown vision dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        from .gguf import cache_dir
+        from .precision import AUTO, PrecisionChoice, choose_precision
+
+        if dtype not in CHOICES:
+            raise ModelError(f"unknown vision dtype {dtype!r}; choose one of {', '.join(CHOICES)}")
         self.weights = model if isinstance(model, ModelWeights) else ModelWeights.open(model)
         self.device = torch.device(device)
+        if dtype == AUTO:
+            self.precision = choose_precision(self.weights.config.vision_config, self.device.type,
+                                              torch.get_num_threads(), cache_dir(cache))
+            log.info("vision precision: %s (%s)", self.precision.dtype, self.precision.reason)
+            dtype = self.precision.dtype
+        else:
+            self.precision = PrecisionChoice(dtype, {}, "asked for")
         # int8 quantizes the linear layers only; everything else runs in float32.
         self.dtype = torch.float32 if dtype == "int8" else getattr(torch, dtype)
         config = self.weights.config
@@ -76,14 +92,9 @@ class VisionEncoder:
         # tensor at a time: peak memory is the vision tower once, not three times.
         # no_init_weights leaves the tensors untouched, so for int8 the float32
         # linear weights swapped out below never become resident.
-        default_dtype = torch.get_default_dtype()
-        torch.set_default_dtype(self.dtype)
-        try:
-            with no_init_weights():
-                visual = PaddleOCRVisionModel._from_config(config.vision_config)
-                projector = PaddleOCRProjector(config)
-        finally:
-            torch.set_default_dtype(default_dtype)
+        with _default_dtype(self.dtype), no_init_weights():
+            visual = PaddleOCRVisionModel._from_config(config.vision_config)
+            projector = PaddleOCRProjector(config)
         quantized: dict[str, Int8Linear] = {}
         if dtype == "int8":
             if self.device.type != "cpu":
@@ -167,6 +178,39 @@ class VisionEncoder:
     def _forward(self, pixel_values, grid_thw) -> np.ndarray:
         hidden = self.visual(pixel_values=pixel_values, grid_thw=grid_thw).last_hidden_state
         return self.projector(hidden, grid_thw).float().cpu().numpy()
+
+
+@contextmanager
+def _default_dtype(dtype):
+    """Build modules in ``dtype``; torch's default is put back after (it is the process's)."""
+    import torch
+
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+
+
+def build_tower(vision_config, dtype: str):
+    """A vision tower with random weights in ``dtype``, run as :class:`VisionEncoder` runs the model's
+    (int8 linears, compiled): for timing a precision (:mod:`ocrbatch.model.precision`)."""
+    import torch
+    from transformers.models.paddleocr_vl.modeling_paddleocr_vl import PaddleOCRVisionModel
+
+    from .int8 import swap_linears
+
+    torch.manual_seed(0)
+    with _default_dtype(torch.float32 if dtype == "int8" else getattr(torch, dtype)):
+        visual = PaddleOCRVisionModel._from_config(vision_config)
+    if dtype == "int8":
+        weights = {f"{name}.weight": module.weight for name, module in visual.named_modules()
+                   if isinstance(module, torch.nn.Linear)}
+        for name, layer in swap_linears(visual, "").items():
+            layer.load_weight(weights[name])
+        _compile_int8_blocks(visual)
+    return visual.eval()
 
 
 def _compile_int8_blocks(*modules) -> list[tuple]:

@@ -44,6 +44,7 @@ parts); the losing rows are removed from their files.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections import Counter, defaultdict
@@ -56,9 +57,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import OcrbatchError
+from ..sources.discover import Document, escaped
 from ..storage import ObjectPath, list_objects, local_state_folder, reading, upload
 from .lock import JobLock
 from .output import COLUMNS, SCHEMA
+
+log = logging.getLogger("ocrbatch")
 
 SETTINGS_KEY = b"ocrbatch.settings"
 LOCK_NAME = ".ocrbatch"  # the lock file is this name plus ".lock"
@@ -228,14 +232,35 @@ class DatasetRecord:
                 return json.loads(metadata[SETTINGS_KEY])
         return {}
 
-    def check_settings(self) -> None:
-        """Refuse to add to a dataset made with other settings than this record's."""
+    def check_settings(self, settings: dict[str, str]) -> None:
+        """Refuse to add to a dataset made with other settings; adopt ``settings`` for the files written from now."""
         stored = self.stored_settings()
-        for key, value in self.settings.items():
+        for key, value in settings.items():
             if key in stored and stored[key] != value:
                 raise OcrbatchError(
                     f"{self.folder}: this dataset was made with {key}={stored[key]}, not {value}; "
                     "use another --out for a different setting")
+        self.settings = dict(settings)
+
+    # -- planning (the planner's JobRecord interface) ---------------------------------
+
+    def known_id(self, path: Path, size: int, mtime_ns: int) -> str | None:
+        return None  # the dataset keeps no file table: discovery hashes every file
+
+    def failed_document_ids(self) -> set[str]:
+        return {entry.doc_id for entry in self.index().values() if entry.status == "failed"}
+
+    def prepare(self, found: dict[str, Document], copies: list[Document], retry_ids: set[str] | None,
+                apply: bool) -> DatasetPages:
+        """:meth:`reconcile` the rows with the documents found (copies need nothing: rows are per content id)."""
+        current = {doc_id: escaped(document.path) for doc_id, document in found.items()}
+        changes, remaining = self.reconcile(current, retry_ids or set(), apply=apply)
+        if changes and apply:
+            log.info("dataset brought up to date: %s", ", ".join(f"{n} rows {what}" for what, n in changes.items()))
+        return DatasetPages(best_entries(remaining).values())
+
+    def commit(self) -> None:
+        pass  # every change is a whole file, written when made
 
     # -- changes ---------------------------------------------------------------------
 
@@ -334,6 +359,24 @@ class DatasetRecord:
         """``(path, page, error)`` of every failed page, in path and page order."""
         failed = [(e.path, e.page, e.error) for e in self.index().values() if e.status == "failed"]
         return sorted(failed)
+
+
+class DatasetPages:
+    """The pages a dataset's rows record, indexed by document (:class:`~ocrbatch.records.base.RecordedPages`)."""
+
+    def __init__(self, entries: Iterable[Entry]):
+        self._pages: dict[str, dict[int, Entry]] = defaultdict(dict)
+        for entry in entries:
+            self._pages[entry.doc_id][entry.page] = entry
+
+    def page_count(self, doc_id: str) -> int | None:
+        return next((entry.page_count for entry in self._pages.get(doc_id, {}).values() if entry.page_count), None)
+
+    def page_states(self, doc_id: str) -> dict[int, str]:
+        return {page: entry.status for page, entry in self._pages.get(doc_id, {}).items()}
+
+    def set_page_count(self, doc_id: str, page_count: int) -> None:
+        pass  # a count rides on every row the run writes; pages without rows are the ones to do
 
 
 def best_entries(entries: Iterable[Entry]) -> dict[tuple[str, int], Entry]:

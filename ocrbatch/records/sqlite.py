@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import OcrbatchError
-from ..sources.discover import escaped
+from ..sources.discover import Document, escaped
 from ..storage import ObjectPath, local_state_folder
 
 SCHEMA = """
@@ -121,6 +121,19 @@ class Store:
         self.db.execute("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?)",
                         (_stored_path(path), size, mtime_ns, doc_id))
 
+    def prepare(self, found: dict[str, Document], copies: list[Document], retry_ids: set[str] | None,
+                apply: bool) -> Store:
+        """Remember every readable file's content id and note each document to process at its path
+        (see :class:`~ocrbatch.records.base.JobRecord`); the store itself answers for its pages."""
+        if apply:
+            for document in [*found.values(), *copies]:
+                if not document.error:
+                    self.remember_file(document.path, document.size, document.mtime_ns, document.doc_id)
+            for doc_id, document in found.items():
+                if not document.error and (retry_ids is None or doc_id in retry_ids):
+                    self.upsert_document(doc_id, document.path)
+        return self
+
     def upsert_document(self, doc_id: str, path: Path) -> None:
         """Note a document at ``path``; an older version of the same path is superseded."""
         with self.db:
@@ -217,10 +230,10 @@ class Store:
                  "WHERE p.status = 'failed' AND d.status != 'superseded' ORDER BY d.path, p.page")
         return [(escaped(os.fsdecode(row[0])), row[1], row[2]) for row in self.db.execute(query)]
 
-    def failed_document_ids(self) -> list[str]:
+    def failed_document_ids(self) -> set[str]:
         query = ("SELECT DISTINCT doc_id FROM pages JOIN documents USING (doc_id) "
                  "WHERE pages.status = 'failed' AND documents.status != 'superseded'")
-        return [row[0] for row in self.db.execute(query)]
+        return {row[0] for row in self.db.execute(query)}
 
     def finished_document_ids(self) -> list[str]:
         return [row[0] for row in self.db.execute(

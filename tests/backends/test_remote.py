@@ -214,7 +214,7 @@ def test_a_block_goes_resized_within_its_bounds_with_the_bounds(server, recogniz
 
 
 @pytest.mark.parametrize(("reported", "bounds"), [
-    ((12544, 451584), (12544, 451584)),  # ocrbatch serve with the tiny checkpoint
+    ((12544, 451584), (12544, 451584)),  # ocrbatch serve with the tiny model
     (None, DEFAULT_MODEL_PIXEL_BOUNDS),  # a server that does not say (vLLM, llama-server)
     ((451584, 12544), DEFAULT_MODEL_PIXEL_BOUNDS),  # nonsense is not taken
 ])
@@ -335,7 +335,7 @@ def test_ocrbatch_serve_gives_the_local_engines_text(tiny_model, engine_f32, tes
 
 
 # The converter's tensor-name table covers as many projector layers as the model has vision
-# blocks; the tiny checkpoint's 2 blocks leave out its projector's third layer (mlp_AR.linear_2).
+# blocks; the tiny model's 2 blocks leave out its projector's third layer (mlp_AR.linear_2).
 # Widening the table changes no tensor.
 CONVERTER = """
 import runpy, sys
@@ -348,14 +348,14 @@ runpy.run_path(script, run_name="__main__")
 """
 
 
-def build_mmproj(checkpoint: Path, work: Path) -> Path:
+def build_mmproj(model_folder: Path, work: Path) -> Path:
     """The vision tower as a llama.cpp mmproj GGUF, made by llama.cpp's own converter from the pinned sdist."""
     sdist = work / "sdist"
     sdist.mkdir()
     root = llama_cpp_source(sdist)
     target = work / "mmproj.gguf"
     converted = subprocess.run(
-        [sys.executable, "-c", CONVERTER, str(root / "convert_hf_to_gguf.py"), str(checkpoint), "--mmproj",
+        [sys.executable, "-c", CONVERTER, str(root / "convert_hf_to_gguf.py"), str(model_folder), "--mmproj",
          "--outtype", "f32", "--outfile", str(target)],
         capture_output=True, text=True, timeout=900,
         env={**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "gguf-py"), str(root)])})
@@ -379,10 +379,10 @@ def test_smoke_against_llama_cpp_pythons_own_server(tmp_path):
     from ocrbatch.model.gguf import convert
 
     # The official layout: llama.cpp's converter reads its vision tower (PaddleOCRVisionModel).
-    checkpoint = make_model(tmp_path / "tiny-official", size="tiny", seed=0, version="1.0", layout="official")
-    mmproj = build_mmproj(checkpoint, tmp_path)
+    model_folder = make_model(tmp_path / "tiny-official", size="tiny", seed=0, version="1.0", layout="official")
+    mmproj = build_mmproj(model_folder, tmp_path)
     port = free_port()
-    process = start_http_server([sys.executable, "-m", "llama_cpp.server", "--model", str(convert(checkpoint, "F32")),
+    process = start_http_server([sys.executable, "-m", "llama_cpp.server", "--model", str(convert(model_folder, "F32")),
                      "--clip_model_path", str(mmproj), "--chat_format", "mtmd", "--n_ctx", "4096",
                      "--host", "127.0.0.1", "--port", str(port), "--model_alias", "paddleocr-vl-tiny"],
                     port, tmp_path / "llama-server.log", env=llama_cpp_server_env())

@@ -1,4 +1,4 @@
-"""The random-checkpoint maker writes a real, loadable PaddleOCR-VL checkpoint."""
+"""The random-model maker writes a real, loadable PaddleOCR-VL model folder."""
 
 import hashlib
 

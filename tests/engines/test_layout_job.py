@@ -73,7 +73,7 @@ def test_layout_pages_are_rendered_at_the_dpi_and_each_block_sized_within_the_bl
 
     from ocrbatch.job.units import BLOCK_PIXEL_BOUNDS
 
-    # A scanned two-column page in small type. Capped at the tiny checkpoint's 451,584 pixels, the
+    # A scanned two-column page in small type. Capped at the tiny model's 451,584 pixels, the
     # whole-page cap, this Letter page is 591x764, where CDLA takes its body for one picture.
     folder = tmp_path / "docs"
     folder.mkdir()
@@ -120,16 +120,16 @@ def test_blocks_in_jsonl_and_duckdb(cdla_run, tiny_model, tmp_path):
 
 
 @pytest.mark.slow
-def test_pp_doclayout_with_a_tiny_random_checkpoint(tiny_model, tmp_path):
+def test_pp_doclayout_with_a_tiny_random_model(tiny_model, tmp_path):
     from ocrbatch.dev.layout_model import make_layout_model
 
-    checkpoint = make_layout_model(tmp_path / "layout", seed=1)
+    weights_folder = make_layout_model(tmp_path / "layout", seed=1)
     out = tmp_path / "out.jsonl"
     summary = run_job(options(tiny_model, [SAMPLE_DOCS / "report.pdf"], out, layout="pp-doclayout",
-                              layout_model=str(checkpoint)))
+                              layout_model=str(weights_folder)))
     [row] = [json.loads(line) for line in out.read_text().splitlines()]
     assert summary.pages_ok == 1 and row["status"] == "ok"
-    assert row["blocks"], "the seed-1 checkpoint finds blocks on every sample page"
+    assert row["blocks"], "the seed-1 model finds blocks on every sample page"
     assert all(b["prompt"] == "Table Recognition:" for b in row["blocks"] if b["label"] == "table")
     assert [b["order"] for b in row["blocks"]] == list(range(len(row["blocks"])))
 
@@ -179,7 +179,7 @@ def test_a_degenerate_box_fails_its_page_with_the_reason():
 def test_the_scheduler_cuts_a_block_where_its_repetition_guard_says(engine_f32, test_images, monkeypatch):
     """The guard's loop detection is tested in test_markdown.py; here, that decoding obeys it.
 
-    The tiny random checkpoint does not loop, so a guard that reports a loop
+    The tiny random model does not loop, so a guard that reports a loop
     after its 30th token stands in for one that found it.
     """
     from ocrbatch.model import language
@@ -268,7 +268,7 @@ def test_ocr_command_with_layout(tiny_model, tmp_path):
 
 
 def charts_and_seals_layout_model(folder: Path) -> Path:
-    """A tiny PP-DocLayoutV2 checkpoint that labels every box on ``report.pdf`` a chart or a seal.
+    """A tiny PP-DocLayoutV2 model that labels every box on ``report.pdf`` a chart or a seal.
 
     The seed-1 model's last class head is replaced by one that reads a single direction of the
     decoder's query states: queries on one side of its median on that page are charts, the others
@@ -282,15 +282,15 @@ def charts_and_seals_layout_model(folder: Path) -> Path:
     from ocrbatch.sources.discover import Document
     from ocrbatch.sources.rasterize import iter_pages
 
-    checkpoint = make_layout_model(folder, seed=1)
-    detector = load_layout("pp-doclayout", model=str(checkpoint))
+    weights_folder = make_layout_model(folder, seed=1)
+    detector = load_layout("pp-doclayout", model=str(weights_folder))
     [page] = iter_pages(Document(SAMPLE_DOCS / "report.pdf", None), [1], dpi=110)
     with torch.no_grad():
         states = detector.model(pixel_values=torch.from_numpy(detector.pixel_values(page.image))).last_hidden_state[0]
     direction = states[0] - states[1]
     along = states @ direction
     median, spread = along.median(), along.std()
-    weights = load_file(checkpoint / "model.safetensors")
+    weights = load_file(weights_folder / "model.safetensors")
     head = sorted(name for name in weights if name.startswith("model.decoder.class_embed."))[-2:]  # last layer's
     bias, weight = (weights[name] for name in head)
     chart, seal = PP_DOCLAYOUT_LABELS.index("chart"), PP_DOCLAYOUT_LABELS.index("seal")
@@ -298,8 +298,8 @@ def charts_and_seals_layout_model(folder: Path) -> Path:
     bias.fill_(-10.0)
     weight[chart], bias[chart] = 10 * direction / spread, -10 * median / spread
     weight[seal], bias[seal] = -weight[chart], -bias[chart]
-    save_file(weights, checkpoint / "model.safetensors", metadata={"format": "pt"})
-    return checkpoint
+    save_file(weights, weights_folder / "model.safetensors", metadata={"format": "pt"})
+    return weights_folder
 
 
 @pytest.mark.slow
@@ -349,15 +349,15 @@ def test_pp_doclayout_defaults_to_the_layout_model_paddlex_pairs_with_the_releas
 
     # Offline, loading the default names it and fails at once: which one the job chose.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    checkpoint = release_model(version)
+    weights_folder = release_model(version)
     with pytest.raises(ModelError, match=f"PaddlePaddle/{default}: cannot load the PP-DocLayout model"):
-        Engine(checkpoint, quant="F32", with_language=False, layout="pp-doclayout")
+        Engine(weights_folder, quant="F32", with_language=False, layout="pp-doclayout")
     with pytest.raises(PipelineError, match=f"cannot load the layout model: .*PaddlePaddle/{default}"):
-        run_job(options(checkpoint, [SAMPLE_DOCS / "report.pdf"], tmp_path / "out.jsonl", layout="pp-doclayout"))
+        run_job(options(weights_folder, [SAMPLE_DOCS / "report.pdf"], tmp_path / "out.jsonl", layout="pp-doclayout"))
 
 
 @pytest.mark.slow
-def test_a_checkpoint_keeps_its_stitching_and_recognised_pictures(cdla_run, tiny_model):
+def test_a_model_keeps_its_stitching_and_recognised_pictures(cdla_run, tiny_model):
     """Stitched blocks and pictures sent to the model are other model calls, so other text: a re-run that
     changes either would mix two kinds of pages in one output, and is refused before any page is touched."""
     from ocrbatch.errors import OcrbatchError

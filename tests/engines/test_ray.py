@@ -187,9 +187,9 @@ def test_status_counts_and_failed_pages(tmp_path):
 
 def test_a_dataset_made_with_other_settings_is_refused(tmp_path):
     DatasetRecord(tmp_path, {"model": "m", "quant": "F32"}).write([row("a", 1)], "part-1-00001.parquet")
-    DatasetRecord(tmp_path, {"model": "m", "quant": "F32"}).check_settings()
+    DatasetRecord(tmp_path).check_settings({"model": "m", "quant": "F32"})
     with pytest.raises(OcrbatchError, match="made with quant=F32, not Q4_K_M"):
-        DatasetRecord(tmp_path, {"model": "m", "quant": "Q4_K_M"}).check_settings()
+        DatasetRecord(tmp_path).check_settings({"model": "m", "quant": "Q4_K_M"})
 
 
 def test_plan_skips_finished_pages_and_a_dry_run_changes_nothing(tmp_path):
@@ -210,19 +210,21 @@ def test_plan_skips_finished_pages_and_a_dry_run_changes_nothing(tmp_path):
     plan = plan_dataset(JobOptions(paths=[docs], out=record.folder, min_file_age=60), record, dry_run=True)
     assert (plan.manifest, plan.unreadable, plan.deferred) == ([], [], 3)  # all three were written just now
 
+    # --retry-failed takes up only the documents with a failed page, as the local engine does: a's failed and
+    # pending pages, not b (never run) nor the empty file.
     plan = plan_dataset(JobOptions(paths=[docs], out=record.folder, retry_failed=True, min_file_age=0), record,
                       dry_run=True)
     assert sorted((Path(i["path"]).name, i["page"], i["page_count"]) for i in plan.manifest) == [
-        ("a.pdf", 2, 3), ("a.pdf", 3, 3), ("b.pdf", 1, 2), ("b.pdf", 2, 2)]
-    assert [(d.path.name, error) for d, error in plan.unreadable] == [("zero.png", f"{docs / 'zero.png'}: empty "
-                                                                                   "file (0 bytes)")]
-    assert (plan.skipped, plan.documents) == (1, 3)
+        ("a.pdf", 2, 3), ("a.pdf", 3, 3)]
+    assert (plan.unreadable, plan.skipped, plan.documents) == ([], 1, 1)  # a's page 1 (the failed page 2 is redone)
     assert {file: file.read_bytes() for file in record.files()} == before
 
     plan = plan_dataset(JobOptions(paths=[docs], out=record.folder, min_file_age=0), record)  # no retry: it stands
     assert sorted((Path(i["path"]).name, i["page"]) for i in plan.manifest) == [("a.pdf", 3), ("b.pdf", 1),
                                                                                 ("b.pdf", 2)]
-    assert plan.skipped == 2
+    assert [(d.path.name, error) for d, error in plan.unreadable] == [("zero.png", f"{docs / 'zero.png'}: empty "
+                                                                                   "file (0 bytes)")]
+    assert (plan.skipped, plan.documents) == (2, 3)
     assert {r["path"] for r in visible_rows(record.folder)} == {str(docs / "a.pdf")}  # the move was applied
 
 
@@ -681,8 +683,6 @@ def test_a_dry_run_on_a_missing_bucket_is_fatal_naming_it(s3_store, tiny_model, 
     assert "bucket 'no-such-dataset': no such bucket" in result.output
 
 
-# Last in this file: the re-run below starts and stops a Ray instance of its own in this process, after
-# which the module's two-node cluster no longer starts actors.
 # -- the job on Ray in front of a model server (--backend openai) -----------------------------------
 
 
@@ -802,6 +802,8 @@ def test_ray_in_front_of_a_model_server_asks_it_what_the_local_engine_asks_and_w
     assert not (tmp_path / "cache").exists()  # no GGUF was converted
 
 
+# Last in this file: the re-run below starts and stops a Ray instance of its own in this process, after
+# which the module's two-node cluster no longer starts actors.
 # Runs the job as `ocrbatch run --engine ray` would, in a process the test can kill.
 DRIVER = """
 import json, sys

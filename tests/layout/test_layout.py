@@ -1,4 +1,4 @@
-"""Layout analysis: CDLA on the real sample documents, the tiny PP-DocLayout checkpoint,
+"""Layout analysis: CDLA on the real sample documents, the tiny PP-DocLayout model,
 the official filters on hand-made detections, reading order, crops and prompts."""
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ def test_layout_mode_renders_at_the_dpi_where_cdla_finds_a_small_type_scans_colu
     from ocrbatch.sources.rasterize import LAYOUT_PAGE_MAX_PIXELS, iter_pages, page_pixel_cap
 
     scan = Document(write_scanned_article(tmp_path / "scan.pdf"), "scan")
-    model_max = 672 * 672  # the tiny checkpoint's processor maximum
+    model_max = 672 * 672  # the tiny model's processor maximum
 
     def rendered(layout: str) -> Image.Image:
         [page] = iter_pages(scan, [1], dpi=DPI, max_pixels=page_pixel_cap(layout, model_max))
@@ -207,7 +207,7 @@ def tiny_layout(tmp_path_factory):
     return make_layout_model(tmp_path_factory.mktemp("layout") / "tiny-v2", seed=1)
 
 
-def test_tiny_checkpoint_is_the_real_architecture(tiny_layout):
+def test_tiny_model_is_the_real_architecture(tiny_layout):
     from transformers import AutoModelForObjectDetection, PPDocLayoutV2ForObjectDetection
 
     model = AutoModelForObjectDetection.from_pretrained(tiny_layout)
@@ -216,7 +216,7 @@ def test_tiny_checkpoint_is_the_real_architecture(tiny_layout):
     assert model.config.class_thresholds[PP_DOCLAYOUT_LABELS.index("seal")] == 0.45
 
 
-def test_tiny_checkpoint_is_reproducible(tmp_path):
+def test_tiny_model_is_reproducible(tmp_path):
     from safetensors.numpy import load_file
 
     from ocrbatch.dev.layout_model import make_layout_model
@@ -281,7 +281,7 @@ def test_pp_doclayout_input_follows_the_preprocessor_config(tiny_layout, tmp_pat
     assert pixels[0, 0].min() == pytest.approx(1.0) and pixels[0, 1].max() == pytest.approx(-1.0)
 
 
-def test_pp_doclayout_v3_checkpoint_loads_and_runs(tmp_path):
+def test_pp_doclayout_v3_model_loads_and_runs(tmp_path):
     from ocrbatch.dev.layout_model import make_layout_model
 
     detector = load_layout("pp-doclayout", model=str(make_layout_model(tmp_path / "v3", version="v3")))

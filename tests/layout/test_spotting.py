@@ -85,17 +85,17 @@ def test_a_spotting_page_is_enlarged_encoded_within_the_spotting_bounds_and_read
     from ocrbatch.engine import Engine
     from ocrbatch.engines.local import run_job
 
-    checkpoint = release_model("1.5")  # the release's own bounds: 112,896 to 1,003,520 pixels
+    model = release_model("1.5")  # the release's own bounds: 112,896 to 1,003,520 pixels
     folder = spotting_page(tmp_path / "docs")
     out = tmp_path / "out.jsonl"
-    summary = run_job(job(checkpoint, folder, out))
+    summary = run_job(job(model, folder, out))
     [row] = [json.loads(line) for line in out.read_text().splitlines()]
     assert summary.pages_ok == 1 and row["task"] == "spotting" and (row["width"], row["height"]) == (640, 480)
     # Enlarged to 1280 x 960 (1,228,800 pixels: above the other tasks' maximum) and encoded as it is.
     height, width = smart_resize(960, 1280, factor=28, min_pixels=SPOTTING_PIXEL_BOUNDS[0],
                                  max_pixels=SPOTTING_PIXEL_BOUNDS[1])
     assert row["n_image_tokens"] == (height // 28) * (width // 28) > 1003520 // 28 ** 2
-    engine = Engine(checkpoint, quant="F32", max_tokens=16)
+    engine = Engine(model, quant="F32", max_tokens=16)
     [alone] = engine.ocr([folder / "page.png"], task="spotting")
     engine.close()
     assert alone.n_image_tokens == row["n_image_tokens"]

@@ -32,7 +32,7 @@ def test_f32_gguf_is_self_contained(tiny_model):
     assert "<|IMAGE_START|>" in value("tokenizer.chat_template")
     names = {t.name for t in reader.tensors}
     assert {"token_embd.weight", "output_norm.weight", "blk.1.ffn_down.weight"} <= names
-    assert "output.weight" not in names  # tied to the embeddings, as in the checkpoint
+    assert "output.weight" not in names  # tied to the embeddings, as in the model folder
 
 
 def test_loads_in_plain_llama_cpp(tiny_model):
@@ -73,7 +73,7 @@ def test_second_conversion_is_cached(tiny_model):
     assert time.perf_counter() - started < 2
 
 
-def test_cache_key_follows_checkpoint_content(tmp_path, tiny_model):
+def test_cache_key_follows_model_content(tmp_path, tiny_model):
     import shutil
 
     copy = tmp_path / "tiny-1.0"
@@ -162,7 +162,7 @@ def test_lm_head_equal_to_embeddings_is_tied(tmp_path, release_model):
 
 @pytest.fixture(scope="module")
 def llama_cpp_converted(tmp_path_factory, release_model):
-    """The release-shaped checkpoint's language model as llama.cpp's own convert_hf_to_gguf.py writes it."""
+    """The release-shaped model's language model as llama.cpp's own convert_hf_to_gguf.py writes it."""
     import subprocess
     import sys
 

@@ -73,7 +73,7 @@ def test_greedy_tokens_identical_to_transformers(engine_f32, reference, test_ima
 
 
 @pytest.mark.slow
-def test_later_tasks_identical_on_a_15_checkpoint(tiny_model_15, test_images):
+def test_later_tasks_identical_on_a_15_model(tiny_model_15, test_images):
     from transformers import AutoProcessor, PaddleOCRVLForConditionalGeneration
 
     processor = AutoProcessor.from_pretrained(tiny_model_15)
@@ -122,8 +122,8 @@ def test_f16_agreement_is_reported(tiny_model, reference, test_images, record_pr
 
 @pytest.mark.slow
 @pytest.mark.parametrize("version", ["1.0", "1.5"])
-def test_release_shaped_checkpoint_identical_to_transformers(release_model, test_images, version):
-    """A checkpoint shaped as PaddlePaddle publishes it: flat config, weights named visual.*,
+def test_release_shaped_model_identical_to_transformers(release_model, test_images, version):
+    """A model folder shaped as PaddlePaddle publishes it: flat config, weights named visual.*,
     mlp_AR.*, model.*, an lm_head of its own (transformers projects with it) and the release's
     pixel bounds."""
     from transformers import AutoProcessor, PaddleOCRVLForConditionalGeneration
