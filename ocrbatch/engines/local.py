@@ -26,19 +26,16 @@ import queue
 import signal
 import threading
 import time
-from concurrent.futures import CancelledError, Future
 
-from ..backends.base import PAGE_FAILURES, Decoder
+from ..backends.base import Decoder
 from ..backends.local import LocalDecoder
 from ..backends.remote import RemoteDecoder
 from ..errors import OcrbatchError
 from ..job.encode import next_batch
-from ..job.flow import FinishedPage, PageFlow
+from ..job.flow import FinishedPage, PageFlow, UnitsInFlight
 from ..job.options import JobOptions
 from ..job.plan import Plan, plan_job
 from ..job.render import LayoutSettings, RenderJob, RenderStage, StageFailed, TextLayerSettings, iter_pages
-from ..job.rows import keyed
-from ..job.units import PageWork, Unit
 from ..model.prompt import TASK_PROMPTS
 from ..records.lock import JobLock
 from ..records.output import open_output
@@ -240,7 +237,7 @@ def _process(recorder: Recorder, engine, decoder: Decoder, plan: Plan, max_pixel
     renderer.start()
     flow = PageFlow(options.task, TASK_PROMPTS[options.task], recorder.model_name, recorder.quant,
                     stitch=options.stitch, markdown_dir=options.markdown_dir)
-    decoding = _Decoding(decoder, flow, recorder)
+    decoding = UnitsInFlight(decoder, flow, recorder)
     rendering = True
     failure: StageFailed | None = None
     try:
@@ -279,67 +276,6 @@ def _process(recorder: Recorder, engine, decoder: Decoder, plan: Plan, max_pixel
         halt.set()
         renderer.join(timeout=10)
         recorder.summary.render_crashes = renderer.crashes
-
-
-class _Decoding:
-    """The units handed to the decoder and not yet back, and what becomes of each one that comes back."""
-
-    def __init__(self, decoder: Decoder, flow: PageFlow, recorder: Recorder):
-        self.decoder, self.flow, self.recorder = decoder, flow, recorder
-        self.in_flight: dict[Future, tuple[PageWork, Unit]] = {}
-        self.finished: queue.Queue = queue.Queue()  # futures as they finish, from the decoder's threads
-
-    @property
-    def units(self) -> int:
-        return len(self.in_flight)
-
-    def submit(self, work: PageWork, unit: Unit) -> None:
-        future = self.decoder.submit(unit)
-        unit.image = unit.encoded = None  # the backend has what it needs
-        self.in_flight[future] = (work, unit)
-        future.add_done_callback(self.finished.put)
-
-    def record(self, done: FinishedPage | None) -> None:
-        if done is not None:
-            self.recorder.add(keyed(done.page.document, done.row))
-
-    def take(self, wait_s: float) -> None:
-        """Settle every unit that has come back, waiting up to ``wait_s`` for the first."""
-        try:
-            future = self.finished.get(timeout=wait_s) if wait_s else self.finished.get_nowait()
-        except queue.Empty:
-            return
-        while True:
-            self._settle(future)
-            try:
-                future = self.finished.get_nowait()
-            except queue.Empty:
-                return
-
-    def wind_down(self, grace_s: float) -> None:
-        """Stopping: ``grace_s`` seconds for the units being decoded, then the rest cancelled (pending)."""
-        deadline = time.monotonic() + grace_s
-        while self.in_flight and time.monotonic() < deadline:
-            self.take(0.2)
-        for future in list(self.in_flight):
-            self.decoder.cancel(future)
-        if self.in_flight:
-            log.warning("stopped with %d pages unfinished; they stay pending for the next run",
-                        len({id(work) for work, _ in self.in_flight.values()}))
-
-    def _settle(self, future: Future) -> None:
-        work, unit = self.in_flight.pop(future)
-        try:
-            decoded = future.result()
-        except CancelledError:
-            return  # stopped before it ran: the page stays pending
-        except PAGE_FAILURES as exc:
-            self.record(self.flow.unit_failed(work, unit, str(exc)))
-            return
-        # Anything else (the pool failed, the model cannot load) is not this page's fault: it propagates.
-        if decoded.finish_reason == "cancelled":
-            return  # stopped while decoding: the page stays pending
-        self.record(self.flow.settle(work, unit, decoded))
 
 
 def _no_patches(width: int, height: int) -> int:

@@ -75,7 +75,7 @@ from ..backends.local import LocalDecoder, decoded
 from ..backends.remote import RemoteDecoder, RemoteRecognizer
 from ..errors import OcrbatchError
 from ..job import plan as planner
-from ..job.flow import FinishedPage, PageFlow
+from ..job.flow import FinishedPage, PageFlow, UnitsInFlight
 from ..job.options import RaySettings
 from ..job.render import LayoutSettings, RenderJob, RenderStage, StageFailed, TextLayerSettings
 from ..job.rows import failure_row, keyed
@@ -86,7 +86,6 @@ from ..records.recorder import JobSummary
 from ..sources.discover import Document, escaped, unescaped
 from ..sources.rasterize import PageImage, page_pixel_cap
 from ..storage import ObjectPath, check_reachable, input_path, is_url
-from .local import _Decoding
 from .ray_files import FileSet, local_copy, start_file_server
 
 log = logging.getLogger("ocrbatch")
@@ -322,7 +321,7 @@ class RemoteStage(PageStage):
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = BatchRows(self.node)
-        decoding = _Decoding(self.decoder, self.flow, rows)
+        decoding = UnitsInFlight(self.decoder, self.flow, rows)
         with closing(self._render(batch.to_pylist())) as pages:
             for page in pages:  # each page's units are sent as it is rendered
                 started = self.flow.start(page)

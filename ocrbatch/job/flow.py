@@ -23,16 +23,23 @@ a unit the backend fails all become the page's failed row naming the page
 
 from __future__ import annotations
 
+import logging
+import queue
+import time
+from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from ..backends.base import Decoded
+from ..backends.base import PAGE_FAILURES, Decoded, Decoder
+from ..records.base import PageRecorder
 from ..records.recorder import OutputError, markdown_images_folder
 from ..sources.rasterize import PageImage
 from .encode import encode_units
-from .rows import failure_row, text_layer_row
+from .rows import failure_row, keyed, text_layer_row
 from .units import PageWork, Unit
+
+log = logging.getLogger("ocrbatch")
 
 
 @dataclass
@@ -130,3 +137,66 @@ class PageFlow:
         """The page's failed row; ``error`` names the page already."""
         return FinishedPage(page, failure_row(page.page, page.page_count, self.task, error, self.model_name,
                                               self.quant))
+
+
+class UnitsInFlight:
+    """The units handed to the decoder and not yet back, and what becomes of each one that comes back:
+    settled in ``flow``, each finished page's row added to ``recorder`` (the local engine's recorder, or a
+    Ray actor's batch of rows)."""
+
+    def __init__(self, decoder: Decoder, flow: PageFlow, recorder: PageRecorder):
+        self.decoder, self.flow, self.recorder = decoder, flow, recorder
+        self.in_flight: dict[Future, tuple[PageWork, Unit]] = {}
+        self.finished: queue.Queue = queue.Queue()  # futures as they finish, from the decoder's threads
+
+    @property
+    def units(self) -> int:
+        return len(self.in_flight)
+
+    def submit(self, work: PageWork, unit: Unit) -> None:
+        future = self.decoder.submit(unit)
+        unit.image = unit.encoded = None  # the backend has what it needs
+        self.in_flight[future] = (work, unit)
+        future.add_done_callback(self.finished.put)
+
+    def record(self, done: FinishedPage | None) -> None:
+        if done is not None:
+            self.recorder.add(keyed(done.page.document, done.row))
+
+    def take(self, wait_s: float) -> None:
+        """Settle every unit that has come back, waiting up to ``wait_s`` for the first."""
+        try:
+            future = self.finished.get(timeout=wait_s) if wait_s else self.finished.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._settle(future)
+            try:
+                future = self.finished.get_nowait()
+            except queue.Empty:
+                return
+
+    def wind_down(self, grace_s: float) -> None:
+        """Stopping: ``grace_s`` seconds for the units being decoded, then the rest cancelled (pending)."""
+        deadline = time.monotonic() + grace_s
+        while self.in_flight and time.monotonic() < deadline:
+            self.take(0.2)
+        for future in list(self.in_flight):
+            self.decoder.cancel(future)
+        if self.in_flight:
+            log.warning("stopped with %d pages unfinished; they stay pending for the next run",
+                        len({id(work) for work, _ in self.in_flight.values()}))
+
+    def _settle(self, future: Future) -> None:
+        work, unit = self.in_flight.pop(future)
+        try:
+            decoded = future.result()
+        except CancelledError:
+            return  # stopped before it ran: the page stays pending
+        except PAGE_FAILURES as exc:
+            self.record(self.flow.unit_failed(work, unit, str(exc)))
+            return
+        # Anything else (the pool failed, the model cannot load) is not this page's fault: it propagates.
+        if decoded.finish_reason == "cancelled":
+            return  # stopped while decoding: the page stays pending
+        self.record(self.flow.settle(work, unit, decoded))
