@@ -802,51 +802,98 @@ def test_ray_in_front_of_a_model_server_asks_it_what_the_local_engine_asks_and_w
     assert not (tmp_path / "cache").exists()  # no GGUF was converted
 
 
-# Last in this file: the re-run below starts and stops a Ray instance of its own in this process, after
-# which the module's two-node cluster no longer starts actors.
-# Runs the job as `ocrbatch run --engine ray` would, in a process the test can kill.
+# Runs the job as `ocrbatch run --engine ray` would, in a process the test can kill; "storage" holds the
+# storage options of URL paths.
 DRIVER = """
 import json, sys
 from pathlib import Path
 from ocrbatch.engines.local import JobOptions
 from ocrbatch.engines.ray import run_ray_job
+from ocrbatch.storage import ObjectPath
 
 options = json.loads(sys.argv[1])
-run_ray_job(JobOptions(**{**options, "paths": [Path(p) for p in options["paths"]], "out": Path(options["out"])}))
+storage = options.pop("storage", None)
+place = lambda p: ObjectPath.of(p, storage) if "://" in p else Path(p)
+run_ray_job(JobOptions(**{**options, "paths": [place(p) for p in options["paths"]], "out": place(options["out"])}))
 """
 
 
-def rows_in(folder: Path) -> int:
-    return sum(pq.ParquetFile(file).metadata.num_rows for file in DatasetRecord(folder).files())
+def rows_in(folder) -> int:
+    """Rows in the dataset's files, duplicates included (a local folder or an ObjectPath)."""
+    return len(DatasetRecord(folder).entries())
 
 
-@pytest.mark.slow
-def test_kill9_of_the_driver_then_rerun_gives_every_page_once(tiny_model, engine_f32, tmp_path):
-    import psutil
-
-    from ocrbatch.engines.ray import run_ray_job
-
-    docs = tmp_path / "docs"
+def kill_settings(tiny_model, docs: Path, out: str) -> dict:
+    """Four 3-page PDFs, one page per file and one at a time, so that a kill can land between pages."""
     docs.mkdir()
     for i in range(4):
         write_pdf(docs / f"doc{i}.pdf", 3, text=f"Document {i}")
-    out = tmp_path / "dataset"
-    # One page per file and one page at a time, so the kill can land between pages.
-    settings = dict(paths=[str(docs)], out=str(out), model=str(tiny_model), quant="F32", max_tokens=30, workers=1,
-                    seqs_per_worker=1, batch_size=1, dpi=72, progress=False, flush_rows=1, min_file_age=0,
-                    layout="none")  # whole pages, to compare with the engine's own output
-    with open(tmp_path / "driver.log", "w") as log:
+    return dict(paths=[str(docs)], out=out, model=str(tiny_model), quant="F32", max_tokens=30, workers=1,
+                seqs_per_worker=1, batch_size=1, dpi=72, progress=False, flush_rows=1, min_file_age=0,
+                layout="none")  # whole pages, to compare with the engine's own output
+
+
+def kill_driver_after_first_rows(settings: dict, out, log_file: Path) -> int:
+    """Start the driver, kill -9 it (and its own Ray instance) once rows are in ``out``; the rows there then."""
+    import psutil
+
+    with open(log_file, "w") as log:
         driver = subprocess.Popen([sys.executable, "-c", DRIVER, json.dumps(settings)], stdout=log, stderr=log)
     deadline = time.monotonic() + 300
     while driver.poll() is None and time.monotonic() < deadline and rows_in(out) == 0:
         time.sleep(0.2)
-    assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
+    assert driver.poll() is None, log_file.read_text()[-3000:]
     # The local Ray instance is the driver's: its processes are ended with it.
     ray_processes = psutil.Process(driver.pid).children(recursive=True)
     driver.send_signal(signal.SIGKILL)
     driver.wait()
     end(ray_processes)
-    at_kill = rows_in(out)
+    return rows_in(out)
+
+
+@pytest.mark.slow
+def test_kill9_of_a_driver_writing_to_a_bucket_then_rerun_gives_every_page_once(tiny_model, engine_f32, s3_store,
+                                                                                tmp_path):
+    """The dataset in a bucket (moto's S3 on loopback): each file lands whole, so a driver killed mid-run
+    leaves whole files only, and a re-run (its own driver) completes every page exactly once."""
+    from ocrbatch.storage import ObjectPath
+
+    options, fs = s3_store
+    fs.mkdir("kill-results")
+    settings = {**kill_settings(tiny_model, tmp_path / "docs", "s3://kill-results/ocr/"), "storage": options}
+    out = ObjectPath.of(settings["out"], options)
+    at_kill = kill_driver_after_first_rows(settings, out, tmp_path / "driver.log")
+    assert 0 < at_kill < 12  # the kill landed after some pages were written and before all
+    written = DatasetRecord(out).entries()
+    assert len({(entry.doc_id, entry.page) for entry in written}) == len(written)  # never a page twice, even now
+
+    rerun = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(settings)], capture_output=True, text=True,
+                           timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    record = DatasetRecord(out)
+    rows = record.table().to_pylist()
+    assert rows_in(out) == 12  # every page once in the files themselves, not only after de-duplication
+    assert sorted((Path(r["path"]).name, r["page"]) for r in rows) == sorted(
+        (f"doc{i}.pdf", page) for i in range(4) for page in (1, 2, 3))
+    expected = expected_tokens(engine_f32, rows, max_tokens=30)
+    assert {(r["path"], r["page"]): r["text"] for r in rows} == {key: text for key, (_, text) in expected.items()}
+    # The killed run's part objects were merged with the re-run's into one; nothing partial is left.
+    assert [f.name.split("-")[0] for f in record.files()] == ["run"]
+    fs.invalidate_cache()
+    assert [key for key in fs.find("kill-results") if not key.endswith(".parquet")] == []
+    assert record.counts() == {"pages": {"ok": 12}, "documents": {"ok": 4}}
+
+
+# Last in this file: the re-run below starts and stops a Ray instance of its own in this process, after
+# which the module's two-node cluster no longer starts actors.
+@pytest.mark.slow
+def test_kill9_of_the_driver_then_rerun_gives_every_page_once(tiny_model, engine_f32, tmp_path):
+    from ocrbatch.engines.ray import run_ray_job
+
+    out = tmp_path / "dataset"
+    settings = kill_settings(tiny_model, tmp_path / "docs", str(out))
+    docs = Path(settings["paths"][0])
+    at_kill = kill_driver_after_first_rows(settings, out, tmp_path / "driver.log")
     assert 0 < at_kill < 12  # the kill landed after some pages were written and before all
     assert len(set(keys(visible_rows(out)))) == at_kill  # never a page twice, even now
 
