@@ -61,12 +61,12 @@ def choose_precision(vision_config, device: str, threads: int, cache: Path,
     remembered = _read_cache(cache).get(key)
     if remembered and set(remembered["seconds"]) == set(CPU_CANDIDATES):
         seconds = remembered["seconds"]
-        return PrecisionChoice(remembered["dtype"], seconds, f"measured on this machine before ({_listing(seconds)})")
+        return PrecisionChoice(remembered["dtype"], seconds, f"measured on this machine before: {_listing(seconds)}")
     measure = measure or probe_seconds
     seconds = {dtype: measure(vision_config, dtype) for dtype in CPU_CANDIDATES}
     fastest = min(seconds, key=seconds.get)
     _write_cache(cache, key, {"dtype": fastest, "seconds": seconds, "cpu": cpu_info()[0], "threads": threads})
-    return PrecisionChoice(fastest, seconds, f"measured now ({_listing(seconds)})")
+    return PrecisionChoice(fastest, seconds, f"measured now: {_listing(seconds)}")
 
 
 def probe_seconds(vision_config, dtype: str) -> float:
