@@ -502,10 +502,15 @@ class WorkerPool:
                 if self._closed:
                     return
                 workers = list(self._workers)
-            by_conn = {w.conn: w for w in workers}
+            # A worker that died while its sender thread was writing to it has its pipe closed by that
+            # thread before this loop sees the death: its sentinel reports it, the pipe is left out.
+            by_conn = {w.conn: w for w in workers if not w.conn.closed}
             by_sentinel = {w.process.sentinel: w for w in workers}
             timeout = 1.0 if self.request_timeout is not None else None
-            ready = wait([self._wake_reader, *by_conn, *by_sentinel], timeout=timeout)
+            try:
+                ready = wait([self._wake_reader, *by_conn, *by_sentinel], timeout=timeout)
+            except OSError:
+                continue  # a pipe closed between the check above and the wait: look again
             for handle in ready:
                 if handle is self._wake_reader:
                     while self._wake_reader.poll():

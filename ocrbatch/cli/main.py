@@ -287,7 +287,8 @@ def _setup_logging(quiet: bool, log_file: str | None) -> None:
 @click.option("--ray-address", help="Join this Ray cluster (auto, ray://host:10001, host:6379) "
               "[default: start a fresh local instance].")
 @click.option("--ray-vision-actors", type=click.IntRange(1), default=ray_default("vision_actors"), show_default=True,
-              help="--engine ray: actors that render, analyse the layout and run the vision encoder.")
+              help="--engine ray: actors that render, analyse the layout and run the vision encoder (with "
+                   "--backend openai: that render, analyse the layout and send the units to the server).")
 @click.option("--ray-vision-cpus", type=click.FloatRange(min=0.01), default=ray_default("vision_cpus"), show_default=True,
               help="--engine ray: CPUs each vision actor reserves; its torch threads are as many.")
 @click.option("--ray-vision-gpus", type=click.FloatRange(min=0), default=ray_default("vision_gpus"), show_default=True,

@@ -249,6 +249,33 @@ def test_workers_share_the_machines_cores_unless_told_their_threads(engine):
         told.close()
 
 
+def test_a_worker_whose_pipe_closed_before_its_death_was_seen_is_replaced_not_the_pool_failed(engine):
+    """A worker that dies while its sender thread writes to it has its pipe closed by that thread before
+    the dispatcher sees the death. The dispatcher must leave the closed pipe out of its wait and replace
+    the worker; it used to fail the whole pool ("worker pool failed: handle is closed")."""
+    import numpy as np
+
+    from ocrbatch.model.language import GenerationRequest
+
+    pool = WorkerPool(engine.gguf_path, workers=1, n_seq_max=1, n_ctx=engine.context_size(1))
+    try:
+        pool.wait_ready(timeout=120)
+        dead = pool._workers[0]
+        with pool._lock:  # the dispatcher, woken, waits here: outside its wait, before its next snapshot
+            pool._wake.send(b"")
+            time.sleep(0.5)
+            dead.conn.close()  # as the sender thread does on a broken pipe
+            dead.process.kill()
+            dead.process.join(10)
+        prompt = engine.prompts.build(engine.prompt_text("ocr"), (1, 4, 4))
+        embeddings = np.zeros((prompt.n_image_tokens, engine.weights.config.text_config.hidden_size), np.float32)
+        result = pool.submit(GenerationRequest(prompt, embeddings, max_tokens=4, stop_ids=())).result(timeout=120)
+        assert len(result.token_ids) == 4  # decoded by the worker that replaced the dead one
+        assert pool._workers[0] is not dead and pool.crashes == 1
+    finally:
+        pool.close()
+
+
 def test_close_resolves_every_future(engine):
     import numpy as np
 
