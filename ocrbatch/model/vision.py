@@ -91,9 +91,11 @@ class VisionEncoder:
         # Build the modules directly in the target dtype and copy weights in one
         # tensor at a time: peak memory is the vision tower once, not three times.
         # no_init_weights leaves the tensors untouched, so for int8 the float32
-        # linear weights swapped out below never become resident.
+        # linear weights swapped out below never become resident. The dtype is
+        # passed too: a release's config names its own (bfloat16), which
+        # transformers would otherwise build in.
         with _default_dtype(self.dtype), no_init_weights():
-            visual = PaddleOCRVisionModel._from_config(config.vision_config)
+            visual = PaddleOCRVisionModel._from_config(config.vision_config, dtype=self.dtype)
             projector = PaddleOCRProjector(config)
         quantized: dict[str, Int8Linear] = {}
         if dtype == "int8":
@@ -202,8 +204,11 @@ def build_tower(vision_config, dtype: str):
     from .int8 import swap_linears
 
     torch.manual_seed(0)
-    with _default_dtype(torch.float32 if dtype == "int8" else getattr(torch, dtype)):
-        visual = PaddleOCRVisionModel._from_config(vision_config)
+    built = torch.float32 if dtype == "int8" else getattr(torch, dtype)
+    # A release's config names its own dtype (bfloat16), which transformers would build in
+    # whatever the default: the tower is built in the precision being timed instead.
+    with _default_dtype(built):
+        visual = PaddleOCRVisionModel._from_config(vision_config, dtype=built)
     if dtype == "int8":
         weights = {f"{name}.weight": module.weight for name, module in visual.named_modules()
                    if isinstance(module, torch.nn.Linear)}

@@ -71,6 +71,39 @@ def test_the_probe_times_a_real_tower(vision_config, dtype):
     assert 0 < seconds < 60
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
+def test_a_model_whose_config_names_bfloat16_is_built_and_probed_in_the_dtype_asked_for(
+        tiny_model, tmp_path, dtype):
+    """PaddlePaddle's releases name bfloat16 in config.json; the encoder and the probe's tower are built
+    in the dtype asked for all the same. Built in the config's bfloat16, the probe's "float32" timed
+    bfloat16, and int8's float32 layers met bfloat16 ones ('mixed dtype', on the full-size model)."""
+    import shutil
+
+    import torch
+
+    from ocrbatch.model.vision import build_tower
+
+    model = shutil.copytree(tiny_model, tmp_path / "model")
+    config_file = model / "config.json"
+    config_file.write_text(json.dumps(_naming_bfloat16(json.loads(config_file.read_text()))))
+    config = ModelWeights.open(model).config.vision_config
+    assert config.dtype == torch.bfloat16  # as the releases ship it
+    wanted = {torch.float32 if dtype == "int8" else getattr(torch, dtype)}
+    tower = build_tower(config, dtype)
+    assert {p.dtype for name, p in tower.named_parameters() if "norm" in name} == wanted
+    assert 0 < precision.probe_seconds(config, dtype) < 60
+    encoder = VisionEncoder(model, dtype=dtype)
+    assert {p.dtype for name, p in encoder.visual.named_parameters() if "norm" in name} == wanted
+
+
+def _naming_bfloat16(config: dict) -> dict:
+    """``config`` (and its vision config) naming bfloat16 as its dtype."""
+    named = {**{key: value for key, value in config.items() if key != "torch_dtype"}, "dtype": "bfloat16"}
+    if isinstance(named.get("vision_config"), dict):
+        named["vision_config"] = _naming_bfloat16(named["vision_config"])
+    return named
+
+
 def test_the_encoder_runs_what_auto_chose_and_says_so(tiny_model, tmp_path, test_images, caplog):
     """With a remembered choice of int8, ``auto`` builds the int8 encoder: its output is int8's, not float32's."""
     first = VisionEncoder(tiny_model, dtype="auto", cache=tmp_path)  # a real probe of both candidates
