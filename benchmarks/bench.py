@@ -439,7 +439,9 @@ def child_fidelity(spec: dict) -> dict:
     """Agreement with the exact pipeline (float32 vision, F32 GGUF) on the same pages.
 
     Quantized GGUFs are fed the float32 vision embeddings; the int8 vision
-    rows feed int8 embeddings to the F32 GGUF and to Q4_K_M.
+    rows feed int8 embeddings to the F32 GGUF and to Q4_K_M, and the
+    bfloat16 one (``spec["vision_dtypes"]``, default int8 only) bfloat16
+    embeddings to the F32 GGUF.
     """
     from PIL import Image
 
@@ -452,8 +454,9 @@ def child_fidelity(spec: dict) -> dict:
                     with_language=False)
     images = [Image.open(p).convert("RGB") for p in spec["pages"]]
     exact_requests = [engine.request(e, PROMPT, spec["tokens"]) for e in engine.vision.encode(images)]
-    int8_vision = VisionEncoder(engine.weights, dtype="int8")
-    int8_requests = [engine.request(e, PROMPT, spec["tokens"]) for e in int8_vision.encode(images)]
+    vision_requests = {dtype: [engine.request(e, PROMPT, spec["tokens"])
+                               for e in VisionEncoder(engine.weights, dtype=dtype).encode(images)]
+                       for dtype in spec.get("vision_dtypes", ["int8"])}
     n_ctx = max(r.prompt.n_prompt_tokens for r in exact_requests) + spec["tokens"] + 8
 
     def greedy(quant, requests, reference=None):
@@ -466,7 +469,10 @@ def child_fidelity(spec: dict) -> dict:
 
     reference, _ = greedy("F32", exact_requests)
     runs = {quant: (quant, exact_requests) for quant in spec["quants"]}
-    runs.update({"vision-int8+F32": ("F32", int8_requests), "vision-int8+Q4_K_M": ("Q4_K_M", int8_requests)})
+    for dtype, requests in vision_requests.items():
+        runs[f"vision-{dtype}+F32"] = ("F32", requests)
+        if dtype == "int8":
+            runs["vision-int8+Q4_K_M"] = ("Q4_K_M", requests)
     results = {}
     for label, (quant, requests) in runs.items():
         outputs, choices = greedy(quant, requests, reference)

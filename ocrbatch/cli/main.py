@@ -63,9 +63,9 @@ def model_options(function):
                      help="Use this language-model GGUF (e.g. an official build) instead of converting."),
         click.option("--vision-dtype", type=click.Choice(VISION_DTYPES), default=job_default("vision_dtype"),
                      show_default=True,
-                     help="Vision encoder precision: float32 (exact), bfloat16 (GPU), int8 (about 2x faster "
-                          "on CPU, approximate), auto (the fastest on this machine of those that agree with "
-                          "float32, measured once and remembered in the cache folder; bfloat16 on a GPU)."),
+                     help="Vision encoder precision: float32 (exact), bfloat16 (GPU; on CPUs with AMX the fastest), "
+                          "int8 (about 2x faster on other CPUs, approximate), auto (the fastest of the three on "
+                          "this CPU, measured once and remembered in the cache folder; bfloat16 on a GPU)."),
         click.option("--device", default=job_default("device"), show_default=True,
                      help="Vision encoder device (cpu, cuda)."),
         click.option("--threads", type=int, help="CPU threads for PyTorch, and for each llama.cpp worker "

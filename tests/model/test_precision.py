@@ -27,8 +27,9 @@ def vision_config(tiny_model):
     return ModelWeights.open(tiny_model).config.vision_config
 
 
-@pytest.mark.parametrize("seconds, fastest", [({"float32": 2.6, "int8": 0.7}, "int8"),
-                                              ({"float32": 1.0, "int8": 1.3}, "float32")])
+@pytest.mark.parametrize("seconds, fastest", [({"float32": 2.6, "bfloat16": 3.9, "int8": 0.7}, "int8"),
+                                              ({"float32": 1.0, "bfloat16": 1.6, "int8": 1.3}, "float32"),
+                                              ({"float32": 2.9, "bfloat16": 1.0, "int8": 1.3}, "bfloat16")])
 def test_the_fastest_candidate_wins_and_is_remembered(vision_config, tmp_path, seconds, fastest):
     clock = FakeClock(seconds)
     chosen = choose_precision(vision_config, "cpu", 2, tmp_path, measure=clock)
@@ -42,7 +43,7 @@ def test_the_fastest_candidate_wins_and_is_remembered(vision_config, tmp_path, s
 
 
 def test_another_thread_count_or_shape_is_measured_again(vision_config, tmp_path):
-    clock = FakeClock({"float32": 2.0, "int8": 1.0})
+    clock = FakeClock({"float32": 2.0, "bfloat16": 3.0, "int8": 1.0})
     choose_precision(vision_config, "cpu", 2, tmp_path, measure=clock)
     choose_precision(vision_config, "cpu", 4, tmp_path, measure=clock)
     wider = vision_config.__class__.from_dict({**vision_config.to_dict(), "hidden_size": vision_config.hidden_size * 2})
@@ -53,7 +54,7 @@ def test_another_thread_count_or_shape_is_measured_again(vision_config, tmp_path
 
 def test_an_unreadable_cache_is_measured_again(vision_config, tmp_path):
     (tmp_path / precision.CACHE_NAME).write_text("{not json")
-    clock = FakeClock({"float32": 2.0, "int8": 1.0})
+    clock = FakeClock({"float32": 2.0, "bfloat16": 3.0, "int8": 1.0})
     assert choose_precision(vision_config, "cpu", 2, tmp_path, measure=clock).dtype == "int8"
     assert clock.calls
 
