@@ -12,7 +12,8 @@ For float32, bfloat16 and int8, in one run on one machine:
   for each dtype, to show it orders them as the whole encoder does;
 - teacher-forced top-1 agreement with the exact pipeline (float32 vision, F32
   GGUF) of bfloat16 and int8 embeddings on bench.py's synthetic pages
-  (bench.py's fidelity child): ``auto`` may only choose a precision at 100 %.
+  (bench.py's fidelity child): ``auto``'s candidates are the precisions that
+  agree at least as well as int8.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import bench
 from bench import add_common_arguments, child_if_asked, machine_info, make_pages, run_child, write_results
 
 DTYPES = ("float32", "bfloat16", "int8")
@@ -37,12 +39,13 @@ def child_encoder(spec: dict) -> dict:
     import torch
     from PIL import Image
 
+    from ocrbatch.layout.blocks import BLOCK_MAX_PIXELS, BLOCK_MIN_PIXELS
     from ocrbatch.model.precision import probe_seconds
     from ocrbatch.model.vision import VisionEncoder
 
     torch.set_num_threads(spec["threads"])
     encoder = VisionEncoder(spec["model"], dtype=spec["dtype"])
-    bounds = (112_896, 1_003_520)
+    bounds = (BLOCK_MIN_PIXELS, BLOCK_MAX_PIXELS)  # as the layout stage resizes its blocks
     sizes = {}
     for width, height in BLOCK_SIZES:
         image = Image.new("RGB", (width, height), "white")
@@ -70,8 +73,6 @@ def main() -> None:
         return
     if not args.model:
         parser.error("--model is required")
-    from bench import __file__ as bench_script
-
     results: dict = {"machine": machine_info(), "settings": {"model": args.model, "threads": args.threads,
                                                              "runs": args.runs, "block_sizes": BLOCK_SIZES},
                      "notes": args.note}
@@ -92,7 +93,7 @@ def main() -> None:
             pages = [str(p) for p in make_pages(Path(scratch), 4, 448)]
             results["agreement"] = run_child("fidelity", {
                 "model": args.model, "tokens": args.tokens, "threads": args.threads, "quants": [],
-                "vision_dtypes": ["bfloat16", "int8"], "pages": pages}, script=bench_script)
+                "vision_dtypes": ["bfloat16", "int8"], "pages": pages}, script=bench.__file__)
     write_results(results, args.out)
 
 

@@ -204,11 +204,10 @@ def build_tower(vision_config, dtype: str):
     from .int8 import swap_linears
 
     torch.manual_seed(0)
-    built = torch.float32 if dtype == "int8" else getattr(torch, dtype)
-    # A release's config names its own dtype (bfloat16), which transformers would build in
-    # whatever the default: the tower is built in the precision being timed instead.
-    with _default_dtype(built):
-        visual = PaddleOCRVisionModel._from_config(vision_config, dtype=built)
+    # A release's config names its own dtype (bfloat16), which transformers builds in unless
+    # told otherwise: the tower is built in the precision being timed instead.
+    visual = PaddleOCRVisionModel._from_config(vision_config,
+                                               dtype=torch.float32 if dtype == "int8" else getattr(torch, dtype))
     if dtype == "int8":
         weights = {f"{name}.weight": module.weight for name, module in visual.named_modules()
                    if isinstance(module, torch.nn.Linear)}

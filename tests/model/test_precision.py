@@ -107,7 +107,7 @@ def _naming_bfloat16(config: dict) -> dict:
 
 def test_the_encoder_runs_what_auto_chose_and_says_so(tiny_model, tmp_path, test_images, caplog):
     """With a remembered choice of int8, ``auto`` builds the int8 encoder: its output is int8's, not float32's."""
-    first = VisionEncoder(tiny_model, dtype="auto", cache=tmp_path)  # a real probe of both candidates
+    first = VisionEncoder(tiny_model, dtype="auto", cache=tmp_path)  # a real probe of every candidate
     assert first.precision.dtype in CPU_CANDIDATES and set(first.precision.seconds) == set(CPU_CANDIDATES)
 
     stored = json.loads((tmp_path / precision.CACHE_NAME).read_text())
