@@ -9,13 +9,15 @@ that drive the local engine's page flow (:mod:`ocrbatch.job.flow`):
 1. :class:`VisionStage` actors render their pages in the local engine's
    render process (:mod:`ocrbatch.job.render`: text layers by ``--pdf-text``,
    layout blocks by ``--layout``), start and encode them in the page flow
-   (torch threads = the actor's CPUs, GPUs when asked for), emitting each
-   page's language-model requests, or the finished row of a page that needs
+   (torch threads = the actor's CPUs, GPUs when asked for), yielding each
+   page's language-model requests as soon as its last unit is encoded (not
+   after the whole vision batch), or the finished row of a page that needs
    no decoding (failed, read from its text layer, nothing to recognise);
-2. :class:`DecodeStage` actors each hold one :class:`LanguageModel` and decode
-   every unit of a batch of pages several sequences at a time (llama.cpp
-   threads = the actor's CPUs), settling each unit in the page flow, which
-   gives each page's output row.
+2. :class:`DecodeStage` actors each hold one :class:`LanguageModel` behind a
+   :class:`~ocrbatch.model.language.DecodeThread` and take one page per call,
+   several calls at once, so a page that arrives joins the sequences already
+   decoding between steps (llama.cpp threads = the actor's CPUs); settling
+   each unit in the page flow gives each page's output row.
 
 Rows come back to the driver as they finish and are written to ``DIR`` as
 whole files (:class:`~ocrbatch.records.dataset.DatasetRecorder`), so a run
@@ -70,7 +72,6 @@ from typing import Callable, Iterator
 
 import pyarrow as pa
 
-from ..backends.base import Decoded
 from ..backends.local import LocalDecoder, decoded
 from ..backends.remote import RemoteDecoder, RemoteRecognizer
 from ..errors import OcrbatchError
@@ -96,10 +97,13 @@ RAY_MISSING = "the ray engine needs Ray: pip install 'ocrbatch[ray]' (or pip ins
 ENCODED_SCHEMA = pa.schema([
     ("path", pa.string()), ("doc_id", pa.string()), ("page", pa.int32()), ("page_count", pa.int32()),
     ("work", pa.large_binary()), ("row", pa.large_binary()), ("vision_node", pa.string()),
+    ("encoded_at", pa.float64()),
 ])
 # Output rows as the local engine builds them (created_at an ISO string, which the dataset writer
-# parses), plus what they do not keep: the generated ids and the Ray node of each stage.
-DEBUG_FIELDS = [("token_ids", pa.list_(pa.int32())), ("vision_node", pa.string()), ("decode_node", pa.string())]
+# parses), plus what they do not keep: the generated ids, the Ray node of each stage, and when (Unix
+# time) the vision stage handed the page on and the decode stage finished it.
+DEBUG_FIELDS = [("token_ids", pa.list_(pa.int32())), ("vision_node", pa.string()), ("decode_node", pa.string()),
+                ("encoded_at", pa.float64()), ("decoded_at", pa.float64())]
 DECODED_SCHEMA = pa.schema([*SCHEMA.set(SCHEMA.get_field_index("created_at"), pa.field("created_at", pa.string())),
                             *DEBUG_FIELDS])
 
@@ -173,23 +177,6 @@ class RayJobSummary(JobSummary):
 
     nodes: dict[str, Counter] = field(default_factory=lambda: {"vision": Counter(), "decode": Counter()})
     lost_pages: int = 0  # pages whose actors died, run again one page per task
-
-
-# -- per-page work, free of Ray --------------------------------------------------------
-
-
-def generate_each(model, requests: list) -> list:
-    """Decode ``requests`` together; each result is a ``GenerationResult`` or the reason it failed.
-
-    ``LanguageModel.generate`` fails a request it refuses on its own; if it
-    raises, the requests are run one by one so only the culprit fails.
-    """
-    try:
-        return model.generate(requests)
-    except Exception as exc:
-        if len(requests) == 1:
-            return [f"language model failed ({type(exc).__name__}: {exc})"]
-        return [result for request in requests for result in generate_each(model, [request])]
 
 
 # -- the Ray stages --------------------------------------------------------------------
@@ -273,27 +260,35 @@ class VisionStage(PageStage):
         super().__init__(config, page_pixel_cap(config.layout.name, self.engine.vision.image_processor.size.longest_edge,
                                                 config.max_pixels, config.task))
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        out, works = [], []
+    def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
+        """Each page of the batch as a table of its own, as soon as its last unit is encoded.
+
+        Ray Data hands each table to the decode pool as a block while this
+        call goes on encoding (see :func:`_stream`), so the batch's first
+        pages are decoding while its last ones are encoded.
+        """
+        works = []
         for page in self._render(batch.to_pylist()):
             started = self.flow.start(page)
             if isinstance(started, FinishedPage):
-                out.append(self._finished(started))
+                yield self._table(self._finished(started))
             else:
                 works.append(started)
         requests: dict[int, list] = defaultdict(list)
         for item in self.flow.encode(self.engine.vision, works, self.config.max_batch_patches):
-            if isinstance(item, FinishedPage):
-                out.append(self._finished(item))
+            if isinstance(item, FinishedPage):  # a unit the encoder refused: its page failed
+                yield self._table(self._finished(item))
                 continue
             work, unit = item
             requests[id(work)].append(self.requests.request(unit))
             unit.encoded = None  # the request carries the embeddings
-        for work in works:
-            if not work.failed:
-                out.append(self._row(work.page, work=pickle.dumps((work, requests[id(work)]),
-                                                                  protocol=pickle.HIGHEST_PROTOCOL)))
-        return pa.Table.from_pylist(out, schema=ENCODED_SCHEMA)
+            if len(requests[id(work)]) == len(work.units):
+                page_work = pickle.dumps((work, requests.pop(id(work))), protocol=pickle.HIGHEST_PROTOCOL)
+                yield self._table(self._row(work.page, work=page_work))
+
+    @staticmethod
+    def _table(row: dict) -> pa.Table:
+        return pa.Table.from_pylist([{**row, "encoded_at": time.time()}], schema=ENCODED_SCHEMA)
 
     def _finished(self, finished: FinishedPage) -> dict:
         """A page that needs no decoding, carrying its output row."""
@@ -348,13 +343,18 @@ class BatchRows:
 
 
 class DecodeStage:
-    """Ray actor: one llama.cpp context decoding several units at once; pages in, output rows out."""
+    """Ray actor: one llama.cpp context decoding several units at once; pages in, output rows out.
+
+    Calls run in threads of their own (see :func:`_stream`), each with a
+    page or a few, and share one :class:`~ocrbatch.model.language.DecodeThread`,
+    so a page that arrives joins those decoding between two steps.
+    """
 
     def __init__(self, config: StageConfig):
         from transformers import AutoImageProcessor
 
         from ..engine import context_size
-        from ..model.language import LanguageModel
+        from ..model.language import DecodeThread, LanguageModel
         from ..model.prompt import PromptBuilder
         from ..model.weights import ModelWeights
 
@@ -365,10 +365,12 @@ class DecodeStage:
         self.flow = config.flow()
         n_ctx = context_size(AutoImageProcessor.from_pretrained(weights.path), merge_size, config.seqs,
                              config.max_tokens)
-        self.model = LanguageModel(config.local(config.gguf), n_ctx=n_ctx, n_seq_max=config.seqs, n_threads=config.decode_threads)
+        model = LanguageModel(config.local(config.gguf), n_ctx=n_ctx, n_seq_max=config.seqs,
+                              n_threads=config.decode_threads)
         # A llama.cpp build this node's CPU cannot run kills the actor here, before it takes a page:
         # the pool cannot start and the run stops with its pages pending, as the local pool does.
-        self.model.warm_up()
+        model.warm_up()
+        self.decoder = DecodeThread(model)
         self.node = _node_id()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -379,25 +381,22 @@ def decode_rows(stage: DecodeStage, rows: list[dict]) -> list[dict]:
     """Output rows for a batch of pages: every unit of every page decoded together; a failed unit fails its page."""
     out, pages = [], []
     for row in rows:
-        nodes = {"vision_node": row["vision_node"], "decode_node": stage.node}
+        nodes = {"vision_node": row["vision_node"], "decode_node": stage.node, "encoded_at": row["encoded_at"]}
         if row["row"] is not None:
-            out.append({**pickle.loads(row["row"]), **nodes})
+            out.append({**pickle.loads(row["row"]), **nodes, "decoded_at": time.time()})
         else:
-            pages.append((*pickle.loads(row["work"]), nodes))
-    results = iter(generate_each(stage.model, [request for _, requests, _ in pages for request in requests]))
-    for work, requests, nodes in pages:
+            work, requests = pickle.loads(row["work"])
+            pages.append((work, [stage.decoder.submit(request) for request in requests], nodes))
+    for work, futures, nodes in pages:
         finished, token_ids = None, []
-        for unit, result in zip(work.units, [next(results) for _ in requests]):
-            if isinstance(result, str):
-                result = Decoded(error=result)
-            else:
-                token_ids += result.token_ids
-                result = decoded(result, stage.prompts, unit.spotting)
-            finished = stage.flow.settle(work, unit, result) or finished
+        for unit, future in zip(work.units, futures):
+            result = future.result()
+            token_ids += [] if result.error else result.token_ids
+            finished = stage.flow.settle(work, unit, decoded(result, stage.prompts, unit.spotting)) or finished
         row = keyed(finished.page.document, finished.row)
         if row["status"] == "ok":
             row["token_ids"] = token_ids
-        out.append({**row, **nodes})
+        out.append({**row, **nodes, "decoded_at": time.time()})
     return out
 
 
@@ -436,27 +435,31 @@ def connect(ray, address: str | None, settings: RaySettings, cpus_needed: float)
     """
     if ray.is_initialized():
         return False
-    if address is None:
-        # Ray reports usage statistics to its makers unless told not to; documents stay private here.
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        cpus = settings.num_cpus or max(os.cpu_count() or 1, math.ceil(cpus_needed) + 1)
-        ray.init(address="local", num_cpus=cpus,
-                 object_store_memory=settings.object_store_memory or default_object_store_bytes(),
-                 include_dashboard=False, runtime_env=settings.runtime_env)
-    else:
-        ray.init(address=address, runtime_env=settings.runtime_env)
+    try:
+        if address is None:
+            # Ray reports usage statistics to its makers unless told not to; documents stay private here.
+            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+            cpus = settings.num_cpus or max(os.cpu_count() or 1, math.ceil(cpus_needed) + 1)
+            ray.init(address="local", num_cpus=cpus,
+                     object_store_memory=settings.object_store_memory or default_object_store_bytes(),
+                     include_dashboard=False, runtime_env=settings.runtime_env)
+        else:
+            ray.init(address=address, runtime_env=settings.runtime_env)
+    except BaseException:
+        # A connection refused half-way (a runtime_env Ray rejects) leaves this process connected,
+        # and a later run or ``Cluster.shutdown`` in the same process would find it so.
+        if ray.is_initialized():
+            ray.shutdown()
+        raise
     return True
 
 
 def _stream(ray, manifest: list[dict], config: StageConfig, settings: RaySettings, decode_actors: int,
             max_retries: int, one_page_per_task: bool, vision_batch: int) -> Iterator[dict]:
     """Run the manifest through the two actor pools (one with a server) and yield output rows as they finish."""
-    # Each vision batch reaches the decode pool as one block, which one decode actor takes whole; a
-    # small run is cut finer so that every decode actor (or, with a server, every actor) gets some of it.
-    share = max(1, math.ceil(len(manifest) / (settings.vision_actors if config.remote else decode_actors)))
+    # A small run is cut finer so that every vision actor (or, with a server, every actor) gets some of it.
+    share = max(1, math.ceil(len(manifest) / settings.vision_actors))
     vision_batch = 1 if one_page_per_task else min(vision_batch, share)
-    # A second batch's worth keeps an actor's slots busy.
-    decode_batch = 1 if one_page_per_task else min(2 * config.seqs, share)
     vision_tasks = math.ceil(len(manifest) / vision_batch)
     # When pages run alone, an actor holds one task at a time: tasks queued on an actor die with
     # it, and would spend their retries on another page's crash.
@@ -464,6 +467,13 @@ def _stream(ray, manifest: list[dict], config: StageConfig, settings: RaySetting
     # No more actors than tasks: an idle actor costs its start-up and memory.
     vision_pool = ray.data.ActorPoolStrategy(size=min(settings.vision_actors, vision_tasks),
                                              max_tasks_in_flight_per_actor=in_flight)
+    # A decode actor takes one page a call, several calls at once, which share its llama.cpp context:
+    # enough pages to fill its sequences and as many waiting, each decoding as soon as it is encoded.
+    decode_calls = 1 if one_page_per_task else 2 * config.seqs
+    decode_pool = ray.data.ActorPoolStrategy(size=min(decode_actors, len(manifest)),
+                                             max_tasks_in_flight_per_actor=in_flight,
+                                             max_concurrent_calls_per_actor=decode_calls,
+                                             enable_true_multi_threading=decode_calls > 1)
     dataset = ray.data.from_items(manifest, override_num_blocks=vision_tasks)
     remote_args = dict(max_restarts=-1, max_task_retries=max_retries, scheduling_strategy="SPREAD")
     with warnings.catch_warnings():
@@ -476,10 +486,8 @@ def _stream(ray, manifest: list[dict], config: StageConfig, settings: RaySetting
             batch_format="pyarrow", compute=vision_pool, num_cpus=settings.vision_cpus,
             num_gpus=settings.vision_gpus or None, **remote_args)
         if not config.remote:  # with a server, the first pool's actors make the output rows themselves
-            decode_pool = ray.data.ActorPoolStrategy(size=min(decode_actors, math.ceil(len(manifest) / decode_batch)),
-                                                     max_tasks_in_flight_per_actor=in_flight)
             dataset = dataset.map_batches(
-                DecodeStage, fn_constructor_args=(config,), batch_size=decode_batch, batch_format="pyarrow",
+                DecodeStage, fn_constructor_args=(config,), batch_size=1, batch_format="pyarrow",
                 compute=decode_pool, num_cpus=settings.decode_cpus, **remote_args)
     for table in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
         yield from table.to_pylist()
@@ -611,6 +619,9 @@ def _process(ray, manifest: list[dict], config: StageConfig, settings: RaySettin
         context = ray.data.DataContext.get_current()
         context.max_errored_blocks = -1  # an errored block's pages come back missing and are redone below
         context.enable_progress_bars = False  # the job's own bar counts pages
+        # Every table a stage yields is a block of its own: a vision actor's pages go on to the decode
+        # pool one by one as they are encoded, rather than as one block at the end of its batch.
+        context.target_max_block_size = 1
         # Every actor of a pool is up before work starts, so work is spread over all of them
         # rather than the first one ready; this also turns a pool the cluster cannot place into an error.
         context.wait_for_min_actors_s = settings.actor_start_timeout_s

@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import ctypes
 import os
+import queue
+import threading
 import time
 from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -436,3 +439,60 @@ class Scheduler:
                              positions, tokens=tokens, outputs=np.ones(len(stepping), dtype=np.int8)))
         for seq in stepping:
             seq.position += 1
+
+
+class DecodeThread:
+    """One :class:`LanguageModel` shared by many threads: each submits requests, one thread decodes them all.
+
+    A request submitted while others decode joins them between two steps
+    (the scheduler's continuous batching), so callers that each bring one
+    page keep the model's sequences as full as one caller with many pages.
+    A fault the scheduler cannot pin on one request reruns each request it
+    held alone, so that only the culprit fails.
+    """
+
+    def __init__(self, model: LanguageModel):
+        self.model = model
+        self._submitted: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="llama.cpp decoding", daemon=True)
+        self._thread.start()
+
+    def submit(self, request: GenerationRequest) -> Future:
+        """The request's future: its :class:`GenerationResult`, or its error in the result's ``error``."""
+        future: Future = Future()
+        self._submitted.put((future, request))
+        return future
+
+    def close(self) -> None:
+        """Finish what was submitted, then stop the thread."""
+        self._submitted.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        scheduler, held, closing = self.model.scheduler(), {}, False
+        while not (closing and not scheduler.busy):
+            try:
+                # Block only when there is nothing to decode.
+                while not closing and (item := self._submitted.get(block=not scheduler.busy)) is not None:
+                    future, request = item
+                    held[future] = request
+                    scheduler.submit(future, request)
+                closing = True
+            except queue.Empty:
+                pass
+            try:
+                finished = scheduler.step()
+            except Exception:
+                finished = [(future, self._alone(request)) for future, request in held.items()]
+                scheduler = self.model.scheduler()  # clears the context's memory
+            for future, result in finished:
+                del held[future]
+                future.set_result(result)
+
+    def _alone(self, request: GenerationRequest) -> GenerationResult:
+        try:
+            [result] = self.model.generate([request])
+        except Exception as exc:
+            result = GenerationResult([], "error", request.prompt.n_prompt_tokens, 0.0, 0.0,
+                                      f"language model failed ({type(exc).__name__}: {exc})")
+        return result

@@ -348,23 +348,45 @@ def end(processes, grace_s: float = 5.0) -> None:
 # The job as the Ray tests run it: two decode actors of two sequences, pages two to a vision batch.
 job_options = partial(base_options, max_tokens=8, workers=2, seqs_per_worker=2, batch_size=2, dpi=72, max_retries=1)
 
-def poison_decoding():
-    """Ray worker setup hook: a decode actor dies, as in a llama.cpp abort, on a batch with a 'poison' page."""
+def setup_worker():
+    """Ray worker setup hook, one for every test (Ray refuses a second hook in a driver): $OCRBATCH_TEST_HOOK picks.
+
+    ``poison``: a decode actor dies, as in a llama.cpp abort, on a batch with a 'poison' page;
+    ``slow_vision``: each forward pass of the vision encoder takes 2 s longer, as a real-size one does.
+    """
     from ocrbatch.engines import ray as ray_engine
+    from ocrbatch.job import encode
 
-    original = ray_engine.decode_rows
+    hook = os.environ.get("OCRBATCH_TEST_HOOK")
+    if hook == "poison":
+        decode_rows = ray_engine.decode_rows
 
-    def decode_rows(stage, rows):
-        if any("poison" in row["path"] for row in rows):
-            os._exit(1)
-        return original(stage, rows)
+        def poisoned(stage, rows):
+            if any("poison" in row["path"] for row in rows):
+                os._exit(1)
+            return decode_rows(stage, rows)
 
-    ray_engine.decode_rows = decode_rows
+        ray_engine.decode_rows = poisoned
+    elif hook == "slow_vision":
+        encode_images = encode._encode_images
+
+        def slowed(vision, images, bounds):
+            time.sleep(2)
+            return encode_images(vision, images, bounds)
+
+        encode._encode_images = slowed
 
 
-# The hook is this module, imported by each Ray worker: from this folder, with the tests' shared helpers beside it.
-POISON_ENV = {"env_vars": {"PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent)])},
-              "worker_process_setup_hook": "test_ray.poison_decoding"}
+def hook_env(hook: str) -> dict:
+    """The runtime_env that runs :func:`setup_worker` as ``hook``: this module, imported by each Ray worker
+    from this folder, with the tests' shared helpers beside it."""
+    path = os.pathsep.join([str(TESTS), str(TESTS.parent)])
+    return {"env_vars": {"PYTHONPATH": path, "OCRBATCH_TEST_HOOK": hook},
+            "worker_process_setup_hook": "test_ray.setup_worker"}
+
+
+POISON_ENV = hook_env("poison")
+SLOW_VISION_ENV = hook_env("slow_vision")
 
 
 @pytest.fixture(scope="module")
@@ -493,6 +515,24 @@ def test_two_node_cluster_run_with_layout_and_text_layers_matches_the_local_engi
         run_ray_job(job_options(tiny_model, [folder], out, layout="none"))
     with pytest.raises(OcrbatchError, match="made with stitch=on, not off"):
         run_ray_job(job_options(tiny_model, [folder], out, **{**mode, "stitch": False}))
+
+
+@pytest.mark.slow
+def test_a_page_decodes_as_soon_as_it_is_encoded_not_after_its_vision_batch(cluster, tiny_model, tmp_path):
+    from ocrbatch.engines.ray import RaySettings, run_ray_job
+
+    for number in range(4):
+        document_image(280, 200, number).save(tmp_path / f"{number}.png")
+    # One vision batch of the four pages, one forward pass each (2 s, see setup_worker).
+    options = job_options(tiny_model, [tmp_path], tmp_path / "out", layout="none", batch_size=4, max_batch_patches=1)
+    seen = []
+    summary = run_ray_job(options, address=cluster.address, on_row=seen.append,
+                          settings=RaySettings(vision_actors=1, decode_actors=1, runtime_env=SLOW_VISION_ENV))
+    assert summary.pages_ok == 4
+    seen.sort(key=lambda r: r["encoded_at"])
+    assert [r["encoded_at"] - seen[0]["encoded_at"] for r in seen][1:] >= [1.9, 3.8, 5.7]  # one pass after another
+    # The first page was decoded while the batch's last page was still to be encoded.
+    assert seen[0]["decoded_at"] < seen[-1]["encoded_at"] - 2, seen
 
 
 @pytest.mark.slow
