@@ -30,6 +30,11 @@ PROMPT = "OCR:"
 ENGINE_SETTINGS = {"workers": 2, "seqs": 2, "batch_size": 4}
 
 
+def tuning(spec: dict) -> dict:
+    """The optional job settings a benchmark's spec sets (``--max-batch-patches``), the job's defaults otherwise."""
+    return {key: spec[key] for key in ("max_batch_patches",) if spec.get(key) is not None}
+
+
 # -- helpers -----------------------------------------------------------------------------
 
 def peak_rss_mb(pid: int | str = "self") -> float:
@@ -324,7 +329,7 @@ def timed_job(spec: dict, **job) -> dict:
         options = JobOptions(out=out, model=spec["model"], quant=spec["quant"], max_tokens=spec["tokens"],
                              ignore_eos=True, workers=spec["workers"], seqs_per_worker=spec["seqs"],
                              batch_size=spec["batch_size"], vision_dtype=spec["vision_dtype"],
-                             threads=spec["threads"], progress=False, min_file_age=0, **job)
+                             threads=spec["threads"], progress=False, min_file_age=0, **tuning(spec), **job)
         cpu_before = cpu_seconds(pool.worker_pids)
         begin = time.perf_counter()
         summary = run_job(options, engine=engine, pool=pool)

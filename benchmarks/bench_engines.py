@@ -68,6 +68,7 @@ from bench import (  # helpers in the same folder
     peak_rss_mb,
     ratio,
     run_child,
+    tuning,
     write_results,
 )
 
@@ -82,7 +83,7 @@ def job_options(spec: dict, out: Path, **extra):
                       max_tokens=spec["tokens"], ignore_eos=True, workers=spec["workers"],
                       seqs_per_worker=spec["seqs"], batch_size=spec["batch_size"], vision_dtype=spec["vision_dtype"],
                       dpi=spec["dpi"], max_pixels=spec["max_pixels"], threads=spec["threads"], progress=False,
-                      min_file_age=0, layout="none", pdf_text="never", **extra)
+                      min_file_age=0, layout="none", pdf_text="never", **tuning(spec), **extra)
 
 
 def page_figures(rows: list[dict]) -> dict:
@@ -273,10 +274,11 @@ def measure(args, work: Path) -> dict:
     tokens = args.tokens or round(sum(chars) / len(chars) / CHARS_PER_TOKEN)
     convert(model, CPU_TOML["quant"])  # cached: no mode pays for the conversion
     spec = {"model": model, "docs": str(work / "pages" / "docs"), "tokens": tokens, "threads": args.threads,
-            **CPU_TOML}
+            "max_batch_patches": args.max_batch_patches, **CPU_TOML}
     results: dict = {"machine": machine_info(), "settings": {
         "model": model, "quick": args.quick, "pages": len(chars), "papers": [p.stem for p in pdfs],
-        "output_tokens_per_page": tokens, "threads": args.threads, **CPU_TOML, "layout": "none",
+        "output_tokens_per_page": tokens, "threads": args.threads, "max_batch_patches": args.max_batch_patches,
+        **CPU_TOML, "layout": "none",
         "pdf_text": "never"}}
     fit_modes = ["local", "ray"] if len(counts) > 1 else []
     if fit_modes:
@@ -416,6 +418,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int,
                         help="Output tokens per page (default: the pages' text length in estimated tokens).")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--max-batch-patches", type=int,
+                        help="Patches per vision forward pass (the job's default otherwise): a page is handed to "
+                             "decoding when its pass ends, so passes of one page start decoding soonest.")
     add_common_arguments(parser)
     args = parser.parse_args()
     if child_if_asked(args, CHILDREN):
