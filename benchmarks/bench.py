@@ -298,6 +298,18 @@ def child_transformers_blocks(spec: dict) -> dict:
     }
 
 
+def row_finish_times(rows: list[dict], process_start: float, job_start: float) -> dict:
+    """When the rows finished (``created_at``, stamped as a page's decoding settles), from process and job start."""
+    finished = sorted(row["created_at"].timestamp() for row in rows if row.get("created_at") is not None)
+    if not finished:
+        return {}
+    return {"first_row_s_from_process_start": finished[0] - process_start,
+            "last_row_s_from_process_start": finished[-1] - process_start,
+            "first_row_s_from_job_start": finished[0] - job_start,
+            "last_row_s_from_job_start": finished[-1] - job_start,
+            "rows_finished_s_from_process_start": [round(moment - process_start, 2) for moment in finished]}
+
+
 def timed_job(spec: dict, **job) -> dict:
     """The real batch job (run_job) with the engine and pool loaded and warm before the clock starts.
 
@@ -331,6 +343,7 @@ def timed_job(spec: dict, **job) -> dict:
                              batch_size=spec["batch_size"], vision_dtype=spec["vision_dtype"],
                              threads=spec["threads"], progress=False, min_file_age=0, **tuning(spec), **job)
         cpu_before = cpu_seconds(pool.worker_pids)
+        job_start = time.time()  # epoch seconds, as the rows' created_at
         begin = time.perf_counter()
         summary = run_job(options, engine=engine, pool=pool)
         process_s = time.perf_counter() - begin
@@ -339,7 +352,7 @@ def timed_job(spec: dict, **job) -> dict:
     workers_mb = [peak_rss_mb(pid) for pid in pool.worker_pids]
     pool.close()
     return {"summary": summary, "rows": rows, "load_s": load_s, "process_s": process_s, "cpu_s": cpu_s,
-            "workers_mb": workers_mb}
+            "workers_mb": workers_mb, "job_start": job_start}
 
 
 def child_ocrbatch(spec: dict) -> dict:
@@ -349,6 +362,8 @@ def child_ocrbatch(spec: dict) -> dict:
     ``dpi`` and ``max_pixels`` (the job's defaults otherwise); PDFs go to the
     model even where they have a text layer.
     """
+    import psutil
+
     rendering = {key: spec[key] for key in ("dpi", "max_pixels", "stitch") if key in spec}
     run = timed_job(spec, paths=[Path(spec["pages_dir"])], layout=spec.get("layout", "none"), pdf_text="never",
                     **rendering)
@@ -377,6 +392,7 @@ def child_ocrbatch(spec: dict) -> dict:
         "peak_rss_mb": peak_rss_mb(),
         "peak_rss_workers_mb": workers_mb,
         "peak_rss_total_mb": peak_rss_mb() + sum(workers_mb),
+        **row_finish_times(rows, psutil.Process().create_time(), run["job_start"]),
     }
 
 

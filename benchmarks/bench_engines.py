@@ -18,12 +18,13 @@ each in its own process:
   compare its ``process_s`` with the local one's (the HTTP path's overhead),
   and the CPU seconds of client and server with the local job's.
 
-The ray run also notes when its rows finished (their ``created_at``, stamped
-as a page's decoding settles) in seconds from its process start and from the
-job's call, and its pages' vision seconds: one vision actor encodes the pages
-in turn, so a first row finished well before the last (by about the vision
-seconds of the pages after it) shows decoding under way while pages are still
-being encoded.
+The local and ray runs also note when their rows finished (their
+``created_at``, stamped as a page's decoding settles) in seconds from the
+process start and from the job's call, and their pages' vision seconds: the
+pages are encoded in turn, so a first row finished well before the last (by
+about the vision seconds of the pages after it) shows decoding under way while
+pages are still being encoded. A page goes to decoding when the forward pass
+holding it ends, so ``--max-batch-patches`` (patches a pass) decides how soon.
 
 With two or more page counts (``--pages 2 6``) every mode runs at the largest,
 reported as with one count, and ``local`` and ``ray`` also run at each smaller
@@ -67,6 +68,7 @@ from bench import (  # helpers in the same folder
     make_report_pages,
     peak_rss_mb,
     ratio,
+    row_finish_times,
     run_child,
     tuning,
     write_results,
@@ -136,18 +138,6 @@ def child_ray(spec: dict) -> dict:
             "pages_by_node": {stage: sorted(counts.values()) for stage, counts in summary.nodes.items()},
             "vision_s_per_page": sum(r["vision_s"] or 0 for r in rows) / max(1, len(rows)),
             "peak_rss_driver_mb": peak_rss_mb(), **row_finish_times(rows, process_start, job_start)}
-
-
-def row_finish_times(rows: list[dict], process_start: float, job_start: float) -> dict:
-    """When the rows finished (``created_at``, stamped as a page's decoding settles), from process and job start."""
-    finished = sorted(row["created_at"].timestamp() for row in rows if row.get("created_at") is not None)
-    if not finished:
-        return {}
-    return {"first_row_s_from_process_start": finished[0] - process_start,
-            "last_row_s_from_process_start": finished[-1] - process_start,
-            "first_row_s_from_job_start": finished[0] - job_start,
-            "last_row_s_from_job_start": finished[-1] - job_start,
-            "rows_finished_s_from_process_start": [round(moment - process_start, 2) for moment in finished]}
 
 
 def child_remote(spec: dict) -> dict:
@@ -274,11 +264,11 @@ def measure(args, work: Path) -> dict:
     tokens = args.tokens or round(sum(chars) / len(chars) / CHARS_PER_TOKEN)
     convert(model, CPU_TOML["quant"])  # cached: no mode pays for the conversion
     spec = {"model": model, "docs": str(work / "pages" / "docs"), "tokens": tokens, "threads": args.threads,
-            "max_batch_patches": args.max_batch_patches, **CPU_TOML}
+            **CPU_TOML, "max_batch_patches": args.max_batch_patches, "vision_dtype": args.vision_dtype}
     results: dict = {"machine": machine_info(), "settings": {
         "model": model, "quick": args.quick, "pages": len(chars), "papers": [p.stem for p in pdfs],
-        "output_tokens_per_page": tokens, "threads": args.threads, "max_batch_patches": args.max_batch_patches,
-        **CPU_TOML, "layout": "none",
+        "output_tokens_per_page": tokens, "threads": args.threads, **CPU_TOML,
+        "max_batch_patches": args.max_batch_patches, "vision_dtype": args.vision_dtype, "layout": "none",
         "pdf_text": "never"}}
     fit_modes = ["local", "ray"] if len(counts) > 1 else []
     if fit_modes:
@@ -364,13 +354,12 @@ def start_up(wall: dict[str, dict[int, dict]], counts: list[int]) -> dict:
             fits[mode] = (fixed, per_page)
             entry |= {"fixed_s": fixed, "per_page_s": per_page,
                       "max_residual_s": max(abs(y - fixed - per_page * x) for x, y in points)}
-        if mode == "ray":
-            # Whether decoding starts before every page is encoded: see the module's docstring.
-            entry["rows_finished_by_pages"] = {str(count): {
-                key.replace("_row_s_", "_s_"): by_count[count].get(key)
-                for key in ("first_row_s_from_process_start", "last_row_s_from_process_start",
-                            "first_row_s_from_job_start", "last_row_s_from_job_start", "vision_s_per_page")}
-                for count in counts}
+        # Whether decoding starts before every page is encoded: see the module's docstring.
+        entry["rows_finished_by_pages"] = {str(count): {
+            key.replace("_row_s_", "_s_"): by_count[count].get(key)
+            for key in ("first_row_s_from_process_start", "last_row_s_from_process_start",
+                        "first_row_s_from_job_start", "last_row_s_from_job_start", "vision_s_per_page")}
+            for count in counts}
         section[mode] = entry
     if "local" not in fits or "ray" not in fits:
         section |= {"ray_extra_fixed_s": None, "ray_vs_local_per_page": None, "ray_pays_off_from_pages": None,
@@ -421,6 +410,8 @@ def main() -> None:
     parser.add_argument("--max-batch-patches", type=int,
                         help="Patches per vision forward pass (the job's default otherwise): a page is handed to "
                              "decoding when its pass ends, so passes of one page start decoding soonest.")
+    parser.add_argument("--vision-dtype", default=CPU_TOML["vision_dtype"], choices=["float32", "bfloat16", "int8"],
+                        help="Every mode's vision dtype (default float32: exact).")
     add_common_arguments(parser)
     args = parser.parse_args()
     if child_if_asked(args, CHILDREN):

@@ -29,3 +29,7 @@ def test_quick_engines_benchmark(tiny_model, tmp_path):
     ratios = results["ratios"]
     assert ratios["ray_vs_local_whole_process"] > 0 and ratios["openai_vs_local_pages_only"] > 0
     assert ratios["ray_2_nodes_vs_ray_1_node"] is None  # not run
+    for mode in ("local", "ray"):  # when the rows finished, from the job's call
+        run = runs[mode]
+        assert 0 < run["first_row_s_from_job_start"] <= run["last_row_s_from_job_start"] < run["wall_s"], mode
+        assert len(run["rows_finished_s_from_process_start"]) == 2, mode
