@@ -27,8 +27,8 @@ pages are still being encoded. A page goes to decoding when the forward pass
 holding it ends, so ``--max-batch-patches`` (patches a pass) decides how soon.
 
 With two or more page counts (``--pages 2 6``) every mode runs at the largest,
-reported as with one count, and ``local`` and ``ray`` also run at each smaller
-count (fresh folders, the same forced tokens per page: the largest count's).
+reported as with one count, and ``local`` and ``ray`` (those of them in
+``--modes``) also run at each smaller count (fresh folders, the same forced tokens per page: the largest count's).
 ``start_up`` then fits each one's whole-process seconds to
 ``wall_s = fixed_s + per_page_s * pages`` (least squares: exact with two
 counts) and says from how many pages ray's fitted time is below local's
@@ -270,7 +270,7 @@ def measure(args, work: Path) -> dict:
         "output_tokens_per_page": tokens, "threads": args.threads, **CPU_TOML,
         "max_batch_patches": args.max_batch_patches, "vision_dtype": args.vision_dtype, "layout": "none",
         "pdf_text": "never"}}
-    fit_modes = ["local", "ray"] if len(counts) > 1 else []
+    fit_modes = [mode for mode in ("local", "ray") if mode in args.modes] if len(counts) > 1 else []
     if fit_modes:
         results["settings"]["page_counts"] = counts
         results["settings"]["page_counts_run_by"] = {mode: counts if mode in fit_modes else [counts[-1]]
@@ -362,8 +362,10 @@ def start_up(wall: dict[str, dict[int, dict]], counts: list[int]) -> dict:
             for count in counts}
         section[mode] = entry
     if "local" not in fits or "ray" not in fits:
+        missing = [mode for mode in ("local", "ray") if mode not in wall]
         section |= {"ray_extra_fixed_s": None, "ray_vs_local_per_page": None, "ray_pays_off_from_pages": None,
-                    "note": "no fit: a local or ray run failed (see its error)"}
+                    "note": f"no comparison: {' and '.join(missing)} not run" if missing
+                    else "no fit: a local or ray run failed (see its error)"}
         return section
     (local_fixed, local_page), (ray_fixed, ray_page) = fits["local"], fits["ray"]
     extra = ray_fixed - local_fixed

@@ -34,6 +34,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Any, Iterable, Iterator
 
 from .errors import OcrbatchError
+from .model.gguf import cache_dir
 
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 # Keys of a listing's entries that hold the modification time, by filesystem: s3fs, adlfs, gcsfs.
@@ -278,9 +279,8 @@ def local_state_folder(target: ObjectPath) -> Path:
     of the options that say which store it is in (an S3 endpoint, an Azure account): the same
     bucket name on two stores is two outputs; credentials, which change, are left out.
     """
-    base = Path(os.environ.get("OCRBATCH_CACHE_DIR") or Path.home() / ".cache" / "ocrbatch")
     place = [f"{key}={value}" for key, value in target.options if key in _PLACE_OPTIONS]
-    return base / "outputs" / hashlib.sha256("\n".join([target.url, *place]).encode()).hexdigest()[:16]
+    return cache_dir() / "outputs" / hashlib.sha256("\n".join([target.url, *place]).encode()).hexdigest()[:16]
 
 
 def input_path(text: str, options: dict[str, Any]) -> Path | ObjectPath:

@@ -325,7 +325,10 @@ def _setup_logging(quiet: bool, log_file: str | None) -> None:
 @click.option("--batch-size", type=click.IntRange(1), default=job_default("batch_size"), show_default=True,
               help="Pages per vision forward pass.")
 @click.option("--max-batch-patches", type=click.IntRange(1), default=job_default("max_batch_patches"),
-              show_default=True, help="Cap on the vision patches in one forward pass.")
+              show_default=True,
+              help="Cap on the vision patches in one forward pass (a unit above it goes alone). A page goes to "
+                   "decoding when its pass ends: the default, about one page, starts decoding soonest; a GPU "
+                   "wants larger passes (configs/gpu.toml).")
 @click.option("--markdown-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Also write one Markdown file per document here.")
 @click.option("--ignore-eos", is_flag=True, help="Always generate --max-tokens tokens (for benchmarks).")
