@@ -41,6 +41,23 @@ def crashing_worker_main(conn, settings) -> None:
     _worker_main(_Tripwire(conn, lambda: ctypes.string_at(0)), settings)
 
 
+def segfault_on_every_request_worker_main(conn, settings) -> None:
+    """A llama.cpp worker that passes its warm-up, then dies of a segmentation fault on every request
+    it receives: a build that miscompiles a kernel only pages use."""
+    import ctypes
+
+    from ocrbatch.backends.pool import _worker_main
+
+    class _OnEveryRequest(_Tripwire):
+        def recv(self):
+            message = self.conn.recv()
+            if isinstance(message, tuple) and len(message) == 3:
+                self.action()
+            return message
+
+    _worker_main(_OnEveryRequest(conn, lambda: ctypes.string_at(0)), settings)
+
+
 def hanging_worker_main(conn, settings) -> None:
     """A llama.cpp worker that hangs (never reads its pipe again) on the poison page."""
     import time

@@ -13,7 +13,12 @@ Failures are kept apart by who caused them:
   with ``result.error`` set and the worker goes on with the others;
 * a worker that dies holding several requests charges none of them: they are
   retried one at a time on fresh workers, so only a request that kills its
-  worker while running alone is charged, and fails after ``max_retries``;
+  worker while running alone is charged, and fails after ``max_retries``.
+  Until some request has finished, though, a lone crash may be the build's
+  fault: untried requests are run alone first, and a request past its retries
+  waits uncharged until a request finishes (then it is charged), the pool fails
+  (below), or the pool has had nothing else to try for ``lone_crash_wait_s``
+  (pages reach the pool one by one as they are encoded);
 * a request with no result after ``request_timeout`` seconds on a worker
   fails with :class:`RequestTimedOut`; a worker that does not let go of it is
   killed and replaced, and its other requests are retried uncharged;
@@ -56,6 +61,9 @@ MAX_STARTUP_FAILURES = 3
 # This many different requests, each killing a worker while running alone, with no request finished
 # since the pool started: the build or the machine is broken, not every one of those pages.
 LONE_CRASH_LIMIT = 3
+# How long a request past its retries waits uncharged, before any request has finished, for another
+# page to show whether the build is at fault: longer than a vision pass takes to bring the next page.
+LONE_CRASH_WAIT_S = 120.0
 # Signals that say the llama.cpp build or the machine is at fault (an instruction this CPU lacks, a
 # bad memory mapping, a forbidden system call), whatever request the worker held.
 BROKEN_BUILD_SIGNALS = (signal.SIGILL, signal.SIGBUS, signal.SIGSYS)
@@ -190,14 +198,15 @@ class WorkerPool:
     def __init__(self, gguf_path: str | Path, workers: int = 1, n_seq_max: int = 4, n_ctx: int = 8192,
                  threads: int | None = None, max_retries: int = 2, queue_per_worker: int | None = None,
                  request_timeout: float | None = None, stuck_grace_s: float = STUCK_GRACE_S,
-                 worker_main: Callable = _worker_main):
+                 lone_crash_wait_s: float = LONE_CRASH_WAIT_S, worker_main: Callable = _worker_main):
         """Start ``workers`` processes, each decoding up to ``n_seq_max`` requests at once.
 
         ``threads`` is each worker's llama.cpp threads; by default the machine's cores are shared
         among the workers, since more threads than cores only make them wait on each other.
         ``request_timeout`` bounds the seconds from a worker taking a request
         to its result; a worker that has not dropped a timed-out request
-        ``stuck_grace_s`` later is killed. ``worker_main(conn, settings)`` is the worker process's
+        ``stuck_grace_s`` later is killed. ``lone_crash_wait_s``: see the module docstring.
+        ``worker_main(conn, settings)`` is the worker process's
         body; tests pass one that misbehaves on purpose.
         """
         threads = threads or max(1, (os.cpu_count() or 1) // workers)
@@ -205,6 +214,7 @@ class WorkerPool:
         self.max_retries = max_retries
         self.request_timeout = request_timeout
         self.stuck_grace_s = stuck_grace_s
+        self.lone_crash_wait_s = lone_crash_wait_s
         # Keep a little more than the worker's slots queued, so it never idles between requests.
         self.queue_per_worker = queue_per_worker or n_seq_max + 1
         self._worker_main = worker_main
@@ -221,6 +231,9 @@ class WorkerPool:
         self._startup_failures = 0
         self._finished_any = False  # a request has come back from a worker since the pool started
         self._lone_crashers: set[int] = set()  # requests that killed a worker running alone, since then
+        # Requests past their retries before any finished, with the error they are charged with if need be.
+        self._parked: list[tuple[_Job, OcrbatchError]] = []
+        self._idle_since: float | None = None  # since when only parked requests are left
         self._wake_reader, self._wake = self._context.Pipe(duplex=False)
         for _ in range(workers):
             self._workers.append(self._spawn())
@@ -258,6 +271,12 @@ class WorkerPool:
                     if job.future is future:
                         self._send_cancel(worker, key)
                         return
+            parked = next((entry for entry in self._parked if entry[0].future is future), None)
+            if parked is None:
+                return
+            self._parked.remove(parked)
+        # Resolved outside the lock: the future's callbacks may call the pool.
+        future.set_result(GenerationResult([], "cancelled", parked[0].request.prompt.n_prompt_tokens, 0.0, 0.0))
 
     def wait_ready(self, timeout: float | None = None) -> None:
         """Block until every worker has loaded the model and passed its warm-up.
@@ -280,7 +299,7 @@ class WorkerPool:
     def pending(self) -> int:
         """Requests queued or running."""
         with self._lock:
-            return (len(self._queue) + len(self._suspects)
+            return (len(self._queue) + len(self._suspects) + len(self._parked)
                     + sum(1 for w in self._workers for j in w.jobs.values() if not j.future.done()))
 
     @property
@@ -304,9 +323,10 @@ class WorkerPool:
                 worker.process.join()
         with self._lock:
             waiting = [job for _, job in (*self._queue, *self._suspects)]
-            running = [job for w in self._workers for job in w.jobs.values()]
+            running = [job for w in self._workers for job in w.jobs.values()] + [job for job, _ in self._parked]
             self._queue.clear()
             self._suspects.clear()
+            self._parked.clear()
             for worker in self._workers:
                 worker.jobs.clear()
         for job in waiting:
@@ -404,9 +424,10 @@ class WorkerPool:
             self._fatal = message
             self._started.notify_all()
             jobs = [job for _, job in (*self._queue, *self._suspects)]
-            jobs += [j for w in self._workers for j in w.jobs.values()]
+            jobs += [j for w in self._workers for j in w.jobs.values()] + [job for job, _ in self._parked]
             self._queue.clear()
             self._suspects.clear()
+            self._parked.clear()
             for worker in self._workers:
                 worker.jobs.clear()
         for job in jobs:
@@ -439,23 +460,60 @@ class WorkerPool:
                 key, job = live[0]
                 job.attempts += 1
                 # Until some request has finished, a lone crash may be the build's fault, not the
-                # page's: other pages are tried alone first, and a page is charged only when none
-                # is left untried (with LONE_CRASH_LIMIT different lone crashes the pool fails first).
+                # page's (see the module docstring): with LONE_CRASH_LIMIT different lone crashes
+                # the pool fails first.
                 untried = any(waiting.attempts == 0 for _, waiting in (*self._queue, *self._suspects))
-                if job.attempts > self.max_retries and (self._finished_any or not untried):
+                if job.attempts > self.max_retries and self._finished_any:
                     job.future.set_exception(self._gave_up(job.attempts, worker.killed_by_pool, exitcode))
+                elif job.attempts > self.max_retries and not untried:
+                    self._parked.append((job, self._gave_up(job.attempts, worker.killed_by_pool, exitcode)))
                 elif self._finished_any:
                     job.suspect = True
                     self._suspects.appendleft((key, job))
                 else:
                     job.suspect = True
                     self._suspects.append((key, job))
+                    self._try_an_untried_request_alone_next()
             else:  # which one did it is unknown: each runs alone next
                 for key, job in live:
                     job.suspect = True
                 self._suspects.extend(live)
             index = self._workers.index(worker)
             self._workers[index] = self._spawn()
+
+    def _try_an_untried_request_alone_next(self) -> None:
+        """Move a queued request that no worker has run to the front of the suspects.
+
+        Suspects run before the queue, so without this a pool whose first requests keep
+        crashing alone would retry them forever and never try a third page: neither
+        charging them nor counting :data:`LONE_CRASH_LIMIT` different lone crashes.
+        Pages reach the pool one by one as they are encoded, so the queue may be all
+        that holds the untried ones. Called with the lock held.
+        """
+        if self._queue and not any(waiting.attempts == 0 for _, waiting in self._suspects):
+            key, job = self._queue.popleft()
+            job.suspect = True
+            self._suspects.appendleft((key, job))
+
+    def _charge_parked(self) -> None:
+        with self._lock:
+            parked, self._parked = self._parked, []
+            self._idle_since = None
+        for job, error in parked:
+            if not job.future.done():
+                job.future.set_exception(error)
+
+    def _check_parked(self) -> None:
+        """Charge the parked requests once the pool has had nothing else to run for ``lone_crash_wait_s``."""
+        with self._lock:
+            if not self._parked or self._queue or self._suspects or any(w.jobs for w in self._workers):
+                self._idle_since = None
+                return
+            now = time.monotonic()
+            self._idle_since = self._idle_since or now
+            if now - self._idle_since < self.lone_crash_wait_s:
+                return
+        self._charge_parked()
 
     def _broken_build(self, worker: _Worker, exitcode) -> str | None:
         """Why this worker's death means the pool cannot work (see the module docstring), or None."""
@@ -506,7 +564,7 @@ class WorkerPool:
             # thread before this loop sees the death: its sentinel reports it, the pipe is left out.
             by_conn = {w.conn: w for w in workers if not w.conn.closed}
             by_sentinel = {w.process.sentinel: w for w in workers}
-            timeout = 1.0 if self.request_timeout is not None else None
+            timeout = 1.0 if self.request_timeout is not None or self._parked else None
             try:
                 ready = wait([self._wake_reader, *by_conn, *by_sentinel], timeout=timeout)
             except OSError:
@@ -528,6 +586,7 @@ class WorkerPool:
                     elif worker in self._workers:
                         self._replace(worker)
             self._check_timeouts()
+            self._check_parked()
 
     def _receive(self, worker: _Worker) -> None:
         try:
@@ -558,5 +617,6 @@ class WorkerPool:
                             worker.stuck_since = None  # it let go
                     if job is not None and not job.future.done():
                         job.future.set_result(payload)
+                    self._charge_parked()  # a request decoded: the build works, so they were the pages' fault
         except (EOFError, OSError):
             pass  # the sentinel reports the death

@@ -17,7 +17,13 @@ from functools import partial
 from pathlib import Path
 
 import pytest
-from fault_workers import crashing_worker_main, failing_prefill_worker_main, hanging_worker_main, segfaulting_renderer
+from fault_workers import (
+    crashing_worker_main,
+    failing_prefill_worker_main,
+    hanging_worker_main,
+    segfault_on_every_request_worker_main,
+    segfaulting_renderer,
+)
 from helpers import (
     job_options,
     llama_workers,
@@ -33,7 +39,7 @@ from helpers import (
     write_pdf,
 )
 
-from ocrbatch.backends.pool import PoolFailed, WorkerPool
+from ocrbatch.backends.pool import PoolFailed, WorkerCrashed, WorkerPool
 from ocrbatch.engines.local import PipelineError, run_job
 from ocrbatch.records.sqlite import checkpoint_path_for
 
@@ -272,6 +278,76 @@ def test_a_worker_whose_pipe_closed_before_its_death_was_seen_is_replaced_not_th
         result = pool.submit(GenerationRequest(prompt, embeddings, max_tokens=4, stop_ids=())).result(timeout=120)
         assert len(result.token_ids) == 4  # decoded by the worker that replaced the dead one
         assert pool._workers[0] is not dead and pool.crashes == 1
+    finally:
+        pool.close()
+
+
+def zero_request(engine, grid=(1, 4, 4), max_tokens=4):
+    """A request with blank image embeddings; its ``grid`` sets its image token count."""
+    import numpy as np
+
+    from ocrbatch.model.language import GenerationRequest
+
+    prompt = engine.prompts.build(engine.prompt_text("ocr"), grid)
+    embeddings = np.zeros((prompt.n_image_tokens, engine.weights.config.text_config.hidden_size), np.float32)
+    return GenerationRequest(prompt, embeddings, max_tokens=max_tokens, stop_ids=())
+
+
+def wait_until(condition, timeout: float = 120, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_pages_reaching_a_pool_that_crashes_on_each_one_by_one_fail_the_pool_not_the_pages(engine):
+    """As one-page vision passes feed the job's pool: the first page crashes alone past its retries before
+    the next is encoded. It used to be charged, or retried forever ahead of later pages (a hung run);
+    it must wait uncharged until three different pages have crashed alone, which fails the pool."""
+    pool = pool_for(engine, segfault_on_every_request_worker_main, workers=2, max_retries=2,
+                    lone_crash_wait_s=600)
+    try:
+        pool.wait_ready(timeout=120)
+        first = pool.submit(zero_request(engine))
+        wait_until(lambda: pool.crashes >= 3, what="3 lone crashes of the first request")
+        time.sleep(2)  # room for more crashes, had the pool kept retrying it
+        assert pool.crashes == 3 and not first.done() and pool.pending == 1  # past its retries, not charged
+        second = pool.submit(zero_request(engine))
+        wait_until(lambda: pool.crashes >= 4, what="the second request's crash")
+        assert not first.done() and not second.done()
+        third = pool.submit(zero_request(engine))
+        for future in (first, second, third):
+            error = future.exception(timeout=120)
+            assert isinstance(error, PoolFailed) and "crashed on 3 different pages" in str(error), error
+    finally:
+        pool.close()
+
+
+def test_a_request_waiting_uncharged_is_charged_once_another_decodes_or_the_pool_has_nothing_else(
+        engine, monkeypatch):
+    poison = zero_request(engine, grid=(1, 6, 4))
+    monkeypatch.setenv("OCRBATCH_TEST_POISON_TOKENS", str(poison.prompt.n_image_tokens))
+    pool = pool_for(engine, crashing_worker_main, max_retries=1, lone_crash_wait_s=3)
+    try:
+        pool.wait_ready(timeout=120)
+        charged = pool.submit(poison)
+        wait_until(lambda: pool.crashes >= 2, what="2 lone crashes")
+        assert not charged.done()
+        good = pool.submit(zero_request(engine))
+        assert len(good.result(timeout=120).token_ids) == 4
+        error = charged.exception(timeout=10)
+        assert isinstance(error, WorkerCrashed) and "2 times running this page alone" in str(error)
+        # A pool where nothing ever decoded: charged after lone_crash_wait_s with nothing else to run.
+        alone = pool_for(engine, segfault_on_every_request_worker_main, max_retries=1, lone_crash_wait_s=3)
+        try:
+            alone.wait_ready(timeout=120)
+            lone = alone.submit(zero_request(engine))
+            wait_until(lambda: alone.crashes >= 2, what="2 lone crashes")
+            waited_from = time.monotonic()
+            error = lone.exception(timeout=60)
+            assert isinstance(error, WorkerCrashed) and time.monotonic() - waited_from > 2
+        finally:
+            alone.close()
     finally:
         pool.close()
 
