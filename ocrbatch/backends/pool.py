@@ -617,6 +617,7 @@ class WorkerPool:
                             worker.stuck_since = None  # it let go
                     if job is not None and not job.future.done():
                         job.future.set_result(payload)
-                    self._charge_parked()  # a request decoded: the build works, so they were the pages' fault
+                    if self._parked:  # a request decoded: the build works, so they were the pages' fault
+                        self._charge_parked()
         except (EOFError, OSError):
             pass  # the sentinel reports the death
